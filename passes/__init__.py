@@ -1,0 +1,9 @@
+"""Pattern-matching graph passes, one idea per file (installed as `segquant_onnx.passes`).
+
+Each pass detects (pure: returns plan data and reasons for declined matches) and rewrites (the only
+code that mutates the graph). Only the pipeline imports passes; the core never does.
+"""
+
+from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
+
+__all__ = ["QuantizeLinearInputs"]

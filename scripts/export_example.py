@@ -1,0 +1,364 @@
+"""Export tiny diffusers transformers (SD3, FLUX) to ONNX, with calibration data.
+
+The models are built from a fixed seed with random weights (nothing is downloaded), small enough that
+the ONNX file is a few hundred kB and export plus an ONNX Runtime check take seconds on a laptop CPU,
+yet they keep the structure the quantizer looks for: AdaLayerNorm ``Linear -> chunk``, GELU/SiLU
+before linears, sinusoidal timestep embedders, joint attention, and (FLUX) single blocks whose
+``proj_out`` reads ``Concat([attn, mlp])``.
+
+Every exported graph has static shapes (batch ``batch``, 1 by default), one output named ``out`` and
+the inputs ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep``. After
+export the graph is run with ONNX Runtime (CPU) and compared to PyTorch.
+
+Usage::
+
+    python scripts/export_example.py                      # regenerate segquant_onnx/data/example_dit*
+    python scripts/export_example.py --out-dir DIR [--model sd3|flux] [--dynamo] [--calib-samples 16]
+
+Importing this file needs only numpy; torch, diffusers, onnx and onnxruntime are imported inside the
+functions that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("export_example")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_DIR = REPO_ROOT / "segquant_onnx" / "data"
+BUNDLED_NAME = "example_dit"
+
+INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+OUTPUT_NAME = "out"
+
+#: TorchScript exporter opset; the dynamo exporter writes opset 18 (its lowest native opset).
+TORCHSCRIPT_OPSET = 17
+DYNAMO_OPSET = 18
+
+#: Relative tolerance of the ONNX Runtime check: max|ort - torch| / max|torch|.
+VERIFY_RTOL = 1e-4
+
+#: Tiny SD3 (MMDiT): inner dim 4 * 16 = 64; the last block is ``context_pre_only``.
+SD3_TINY_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 64,  # must equal the inner dim (heads * head_dim)
+    "pooled_projection_dim": 32,
+    "out_channels": 4,
+    "pos_embed_max_size": 16,  # >= sample_size / patch_size
+}
+SD3_TEXT_LEN = 16
+
+#: Tiny FLUX: inner dim 4 * 16 = 64; rope axes must sum to the head dim.
+FLUX_TINY_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,  # packed latents: 4 latent channels x 2 x 2
+    "out_channels": None,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": False,
+    "axes_dims_rope": (4, 6, 6),
+}
+FLUX_LATENT_SIZE = 16  # latent height = width before 2x2 packing -> 8 x 8 = 64 image tokens
+FLUX_TEXT_LEN = 16
+
+
+def input_shapes(model_kind: str, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Shapes of the graph inputs of the tiny ``model_kind`` ("sd3" or "flux") at batch ``batch``."""
+    if model_kind == "sd3":
+        cfg = SD3_TINY_CONFIG
+        size = cfg["sample_size"]
+        return {
+            "hidden_states": (batch, cfg["in_channels"], size, size),
+            "encoder_hidden_states": (batch, SD3_TEXT_LEN, cfg["joint_attention_dim"]),
+            "pooled_projections": (batch, cfg["pooled_projection_dim"]),
+            "timestep": (batch,),
+        }
+    if model_kind == "flux":
+        cfg = FLUX_TINY_CONFIG
+        tokens = (FLUX_LATENT_SIZE // 2) ** 2
+        return {
+            "hidden_states": (batch, tokens, cfg["in_channels"]),
+            "encoder_hidden_states": (batch, FLUX_TEXT_LEN, cfg["joint_attention_dim"]),
+            "pooled_projections": (batch, cfg["pooled_projection_dim"]),
+            "timestep": (batch,),
+        }
+    raise ValueError(f"unknown model kind {model_kind!r}; expected 'sd3' or 'flux'")
+
+
+def make_calibration(model_kind: str, n_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Random but realistically distributed inputs, one array per graph input, axis 0 = samples.
+
+    Latents, text embeddings and pooled embeddings are N(0, 1). The timestep follows each model's own
+    convention: SD3 takes the scheduler timestep, uniform in [0, 1000); FLUX takes sigma, uniform in
+    [0, 1) (the model multiplies it by 1000 itself). Each sample has batch 1, so the arrays have the
+    graph input shapes with the batch dimension replaced by ``n_samples``.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    rng = np.random.default_rng(seed)
+    shapes = input_shapes(model_kind, batch=n_samples)
+    t_max = 1000.0 if model_kind == "sd3" else 1.0
+    return {
+        "hidden_states": rng.standard_normal(shapes["hidden_states"], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
+        "pooled_projections": rng.standard_normal(shapes["pooled_projections"], dtype=np.float32),
+        "timestep": rng.uniform(0.0, t_max, size=shapes["timestep"]).astype(np.float32),
+    }
+
+
+def _build_sd3(seed: int):
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**SD3_TINY_CONFIG).eval()
+
+    class SD3Wrapper(torch.nn.Module):
+        """Positional inputs, one tensor output (``.sample``)."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
+
+    return SD3Wrapper(model).eval()
+
+
+def _decompose_rms_norm(model) -> None:
+    """Replace every ``torch.nn.RMSNorm`` by diffusers' explicit RMSNorm (same math, same weights).
+
+    The TorchScript exporter has no symbolic for ``aten::rms_norm`` at opset 17; diffusers' RMSNorm
+    spells it out as pow/mean/rsqrt/mul, which every opset can express.
+    """
+    import torch
+    from diffusers.models.normalization import RMSNorm
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.RMSNorm):
+                continue
+            affine = child.weight is not None
+            eps = child.eps if child.eps is not None else torch.finfo(torch.float32).eps
+            replacement = RMSNorm(child.normalized_shape[-1], eps=eps, elementwise_affine=affine)
+            if affine:
+                replacement.weight.data.copy_(child.weight.data)
+            setattr(parent, child_name, replacement.eval())
+
+
+def _build_flux(seed: int, decompose_rms_norm: bool = False):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**FLUX_TINY_CONFIG).eval()
+    if decompose_rms_norm:
+        _decompose_rms_norm(model)
+
+    # Position ids as in FluxPipeline: text ids are zeros, image ids are (0, row, col) per packed token.
+    side = FLUX_LATENT_SIZE // 2
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    txt_ids = torch.zeros(FLUX_TEXT_LEN, 3)
+
+    class FluxWrapper(torch.nn.Module):
+        """Positional inputs, fixed position ids (constants in the graph), one tensor output."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+            self.register_buffer("img_ids", img_ids, persistent=False)
+            self.register_buffer("txt_ids", txt_ids, persistent=False)
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                img_ids=self.img_ids,
+                txt_ids=self.txt_ids,
+                return_dict=False,
+            )[0]
+
+    return FluxWrapper(model).eval()
+
+
+def _export_and_verify(
+    wrapper, model_kind: str, config: dict[str, Any], out_path, dynamo: bool, seed: int, batch: int
+) -> dict[str, Any]:
+    """Export ``wrapper`` to ``out_path``, check it with ONNX Runtime, return a summary dict."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Verification inputs come from a seed distinct from the weights' and the calibration sets'.
+    feeds = make_calibration(model_kind, n_samples=batch, seed=seed + 1000)
+    args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
+
+    with torch.no_grad():
+        reference = wrapper(*args).numpy()
+
+    opset = DYNAMO_OPSET if dynamo else TORCHSCRIPT_OPSET
+    logger.info("exporting %s (dynamo=%s, opset %d) to %s", model_kind, dynamo, opset, out_path)
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        if dynamo:
+            torch.onnx.export(
+                wrapper,
+                args,
+                f=str(out_path),
+                dynamo=True,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+            )
+        else:
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            torch.onnx.export(
+                wrapper,
+                args,
+                f=str(out_path),
+                dynamo=False,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+    export_seconds = time.perf_counter() - start
+    logger.info("export took %.2f s", export_seconds)
+
+    proto = onnx.load(str(out_path), load_external_data=False)
+    external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise RuntimeError(f"{out_path} references external data for {len(external)} initializers")
+    onnx.checker.check_model(proto)
+    graph_inputs = [i.name for i in proto.graph.input]
+    graph_outputs = [o.name for o in proto.graph.output]
+    if graph_inputs != list(INPUT_NAMES) or graph_outputs != [OUTPUT_NAME]:
+        raise RuntimeError(f"unexpected graph I/O: inputs {graph_inputs}, outputs {graph_outputs}")
+
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    (result,) = session.run([OUTPUT_NAME], feeds)
+    max_abs = float(np.max(np.abs(result - reference)))
+    rel = max_abs / max(float(np.max(np.abs(reference))), 1e-12)
+    logger.info(
+        "ONNX Runtime vs torch: max abs diff %.3e, relative %.3e (output %s)", max_abs, rel, result.shape
+    )
+    if not rel <= VERIFY_RTOL:
+        raise RuntimeError(f"ONNX output differs from torch: relative error {rel:.3e} > {VERIFY_RTOL:.0e}")
+
+    return {
+        "model": model_kind,
+        "path": str(out_path),
+        "dynamo": dynamo,
+        "opset": opset,
+        "seed": seed,
+        "batch": batch,
+        "config": dict(config),
+        "input_shapes": {name: tuple(feeds[name].shape) for name in INPUT_NAMES},
+        "output_shape": tuple(result.shape),
+        "export_seconds": export_seconds,
+        "max_abs_diff": max_abs,
+        "rel_diff": rel,
+        "size_bytes": out_path.stat().st_size,
+    }
+
+
+def export_sd3_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1) -> dict[str, Any]:
+    """Build the tiny SD3 transformer from ``seed``, export it to ``out_path`` and verify it."""
+    wrapper = _build_sd3(seed)
+    return _export_and_verify(wrapper, "sd3", SD3_TINY_CONFIG, out_path, dynamo, seed, batch)
+
+
+def export_flux_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1) -> dict[str, Any]:
+    """Build the tiny FLUX transformer from ``seed``, export it to ``out_path`` and verify it."""
+    wrapper = _build_flux(seed, decompose_rms_norm=not dynamo)
+    return _export_and_verify(wrapper, "flux", FLUX_TINY_CONFIG, out_path, dynamo, seed, batch)
+
+
+EXPORTERS = {"sd3": export_sd3_tiny, "flux": export_flux_tiny}
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    np.savez(path, **arrays)
+    logger.info("wrote %s (%d samples)", path, len(next(iter(arrays.values()))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"output folder; default: regenerate the bundled {BUNDLED_NAME}.onnx in {BUNDLED_DIR}",
+    )
+    parser.add_argument("--model", choices=sorted(EXPORTERS), default="sd3")
+    parser.add_argument("--dynamo", action="store_true", help="use the dynamo exporter (opset 18)")
+    parser.add_argument("--name", default=None, help="file stem; default <model>_tiny[_dynamo]")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed; calib/eval use seed+1/seed+2")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=8, help="held-out samples; 0 to skip")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+
+    out_dir = args.out_dir if args.out_dir is not None else BUNDLED_DIR
+    if args.name is not None:
+        name = args.name
+    elif args.out_dir is None:
+        name = BUNDLED_NAME
+    else:
+        name = f"{args.model}_tiny" + ("_dynamo" if args.dynamo else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    onnx_path = out_dir / f"{name}.onnx"
+    EXPORTERS[args.model](onnx_path, dynamo=args.dynamo, seed=args.seed)
+    written = [onnx_path]
+
+    calib_path = out_dir / f"{name}_calib.npz"
+    _save_npz(calib_path, make_calibration(args.model, args.calib_samples, seed=args.seed + 1))
+    written.append(calib_path)
+    if args.eval_samples > 0:
+        eval_path = out_dir / f"{name}_eval.npz"
+        _save_npz(eval_path, make_calibration(args.model, args.eval_samples, seed=args.seed + 2))
+        written.append(eval_path)
+
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Canonicalize: bring an exported graph into the form the passes match on.
+
+- refuse graphs that are already quantized (Q/DQ, QLinear*, *Integer ops);
+- raise the opset to at least 13 (per-channel Q/DQ needs `axis`);
+- shape inference, so every tensor has a dtype and, where static, a shape;
+- constant folding, so exporter-computed chunk bounds (Shape -> Gather -> Div -> Slice) and
+  transposed weights become constants;
+- look-through ops that compute nothing (Identity, Dropout in inference) are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from segquant_onnx.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul",
+}
+
+
+def refuse_quantized(graph: gs.Graph, source: str) -> None:
+    found = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+    if found:
+        raise UserError(
+            f"{source} is already quantized (it contains {', '.join(found)}); "
+            "pass the floating-point model exported from your framework."
+        )
+
+
+def _raise_opset(graph: gs.Graph) -> gs.Graph:
+    if graph.opset >= MIN_OPSET:
+        return graph
+    log.info("converting opset %d -> %d", graph.opset, MIN_OPSET)
+    model = version_converter.convert_version(gs.export_onnx(graph), MIN_OPSET)
+    return gs.import_onnx(model)
+
+
+def _remove_identities(graph: gs.Graph) -> None:
+    """Bypass Identity and Dropout (inference) so patterns see through them."""
+    graph_outputs = set(id(t) for t in graph.outputs)
+    for node in graph.nodes:
+        if node.op not in ("Identity", "Dropout") or not node.inputs:
+            continue
+        if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+            continue  # the mask is used: not a no-op
+        src, dst = node.inputs[0], node.outputs[0]
+        if id(dst) in graph_outputs:
+            continue  # keep the graph's output names
+        for consumer in list(dst.outputs):
+            consumer.inputs[:] = [src if t is dst else t for t in consumer.inputs]
+        node.outputs.clear()
+    graph.cleanup()
+
+
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    model = gs.export_onnx(graph)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # shape inference is best effort; ONNX Runtime still runs the graph
+        log.warning("shape inference failed (%s); continuing without it", exc)
+        return graph
+    inferred = gs.import_onnx(model)
+    # keep lazily loaded external weights: copy the value objects back by name
+    originals = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for name, tensor in inferred.tensors().items():
+        if isinstance(tensor, gs.Constant) and name in originals:
+            tensor._values = originals[name]._values
+    return inferred
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed nodes a stable name (`<op>_<index>`) so sites and reports can refer to them."""
+    taken = {n.name for n in graph.nodes if n.name}
+    for i, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def canonicalize(graph: gs.Graph, source: str = "the model") -> gs.Graph:
+    refuse_quantized(graph, source)
+    graph = _raise_opset(graph)
+    graph.fold_constants(error_ok=True).cleanup()
+    _remove_identities(graph)
+    graph = infer_shapes(graph)
+    graph.toposort()
+    _name_nodes(graph)
+    log.info("canonicalized: %d nodes", len(graph.nodes))
+    return graph

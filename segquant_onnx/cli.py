@@ -1,0 +1,136 @@
+"""Command line: `segquant-onnx quantize | inspect` (also `python -m segquant_onnx`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from segquant_onnx import __version__
+from segquant_onnx.config import CALIB_METHODS, QuantConfig
+from segquant_onnx.errors import UserError
+
+log = logging.getLogger("segquant_onnx")
+
+EXAMPLE_MODEL = "example_dit.onnx"
+EXAMPLE_CALIB = "example_dit_calib.npz"
+EXAMPLE_EVAL = "example_dit_eval.npz"
+
+
+def example_path(name: str) -> Path:
+    """A file of the bundled example (a tiny SD3-style DiT and its calibration/eval inputs)."""
+    return Path(str(resources.files("segquant_onnx") / "data" / name))
+
+
+def _config(args) -> QuantConfig:
+    return QuantConfig(
+        calib_method=getattr(args, "calib_method", "max"),
+        percentile=getattr(args, "percentile", 99.99),
+        exclude=tuple(args.exclude or ()),
+        providers=tuple(p.strip() for p in getattr(args, "providers", "CPUExecutionProvider").split(",") if p.strip()),
+        batch_size=getattr(args, "batch_size", None),
+    )
+
+
+def _cmd_quantize(args) -> int:
+    from segquant_onnx.pipeline import quantize
+    from segquant_onnx.report import format_summary
+
+    if args.example:
+        model = Path(args.model) if args.model else example_path(EXAMPLE_MODEL)
+        calib = args.calib or example_path(EXAMPLE_CALIB)
+        eval_data = args.eval or (example_path(EXAMPLE_EVAL) if not args.model else None)
+        output = args.output or Path("example_dit_int8.onnx")
+    else:
+        if not args.model:
+            raise UserError("quantize needs MODEL (or --example to use the bundled example).")
+        if not args.output:
+            raise UserError("quantize needs -o OUT.onnx, the path to write the quantized model to.")
+        if not args.calib:
+            raise UserError("quantize needs --calib DATA (.npz or a directory of .npz); "
+                            "it never calibrates on random data.")
+        model, calib, eval_data, output = Path(args.model), args.calib, args.eval, Path(args.output)
+    result = quantize(model, calib, _config(args), output=output, force=args.force, eval_data=eval_data,
+                      report_path=args.report, progress=not args.quiet)
+    print(format_summary(result.report))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from segquant_onnx.pipeline import inspect_model
+    from segquant_onnx.report import format_plan
+
+    model = args.model or (example_path(EXAMPLE_MODEL) if args.example else None)
+    if model is None:
+        raise UserError("inspect needs MODEL (or --example).")
+    plan = inspect_model(model, _config(args))
+    if args.json:
+        if args.json == "-":
+            print(plan.to_json())
+            return 0
+        Path(args.json).write_text(plan.to_json())
+    print(format_plan(plan, explain=args.explain))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segquant-onnx",
+        description="Quantize an exported ONNX diffusion model (DiT, UNet, transformer) to a Q/DQ graph "
+                    "that ONNX Runtime runs and TensorRT builds.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="calibrate and write a quantized model",
+                       description="Calibrate on DATA, insert INT8 Q/DQ on every linear site, write OUT.")
+    q.add_argument("model", nargs="?", metavar="MODEL", help="input .onnx (never modified)")
+    q.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (must differ from MODEL)")
+    q.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
+    q.add_argument("--eval", metavar="DATA", help="held-out data for the output-error summary (default: the calibration data)")
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation clipping (default: %(default)s)")
+    q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
+    q.add_argument("--example", action="store_true", help="use the bundled example DiT and its calibration data")
+    q.add_argument("--report", metavar="JSON", help="write a JSON report here")
+    q.add_argument("--force", action="store_true", help="replace OUT (and the report) if they exist")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="list the linear sites a model has, without calibrating",
+                       description="Print the quantization plan: every linear site and every declined node.")
+    i.add_argument("model", nargs="?", metavar="MODEL")
+    i.add_argument("--example", action="store_true", help="inspect the bundled example DiT")
+    i.add_argument("--json", metavar="PATH", help="write the plan as JSON ('-' for stdout)")
+    i.add_argument("--explain", action="store_true", help="list every declined node with its reason")
+
+    for p in (q, i):
+        p.add_argument("--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
+        p.add_argument("--providers", default="CPUExecutionProvider",
+                       help="ONNX Runtime providers, comma-separated (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"quantize": _cmd_quantize, "inspect": _cmd_inspect}[args.command](args)
+    except UserError as exc:
+        print(f"segquant-onnx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segquant-onnx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Quantization settings: one frozen dataclass, validated on creation, passed explicitly."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from segquant_onnx.errors import UserError
+
+CALIB_METHODS = ("max", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize.
+
+    calib_method: activation clipping threshold from calibration statistics: `max` (abs-max),
+        `percentile` (the `percentile`-th percentile of |x|), `mse` (threshold minimising expected
+        squared quantization error on the histogram).
+    exclude: regular expressions; linear sites whose node name matches one stay in float.
+    providers: ONNX Runtime execution providers for calibration and evaluation.
+    batch_size: calibration batch for models whose batch dimension is dynamic.
+    """
+
+    calib_method: str = "max"
+    percentile: float = 99.99
+    exclude: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.calib_method not in CALIB_METHODS:
+            raise UserError(f"--calib-method '{self.calib_method}' is unknown; use one of {', '.join(CALIB_METHODS)}.")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"--percentile {self.percentile} is out of range; give a value in (50, 100].")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UserError(f"--exclude '{pattern}' is not a valid regular expression ({exc}).") from None

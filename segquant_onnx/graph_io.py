@@ -1,0 +1,150 @@
+"""Load an ONNX model into an onnx-graphsurgeon graph (external data stays lazy) and save atomically.
+
+The input file is never modified. Output is written to a temporary directory beside the target and
+renamed into place, so a failure never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.external_data_helper as ext
+import onnx.numpy_helper
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from segquant_onnx.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Protobuf refuses to serialize a message over 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 1024**3)
+
+
+@dataclass
+class LoadedModel:
+    graph: gs.Graph
+    path: Path
+    uses_external_data: bool
+    size_bytes: int
+
+
+class _ExternalValues(gs.ir.tensor.LazyValues):
+    """LazyValues that know the directory of their external data file (gs's own do not)."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: str):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=self.base_dir))
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in ext._get_all_tensors(model) if ext.uses_external_data(t)]
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Read `path` without touching it; weights stored as external data are read only when needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Model file {path} does not exist; check the path.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"Model file {path} is not readable; check its permissions.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__}); pass a .onnx file.") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not an ONNX model (it has no graph nodes); pass a .onnx file.")
+
+    base_dir = str(path.parent)
+    external = _external_tensors(model)
+    size = model.ByteSize()
+    for tensor in external:
+        info = ext.ExternalDataInfo(tensor)
+        data_file = path.parent / info.location
+        if not data_file.is_file():
+            raise UserError(
+                f"External data file {data_file} for tensor '{tensor.name}' of {path} is missing; "
+                "keep the .data file next to the model."
+            )
+        size += int(info.length) if info.length else data_file.stat().st_size
+
+    graph = gs.import_onnx(model)
+    external_names = {t.name for t in external}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name in external_names:
+            if isinstance(tensor._values, gs.ir.tensor.LazyValues):
+                tensor._values = _ExternalValues(tensor._values.tensor, base_dir)
+            else:  # gs loaded it eagerly: give it the real values
+                tensor.values = onnx.numpy_helper.to_array(tensor._values.tensor, base_dir=base_dir)
+    log.info("loaded %s (%d nodes, %.1f MB)", path, len(graph.nodes), size / 1e6)
+    return LoadedModel(graph=graph, path=path, uses_external_data=bool(external), size_bytes=size)
+
+
+def check_output_path(out_path: str | os.PathLike, input_path: str | os.PathLike | None, force: bool) -> Path:
+    """Refuse paths that would overwrite the input, clobber a file, or cannot be written."""
+    out = Path(out_path)
+    if input_path is not None and out.resolve() == Path(input_path).resolve():
+        raise UserError(f"Output path {out} is the input model; choose a different -o path.")
+    if out.exists() and not force:
+        raise UserError(f"Output file {out} already exists; remove it or pass --force to replace it.")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"Output directory {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"Output directory {parent} is not writable; choose another -o path.")
+    return out
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Bytes the model would take on disk with all its weights (external ones counted too)."""
+    external = sum(int(ext.ExternalDataInfo(t).length or 0) for t in _external_tensors(model))
+    return model.ByteSize() + external
+
+
+def save_model(
+    model: onnx.ModelProto,
+    out_path: str | os.PathLike,
+    *,
+    source_dir: str | None,
+    external: bool | None = None,
+) -> Path:
+    """Write `model` to `out_path` atomically.
+
+    `source_dir` is where tensors still referring to the input's external data live. With
+    `external=None` the weights go to `<out>.data` when the input used external data or the model
+    is over ~1.8 GB.
+    """
+    out = Path(out_path)
+    refers_outside = bool(_external_tensors(model))
+    if external is None:
+        external = refers_outside or model_size(model) > EXTERNAL_DATA_THRESHOLD
+    if refers_outside:
+        ext.load_external_data_for_model(model, source_dir)
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        tmp_model = tmp_dir / out.name
+        data_name = f"{out.name}.data"
+        if external:
+            onnx.save_model(
+                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+            os.replace(tmp_dir / data_name, out.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    log.info("wrote %s%s", out, " (+ external data)" if external else "")
+    return out

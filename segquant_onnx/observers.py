@@ -1,0 +1,104 @@
+"""Observers: reduce each calibration batch to running statistics at once.
+
+Memory does not grow with the calibration set: a tensor's statistics are a few scalars, one vector
+over its last axis, and a fixed-size histogram of |x|. Statistics of two shards merge exactly, so
+calibration can be split across processes and reduced afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+NUM_BINS = 2048
+_MIN_RANGE = 2.0**-24
+
+
+def _pow2_ceil(x: float) -> float:
+    return 2.0 ** math.ceil(math.log2(max(x, _MIN_RANGE)))
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one tensor.
+
+    The histogram covers [0, hist_range) in `len(hist)` equal bins of |x|. Its range is always a
+    power of two, so widening it (when a larger value arrives) merges whole bins exactly.
+    """
+
+    count: int
+    amax: float
+    pos_amax: float
+    neg_amax: float
+    channel_amax: np.ndarray
+    hist: np.ndarray
+    hist_range: float
+
+    @classmethod
+    def empty(cls, num_bins: int = NUM_BINS) -> "TensorStats":
+        """No data yet; the per-channel vector takes its size from the first batch."""
+        return cls(0, 0.0, 0.0, 0.0, np.zeros(0, np.float32), np.zeros(num_bins, np.int64), _MIN_RANGE)
+
+    def _widen(self, new_range: float) -> None:
+        factor = int(round(new_range / self.hist_range))
+        if factor <= 1:
+            return
+        n = len(self.hist)
+        merged = self.hist.reshape(-1, factor).sum(axis=1) if factor <= n else self.hist.sum(keepdims=True)
+        self.hist = np.zeros(n, np.int64)
+        self.hist[: len(merged)] = merged
+        self.hist_range = new_range
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        if x.size == 0:
+            return
+        a = np.abs(x)
+        amax = float(a.max())
+        self.amax = max(self.amax, amax)
+        self.pos_amax = max(self.pos_amax, float(x.max()))
+        self.neg_amax = max(self.neg_amax, float(-x.min()))
+        if x.ndim and self.count == 0:
+            self.channel_amax = np.zeros(x.shape[-1], np.float32)
+        if x.ndim and self.channel_amax.size == x.shape[-1]:
+            np.maximum(self.channel_amax, a.reshape(-1, x.shape[-1]).max(axis=0), out=self.channel_amax)
+        if amax >= self.hist_range:
+            self._widen(_pow2_ceil(amax * (1 + 2**-20)))
+        n = len(self.hist)
+        idx = np.minimum((a.ravel() * (n / self.hist_range)).astype(np.int64), n - 1)
+        self.hist += np.bincount(idx, minlength=n)
+        self.count += x.size
+
+    def merge(self, other: "TensorStats") -> "TensorStats":
+        """Combine two shards' statistics (in place; returns self)."""
+        rng = max(self.hist_range, other.hist_range)
+        self._widen(rng)
+        other_hist = TensorStats(0, 0, 0, 0, other.channel_amax, other.hist.copy(), other.hist_range)
+        other_hist._widen(rng)
+        self.hist += other_hist.hist
+        self.count += other.count
+        self.amax = max(self.amax, other.amax)
+        self.pos_amax = max(self.pos_amax, other.pos_amax)
+        self.neg_amax = max(self.neg_amax, other.neg_amax)
+        if self.channel_amax.shape == other.channel_amax.shape:
+            np.maximum(self.channel_amax, other.channel_amax, out=self.channel_amax)
+        return self
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        return np.linspace(0.0, self.hist_range, len(self.hist) + 1)
+
+
+Stats = dict[str, TensorStats]
+
+
+def merge_stats(a: Stats, b: Stats) -> Stats:
+    """Merge shard `b` into `a` and return `a`."""
+    for name, stats in b.items():
+        if name in a:
+            a[name].merge(stats)
+        else:
+            a[name] = stats
+    return a

@@ -1,0 +1,133 @@
+"""The pipeline: load -> canonicalize -> plan -> calibrate -> solve -> rewrite -> finalize -> save + report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from segquant_onnx import __version__
+from segquant_onnx.calib_data import CalibrationData, model_inputs, open_calibration
+from segquant_onnx.calibrate import calibrate
+from segquant_onnx.canonicalize import canonicalize
+from segquant_onnx.config import QuantConfig
+from segquant_onnx.evaluate import compare_outputs
+from segquant_onnx.finalize import finalize
+from segquant_onnx.graph_io import check_output_path, load_model, model_size, save_model
+from segquant_onnx.passes import QuantizeLinearInputs
+from segquant_onnx.plan import QuantPlan
+from segquant_onnx.report import site_rows, write_json
+from segquant_onnx.runtime import check_providers, make_session, temporary_directory
+from segquant_onnx.solve import SiteParams, solve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    params: dict[str, SiteParams]
+    report: dict
+    output_path: Path | None
+
+
+@dataclass
+class _Source:
+    graph: gs.Graph
+    path: Path | None
+    source_dir: str | None
+    size: int
+    description: str
+
+
+def _open(model) -> _Source:
+    if isinstance(model, onnx.ModelProto):
+        return _Source(gs.import_onnx(model), None, None, model.ByteSize(), "the model")
+    loaded = load_model(model)
+    return _Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path))
+
+
+def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
+    sites, declined = QuantizeLinearInputs(config.exclude).detect(graph)
+    return QuantPlan(sites=tuple(sites), declined=tuple(declined))
+
+
+def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
+    src = _open(model)
+    return build_plan(canonicalize(src.graph, src.description), config)
+
+
+def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, force: bool = False,
+             eval_data=None, report_path=None, progress: bool = True) -> Result:
+    """Quantize `model` (path or ModelProto) with calibration data `calib` (see calib_data).
+
+    Writes `output` (atomically) when given. Output error is measured against the floating-point
+    graph on `eval_data`, or on the calibration data when it can be read twice.
+    """
+    started = time.perf_counter()
+    providers = check_providers(config.providers)
+    src = _open(model)
+    if output is not None:
+        check_output_path(output, src.path, force)
+    if report_path is not None:
+        check_output_path(report_path, src.path, force)
+
+    graph = canonicalize(src.graph, src.description)
+    plan = build_plan(graph, config)
+    inputs = model_inputs(graph)
+    data = open_calibration(calib, inputs, config.batch_size)
+    evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
+
+    with temporary_directory() as tmp:
+        stats = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
+                          providers=providers, tmp_dir=tmp, progress=progress)
+        weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+        params = solve(plan, stats, lambda name: weights[name].values, config)
+        fp_model = gs.export_onnx(graph)  # the reference, before rewriting
+
+        QuantizeLinearInputs(config.exclude).rewrite(graph, list(plan.sites), params)
+        quantized = finalize(graph)
+
+        if evaluation is None and data.num_feeds is not None:
+            evaluation = data
+        errors = {}
+        if evaluation is not None:
+            errors = compare_outputs(make_session(fp_model, src.source_dir, providers, tmp),
+                                     make_session(quantized, src.source_dir, providers, tmp),
+                                     evaluation, progress=progress, total=evaluation.num_feeds)
+
+    report = {
+        "tool": f"segquant-onnx {__version__}",
+        "input": str(src.path) if src.path else None,
+        "output": str(output) if output is not None else None,
+        "config": asdict(config),
+        "calibration_data": data.description,
+        "eval_data": evaluation.description if evaluation is not None else None,
+        "sites": site_rows(plan, params),
+        "declined": [asdict(d) for d in plan.declined],
+        "summary": {
+            "sites_quantized": len(plan.sites),
+            "sites_declined": len(plan.declined),
+            "int8_flop_fraction": 1.0 if plan.sites else 0.0,
+            "size_before": src.size,
+            "size_after": model_size(quantized),
+        },
+        "output_error": {name: e.to_dict() for name, e in errors.items()},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    out_path = None
+    if output is not None:
+        out_path = save_model(quantized, output, source_dir=src.source_dir,
+                              external=True if src.source_dir and _used_external(src) else None)
+    if report_path is not None:
+        write_json(report, report_path)
+    return Result(quantized, plan, params, report, out_path)
+
+
+def _used_external(src: _Source) -> bool:
+    return src.path is not None and src.size > (src.path.stat().st_size if src.path.is_file() else 0)

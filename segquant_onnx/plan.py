@@ -1,0 +1,76 @@
+"""The quantization plan: pure, JSON-serializable data produced by the passes' detection step.
+
+A plan says *what* will be quantized and *which tensors* calibration must observe; it holds no
+numbers computed from data and no graph objects, so `inspect --json` can show it as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A weighted op whose activation and weight inputs get Q/DQ.
+
+    `weight_axis` is the output-channel axis of the weight as the op consumes it (MatMul [K, N] -> 1;
+    Gemm transB=1 -> 0, transB=0 -> 1; Conv -> 0). `flops` counts multiply-adds x 2 for the static
+    shapes known after shape inference (unknown dims count as 1).
+    """
+
+    name: str
+    op: str
+    activation: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    weight_axis: int
+    flops: int
+    activation_input_index: int = 0
+    weight_input_index: int = 1
+
+
+@dataclass(frozen=True)
+class DeclinedSite:
+    """A node that looked like a linear site but is not quantized, with the reason."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    sites: tuple[LinearSite, ...]
+    declined: tuple[DeclinedSite, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def observed_tensors(self) -> tuple[str, ...]:
+        """Tensors calibration must observe, each once, in plan order."""
+        return tuple(dict.fromkeys(s.activation for s in self.sites))
+
+    @property
+    def total_flops(self) -> int:
+        return sum(s.flops for s in self.sites)
+
+    def to_dict(self) -> dict:
+        return {
+            "sites": [asdict(s) for s in self.sites],
+            "declined": [asdict(d) for d in self.declined],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantPlan":
+        sites = tuple(
+            LinearSite(**{**s, "weight_shape": tuple(s["weight_shape"])}) for s in data["sites"]
+        )
+        return cls(
+            sites=sites,
+            declined=tuple(DeclinedSite(**d) for d in data.get("declined", ())),
+            notes=tuple(data.get("notes", ())),
+        )

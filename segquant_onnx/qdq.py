@@ -1,0 +1,46 @@
+"""Building blocks for Q/DQ insertion in an onnx-graphsurgeon graph (used by the passes' rewrites).
+
+Every Q/DQ written here is symmetric (zero point 0 of the quantized dtype), carries an explicit
+`axis`, and feeds exactly one consumer input (TensorRT cannot share a DQ between consumers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from segquant_onnx.naming import Namer
+
+
+def _const(namer: Namer, layer: str, part: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(namer(layer, part), np.ascontiguousarray(values))
+
+
+def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node,
+                              index: int, scale: float, part: str = "input") -> gs.Variable:
+    """consumer.inputs[index] = DQ(Q(x, scale), scale), per tensor; returns the DQ output."""
+    x = consumer.inputs[index]
+    s = _const(namer, layer, f"{part}_scale", np.array(scale, np.float32))
+    zp = _const(namer, layer, f"{part}_zero_point", np.array(0, np.int8))
+    q_out = gs.Variable(namer(layer, f"{part}_quantized"), dtype=np.int8, shape=x.shape)
+    dq_out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=np.float32, shape=x.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", namer(layer, f"{part}_q"), {"axis": 1},
+                               inputs=[x, s, zp], outputs=[q_out]))
+    graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"), {"axis": 1},
+                               inputs=[q_out, s, zp], outputs=[dq_out]))
+    consumer.inputs[index] = dq_out
+    return dq_out
+
+
+def dequantized_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node, index: int,
+                             weight_q: np.ndarray, scale: np.ndarray, axis: int,
+                             part: str = "weight") -> gs.Variable:
+    """consumer.inputs[index] = DQ(weight_q, scale, axis): INT8 stored, per output channel."""
+    wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(np.int8))
+    s = _const(namer, layer, f"{part}_scale", scale.astype(np.float32))
+    zp = _const(namer, layer, f"{part}_zero_point", np.zeros(scale.shape, np.int8))
+    out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=np.float32, shape=list(weight_q.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"), {"axis": axis},
+                               inputs=[wq, s, zp], outputs=[out]))
+    consumer.inputs[index] = out
+    return out

@@ -1,0 +1,87 @@
+"""Report: what was quantized how, what was declined and why, sizes, and the measured error."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from segquant_onnx.plan import QuantPlan
+from segquant_onnx.solve import SiteParams
+
+
+def site_rows(plan: QuantPlan, params: dict[str, SiteParams] | None = None) -> list[dict]:
+    total = plan.total_flops or 1
+    rows = []
+    for s in plan.sites:
+        row = {"name": s.name, "op": s.op, "weight_shape": list(s.weight_shape), "weight_axis": s.weight_axis,
+               "flops": s.flops, "flop_share": round(s.flops / total, 6)}
+        if params and s.name in params:
+            p = params[s.name]
+            row.update(act_amax=p.act_amax, act_scale=p.act_scale, method=p.method)
+        rows.append(row)
+    return rows
+
+
+def _table(headers: list[str], rows: list[list], aligns: str) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, aligns))
+    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
+def format_plan(plan: QuantPlan, explain: bool = False) -> str:
+    total = plan.total_flops or 1
+    rows = [[s.name, s.op, "x".join(map(str, s.weight_shape)), f"{100 * s.flops / total:.1f}%"] for s in plan.sites]
+    out = [f"{len(plan.sites)} linear sites", _table(["site", "op", "weight", "FLOPs"], rows, "llrr")]
+    if plan.declined:
+        out.append(f"\n{len(plan.declined)} declined")
+        if explain:
+            out.append(_table(["node", "op", "reason"], [[d.name, d.op, d.reason] for d in plan.declined], "lll"))
+        else:
+            reasons: dict[str, int] = {}
+            for d in plan.declined:
+                reasons[d.reason] = reasons.get(d.reason, 0) + 1
+            out += [f"  {n} x {r}" for r, n in reasons.items()]
+            out.append("  (--explain lists each one)")
+    return "\n".join(out)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def format_summary(report: dict) -> str:
+    s = report["summary"]
+    lines = [
+        f"quantized {s['sites_quantized']} linear sites ({100 * s['int8_flop_fraction']:.1f}% of linear FLOPs in INT8), "
+        f"declined {s['sites_declined']}",
+        f"model size {_mb(s['size_before'])} -> {_mb(s['size_after'])}",
+    ]
+    if report["declined"]:
+        reasons: dict[str, int] = {}
+        for d in report["declined"]:
+            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+        lines += [f"  skipped {n} x {r}" for r, n in reasons.items()]
+    if report.get("output_error"):
+        rows = [[name, f"{e['sqnr_db']:.2f}", f"{e['cosine']:.5f}", f"{e['max_abs_error']:.4g}"]
+                for name, e in report["output_error"].items()]
+        lines.append(f"output error vs the FP graph on {report['eval_data']}:")
+        lines.append(_table(["output", "SQNR dB", "cosine", "max |err|"], rows, "lrrr"))
+    if report.get("output"):
+        lines.append(f"wrote {report['output']}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a temp file beside the target, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

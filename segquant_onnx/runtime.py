@@ -1,0 +1,50 @@
+"""ONNX Runtime sessions for graphs held in memory (calibration and evaluation only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from segquant_onnx.errors import UserError
+from segquant_onnx.graph_io import EXTERNAL_DATA_THRESHOLD, model_size, save_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def check_providers(providers: tuple[str, ...]) -> tuple[str, ...]:
+    available = ort.get_available_providers()
+    for p in providers:
+        if p not in available:
+            raise UserError(f"--providers: ONNX Runtime has no '{p}' here; available: {', '.join(available)}.")
+    return tuple(providers)
+
+
+def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
+                 tmp_dir: str | None = None) -> ort.InferenceSession:
+    """A session for `model`, whose external-data tensors (if any) live in `source_dir`.
+
+    Small models go to ONNX Runtime as bytes; ones over protobuf's limit are written to `tmp_dir`
+    (a temporary directory the caller owns) with external data first.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if model_size(model) <= EXTERNAL_DATA_THRESHOLD:
+        if source_dir:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", source_dir)
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+    if tmp_dir is None:
+        raise ValueError("a model over 1.8 GB needs tmp_dir to be written to")
+    path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
+    save_model(model, path, source_dir=source_dir, external=True)
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+
+def temporary_directory() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="segquant-")
