@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
 
+    if args.out_dir is None and (args.model != "sd3" or args.dynamo):
+        parser.error("--out-dir is required with --model flux or --dynamo (the bundled example is SD3)")
     out_dir = args.out_dir if args.out_dir is not None else BUNDLED_DIR
     if args.name is not None:
         name = args.name

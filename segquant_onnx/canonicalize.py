@@ -62,12 +62,20 @@ def _remove_identities(graph: gs.Graph) -> None:
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Symbolic shape inference (ONNX Runtime's: it resolves shapes through the exporters' Reshape and
+    Slice chains that onnx's own inference leaves unknown), falling back to onnx's."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
     model = gs.export_onnx(graph)
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # shape inference is best effort; ONNX Runtime still runs the graph
-        log.warning("shape inference failed (%s); continuing without it", exc)
-        return graph
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # best effort: ONNX Runtime still runs the graph without shapes
+        log.info("symbolic shape inference failed (%s); using onnx shape inference", exc)
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as exc2:
+            log.warning("shape inference failed (%s); continuing without it", exc2)
+            return graph
     inferred = gs.import_onnx(model)
     # keep lazily loaded external weights: copy the value objects back by name
     originals = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
