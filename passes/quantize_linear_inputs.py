@@ -17,6 +17,7 @@ import re
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
 from segquant_onnx.plan import DeclinedSite, LinearSite
 from segquant_onnx.quant_math import quantize_int8
@@ -97,7 +98,7 @@ class QuantizeLinearInputs:
                 raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
             p = params[site.name]
             quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale)
-            wq = quantize_int8(w.values, p.weight_scale, site.weight_axis)
+            wq = quantize_int8(constant_values(w), p.weight_scale, site.weight_axis)
             dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq,
                                      p.weight_scale, site.weight_axis)
         graph.cleanup()

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from segquant_onnx.calib_data import CalibrationData
 from segquant_onnx.errors import UserError
+from segquant_onnx.graph_io import export_model
 from segquant_onnx.observers import Stats, TensorStats
 from segquant_onnx.runtime import make_session
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
     """The graph as a ModelProto that also outputs `names` (graph inputs are read from the feeds)."""
-    model = gs.export_onnx(graph)
+    model = export_model(graph)
     tensors = graph.tensors()
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name in names:

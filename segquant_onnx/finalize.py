@@ -7,7 +7,7 @@ import logging
 import onnx
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.graph_io import EXTERNAL_DATA_THRESHOLD, model_size
+from segquant_onnx.graph_io import EXTERNAL_DATA_THRESHOLD, export_model, model_size
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def finalize(graph: gs.Graph, min_opset: int = 13) -> onnx.ModelProto:
     if graph.opset < min_opset:
         raise RuntimeError(f"finalize: opset {graph.opset} < {min_opset}; canonicalize should have raised it")
     graph.producer_name = PRODUCER
-    model = gs.export_onnx(graph)
+    model = export_model(graph)
     if model_size(model) <= EXTERNAL_DATA_THRESHOLD:
         onnx.checker.check_model(model)
     return model

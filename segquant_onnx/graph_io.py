@@ -81,6 +81,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     graph = gs.import_onnx(model)
     external_names = {t.name for t in external}
     for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            # gs would stamp the input's data_location on re-created tensors; lazy ones keep their own
+            tensor.data_location = None
         if isinstance(tensor, gs.Constant) and tensor.name in external_names:
             if isinstance(tensor._values, gs.ir.tensor.LazyValues):
                 tensor._values = _ExternalValues(tensor._values.tensor, base_dir)
@@ -103,6 +106,21 @@ def check_output_path(out_path: str | os.PathLike, input_path: str | os.PathLike
     if not os.access(parent, os.W_OK):
         raise UserError(f"Output directory {parent} is not writable; choose another -o path.")
     return out
+
+
+def constant_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values, read without caching them in the graph (large weights stay lazy)."""
+    if isinstance(tensor._values, gs.ir.tensor.LazyValues):
+        return tensor._values.load()
+    return tensor.values
+
+
+def export_model(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a ModelProto with the lowest IR version its opsets allow (ONNX Runtime and
+    TensorRT lag behind onnx's newest IR version)."""
+    model = gs.export_onnx(graph)
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return model
 
 
 def model_size(model: onnx.ModelProto) -> int:

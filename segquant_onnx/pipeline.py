@@ -17,7 +17,7 @@ from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.evaluate import compare_outputs
 from segquant_onnx.finalize import finalize
-from segquant_onnx.graph_io import check_output_path, load_model, model_size, save_model
+from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
 from segquant_onnx.passes import QuantizeLinearInputs
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import site_rows, write_json
@@ -43,13 +43,15 @@ class _Source:
     source_dir: str | None
     size: int
     description: str
+    uses_external_data: bool = False
 
 
 def _open(model) -> _Source:
     if isinstance(model, onnx.ModelProto):
         return _Source(gs.import_onnx(model), None, None, model.ByteSize(), "the model")
     loaded = load_model(model)
-    return _Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path))
+    return _Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path),
+                   loaded.uses_external_data)
 
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
@@ -87,8 +89,8 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         stats = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
                           providers=providers, tmp_dir=tmp, progress=progress)
         weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-        params = solve(plan, stats, lambda name: weights[name].values, config)
-        fp_model = gs.export_onnx(graph)  # the reference, before rewriting
+        params = solve(plan, stats, lambda name: constant_values(weights[name]), config)
+        fp_model = export_model(graph)  # the reference, before rewriting
 
         QuantizeLinearInputs(config.exclude).rewrite(graph, list(plan.sites), params)
         quantized = finalize(graph)
@@ -123,11 +125,8 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     out_path = None
     if output is not None:
         out_path = save_model(quantized, output, source_dir=src.source_dir,
-                              external=True if src.source_dir and _used_external(src) else None)
+                              external=True if src.uses_external_data else None)
     if report_path is not None:
         write_json(report, report_path)
     return Result(quantized, plan, params, report, out_path)
 
-
-def _used_external(src: _Source) -> bool:
-    return src.path is not None and src.size > (src.path.stat().st_size if src.path.is_file() else 0)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from segquant_onnx.errors import UserError
-from segquant_onnx.graph_io import EXTERNAL_DATA_THRESHOLD, model_size, save_model
+from segquant_onnx.graph_io import EXTERNAL_DATA_THRESHOLD, save_model
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,22 @@ def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAU
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if model_size(model) <= EXTERNAL_DATA_THRESHOLD:
-        if source_dir:
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", source_dir)
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-    if tmp_dir is None:
-        raise ValueError("a model over 1.8 GB needs tmp_dir to be written to")
-    path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
-    save_model(model, path, source_dir=source_dir, external=True)
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
+    try:
+        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:  # external tensors stay where they are
+            if source_dir:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              source_dir)
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        if tmp_dir is None:
+            raise ValueError("a model whose inline tensors exceed 1.8 GB needs tmp_dir")
+        path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
+        save_model(model, path, source_dir=source_dir, external=True)
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot load the model ({first}); check that it runs in "
+                        "onnxruntime as exported.") from None
 
 
 def temporary_directory() -> tempfile.TemporaryDirectory:

@@ -1,0 +1,162 @@
+"""Shared fixtures: tiny fp32 ONNX graphs built with onnx.helper + numpy, and calibration writers.
+
+Every file is written under pytest's `tmp_path`. Models are deterministic (fixed seeds), so the
+quantized output of a test is reproducible.
+
+Variants of the linear model (all `... -> gelu-ish (h * Sigmoid(1.702 h)) -> ...`):
+- "matmul": X[1,8,16] -> MatMul(W1[16,32]) -> Add(b1) -> gelu -> MatMul(W2[32,16]) -> Y[1,8,16]
+- "gemm":   X[8,16]   -> Gemm(X, W1[32,16], b1, transB=1) -> gelu -> Gemm(W2[32,16], b2, transB=0) -> Y[8,16]
+- "conv":   X[1,3,8,8] -> Conv(W1[8,3,3,3], b1, pads=1) -> gelu -> Conv(W2[4,8,1,1], b2) -> Y[1,4,8,8]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import settings
+from onnx import TensorProto, helper, numpy_helper
+
+# no example database, and hypothesis's cache under pytest's temp dir: nothing lands in the working directory
+settings.register_profile("segquant", database=None, deadline=None)
+settings.load_profile("segquant")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hypothesis_home(tmp_path_factory):
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+
+GELU_ALPHA = 1.702
+
+# input shape and the output-channel axis of each site's weight, per variant
+INPUT_SHAPES = {"matmul": [1, 8, 16], "gemm": [8, 16], "conv": [1, 3, 8, 8]}
+OUTPUT_SHAPES = {"matmul": [1, 8, 16], "gemm": [8, 16], "conv": [1, 4, 8, 8]}
+WEIGHT_AXES = {"matmul": {"fc1": 1, "fc2": 1}, "gemm": {"fc1": 0, "fc2": 1}, "conv": {"fc1": 0, "fc2": 0}}
+
+
+def _gelu_nodes(x: str, out: str) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("Mul", [x, "gelu_alpha"], [f"{x}_scaled"], name="gelu_scale"),
+        helper.make_node("Sigmoid", [f"{x}_scaled"], [f"{x}_sig"], name="gelu_sigmoid"),
+        helper.make_node("Mul", [x, f"{x}_sig"], [out], name="gelu_mul"),
+    ]
+
+
+def linear_weights(kind: str, seed: int = 0, hidden: int = 32) -> dict[str, np.ndarray]:
+    """The float weights of a variant (the same arrays `build_linear_model` stores)."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    if kind == "matmul":
+        return {"W1": f(16, hidden) * 0.3, "b1": f(hidden) * 0.1, "W2": f(hidden, 16) * 0.2}
+    if kind == "gemm":
+        return {"W1": f(hidden, 16) * 0.3, "b1": f(hidden) * 0.1, "W2": f(hidden, 16) * 0.2, "b2": f(16) * 0.1}
+    if kind == "conv":
+        return {"W1": f(8, 3, 3, 3) * 0.3, "b1": f(8) * 0.1, "W2": f(4, 8, 1, 1) * 0.3, "b2": f(4) * 0.1}
+    raise ValueError(kind)
+
+
+def build_linear_model(kind: str = "matmul", opset: int = 17, seed: int = 0, hidden: int = 32) -> onnx.ModelProto:
+    """An fp32 two-layer model of the given variant (see the module docstring)."""
+    w = linear_weights(kind, seed, hidden)
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits.append(numpy_helper.from_array(np.array(GELU_ALPHA, np.float32), "gelu_alpha"))
+    if kind == "matmul":
+        nodes = [
+            helper.make_node("MatMul", ["X", "W1"], ["h0"], name="fc1"),
+            helper.make_node("Add", ["h0", "b1"], ["h"], name="bias1"),
+            *_gelu_nodes("h", "g"),
+            helper.make_node("MatMul", ["g", "W2"], ["Y"], name="fc2"),
+        ]
+    elif kind == "gemm":
+        nodes = [
+            helper.make_node("Gemm", ["X", "W1", "b1"], ["h"], name="fc1", transB=1),
+            *_gelu_nodes("h", "g"),
+            helper.make_node("Gemm", ["g", "W2", "b2"], ["Y"], name="fc2", transB=0),
+        ]
+    elif kind == "conv":
+        nodes = [
+            helper.make_node("Conv", ["X", "W1", "b1"], ["h"], name="fc1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+            *_gelu_nodes("h", "g"),
+            helper.make_node("Conv", ["g", "W2", "b2"], ["Y"], name="fc2", kernel_shape=[1, 1]),
+        ]
+    else:
+        raise ValueError(kind)
+    graph = helper.make_graph(
+        nodes, f"{kind}_model",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, INPUT_SHAPES[kind])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, OUTPUT_SHAPES[kind])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def calib_inputs(kind: str = "matmul", n: int = 6, seed: int = 1) -> np.ndarray:
+    """n samples of X on axis 0 in the batched layout (rank of the model input, batch on axis 0)."""
+    shape = INPUT_SHAPES[kind]
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal([n * shape[0]] + shape[1:]).astype(np.float32)
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture
+def make_linear_model(tmp_path):
+    """Factory: make_linear_model(kind="matmul", name=None, opset=17, external=False) -> Path."""
+
+    def _make(kind: str = "matmul", name: str | None = None, opset: int = 17, external: bool = False,
+              hidden: int = 32, directory: Path | None = None) -> Path:
+        d = directory or tmp_path
+        d.mkdir(parents=True, exist_ok=True)
+        return save(build_linear_model(kind, opset, hidden=hidden), d / (name or f"{kind}.onnx"), external)
+
+    return _make
+
+
+@pytest.fixture
+def write_npz(tmp_path):
+    """Factory: write_npz(name, **arrays) -> Path of `tmp_path/name` holding the arrays."""
+
+    def _write(name: str = "calib.npz", **arrays) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def write_calib(write_npz):
+    """Factory: write_calib(kind="matmul", n=6, name="calib.npz") -> Path with valid data for that variant."""
+
+    def _write(kind: str = "matmul", n: int = 6, name: str = "calib.npz", seed: int = 1) -> Path:
+        return write_npz(name, X=calib_inputs(kind, n, seed))
+
+    return _write
+
+
+def run_model(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def dir_listing(path: Path) -> list[str]:
+    """Every entry under `path` (hidden ones included), relative, sorted."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
