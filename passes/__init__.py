@@ -5,5 +5,6 @@ code that mutates the graph). Only the pipeline imports passes; the core never d
 """
 
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
+from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 
-__all__ = ["QuantizeLinearInputs"]
+__all__ = ["QuantizeLinearInputs", "SplitLinearBySegment"]

@@ -100,6 +100,7 @@ def _name_nodes(graph: gs.Graph) -> None:
 def canonicalize(graph: gs.Graph, source: str = "the model") -> gs.Graph:
     refuse_quantized(graph, source)
     graph = _raise_opset(graph)
+    graph = infer_shapes(graph)  # shapes first: folding Shape -> Gather -> Div -> Slice needs them
     graph.fold_constants(error_ok=True).cleanup()
     _remove_identities(graph)
     graph = infer_shapes(graph)

@@ -18,6 +18,7 @@ log = logging.getLogger("segquant_onnx")
 EXAMPLE_MODEL = "example_dit.onnx"
 EXAMPLE_CALIB = "example_dit_calib.npz"
 EXAMPLE_EVAL = "example_dit_eval.npz"
+SEG_PATTERNS = ("output", "input")
 
 
 def example_path(name: str) -> Path:
@@ -32,7 +33,18 @@ def _config(args) -> QuantConfig:
         exclude=tuple(args.exclude or ()),
         providers=tuple(p.strip() for p in getattr(args, "providers", "CPUExecutionProvider").split(",") if p.strip()),
         batch_size=getattr(args, "batch_size", None),
+        seg_output=args.seglinear and "output" in args.seg_patterns,
+        seg_input=args.seglinear and "input" in args.seg_patterns,
+        dry_rewrite=getattr(args, "dry_rewrite", False),
     )
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in SEG_PATTERNS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown pattern '{unknown[0]}'; use {', '.join(SEG_PATTERNS)}")
+    return names
 
 
 def _cmd_quantize(args) -> int:
@@ -99,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", metavar="JSON", help="write a JSON report here")
     q.add_argument("--force", action="store_true", help="replace OUT (and the report) if they exist")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--dry-rewrite", action="store_true",
+                   help="apply the structural rewrites (SegLinear) without quantizing, to check they are exact")
 
     i = sub.add_parser("inspect", help="list the linear sites a model has, without calibrating",
                        description="Print the quantization plan: every linear site and every declined node.")
@@ -109,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (q, i):
         p.add_argument("--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
+        p.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
+                       help="split linears by the segments their output/input is cut into (default: on)")
+        p.add_argument("--seg-patterns", type=_patterns, default=SEG_PATTERNS, metavar="LIST",
+                       help="SegLinear patterns to apply: output (Linear->chunk/split), input (Concat->Linear); "
+                            "default: output,input")
         p.add_argument("--providers", default="CPUExecutionProvider",
                        help="ONNX Runtime providers, comma-separated (default: %(default)s)")
     return parser

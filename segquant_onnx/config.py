@@ -20,6 +20,9 @@ class QuantConfig:
     exclude: regular expressions; linear sites whose node name matches one stay in float.
     providers: ONNX Runtime execution providers for calibration and evaluation.
     batch_size: calibration batch for models whose batch dimension is dynamic.
+    seg_output / seg_input: SegLinear on linears whose output is cut by Split/Slices (AdaLN chunks)
+        and whose input is a Concat (FLUX single-block proj_out, timestep embedders).
+    dry_rewrite: apply the structural rewrites but insert no Q/DQ (to check they are exact).
     """
 
     calib_method: str = "max"
@@ -27,6 +30,9 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     batch_size: int | None = None
+    seg_output: bool = True
+    seg_input: bool = True
+    dry_rewrite: bool = False
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:

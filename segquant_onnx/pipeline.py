@@ -18,7 +18,7 @@ from segquant_onnx.config import QuantConfig
 from segquant_onnx.evaluate import compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
-from segquant_onnx.passes import QuantizeLinearInputs
+from segquant_onnx.passes import QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import site_rows, write_json
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
@@ -55,8 +55,13 @@ def _open(model) -> _Source:
 
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
+    """Detect with every pass, applying the structural rewrites that are exact in float (SegLinear)
+    on the way, so the sites are those of the graph that will be quantized. Mutates `graph`."""
+    seg = SplitLinearBySegment(config.seg_output, config.seg_input)
+    matches, seg_declined = seg.detect(graph)
+    segments = seg.rewrite(graph, matches)
     sites, declined = QuantizeLinearInputs(config.exclude).detect(graph)
-    return QuantPlan(sites=tuple(sites), declined=tuple(declined))
+    return QuantPlan(sites=tuple(sites), declined=tuple(seg_declined + declined), segments=tuple(segments))
 
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
@@ -80,19 +85,20 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         check_output_path(report_path, src.path, force)
 
     graph = canonicalize(src.graph, src.description)
+    fp_model = export_model(graph)  # the reference: canonical, before any rewrite
     plan = build_plan(graph, config)
     inputs = model_inputs(graph)
     data = open_calibration(calib, inputs, config.batch_size)
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
 
     with temporary_directory() as tmp:
-        stats = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
-                          providers=providers, tmp_dir=tmp, progress=progress)
-        weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-        params = solve(plan, stats, lambda name: constant_values(weights[name]), config)
-        fp_model = export_model(graph)  # the reference, before rewriting
-
-        QuantizeLinearInputs(config.exclude).rewrite(graph, list(plan.sites), params)
+        params = {}
+        if not config.dry_rewrite:
+            stats = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
+                              providers=providers, tmp_dir=tmp, progress=progress)
+            weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+            params = solve(plan, stats, lambda name: constant_values(weights[name]), config)
+            QuantizeLinearInputs(config.exclude).rewrite(graph, list(plan.sites), params)
         quantized = finalize(graph)
 
         if evaluation is None and data.num_feeds is not None:
@@ -112,10 +118,12 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "eval_data": evaluation.description if evaluation is not None else None,
         "sites": site_rows(plan, params),
         "declined": [asdict(d) for d in plan.declined],
+        "segments": [asdict(m) for m in plan.segments],
         "summary": {
-            "sites_quantized": len(plan.sites),
+            "sites_quantized": 0 if config.dry_rewrite else len(plan.sites),
+            "segment_rewrites": len(plan.segments),
             "sites_declined": len(plan.declined),
-            "int8_flop_fraction": 1.0 if plan.sites else 0.0,
+            "int8_flop_fraction": 1.0 if plan.sites and not config.dry_rewrite else 0.0,
             "size_before": src.size,
             "size_after": model_size(quantized),
         },

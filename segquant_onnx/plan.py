@@ -40,9 +40,24 @@ class DeclinedSite:
 
 
 @dataclass(frozen=True)
+class SegmentMatch:
+    """A linear whose output is cut (`output`) or whose input is glued (`input`) into segments.
+
+    `sizes` are the segment widths along the last axis (output: of N; input: of K), in order;
+    `via` names the ops that expressed the cut (`Split`, `Slice`, `Concat`).
+    """
+
+    linear: str
+    kind: str
+    sizes: tuple[int, ...]
+    via: str
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     sites: tuple[LinearSite, ...]
     declined: tuple[DeclinedSite, ...] = ()
+    segments: tuple[SegmentMatch, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -58,6 +73,7 @@ class QuantPlan:
         return {
             "sites": [asdict(s) for s in self.sites],
             "declined": [asdict(d) for d in self.declined],
+            "segments": [asdict(m) for m in self.segments],
             "notes": list(self.notes),
         }
 
@@ -72,5 +88,6 @@ class QuantPlan:
         return cls(
             sites=sites,
             declined=tuple(DeclinedSite(**d) for d in data.get("declined", ())),
+            segments=tuple(SegmentMatch(**{**m, "sizes": tuple(m["sizes"])}) for m in data.get("segments", ())),
             notes=tuple(data.get("notes", ())),
         )

@@ -35,6 +35,10 @@ def format_plan(plan: QuantPlan, explain: bool = False) -> str:
     total = plan.total_flops or 1
     rows = [[s.name, s.op, "x".join(map(str, s.weight_shape)), f"{100 * s.flops / total:.1f}%"] for s in plan.sites]
     out = [f"{len(plan.sites)} linear sites", _table(["site", "op", "weight", "FLOPs"], rows, "llrr")]
+    if plan.segments:
+        out.append(f"\n{len(plan.segments)} SegLinear patterns (split so each segment has its own scales)")
+        out.append(_table(["linear", "kind", "via", "segment sizes"],
+                          [[m.linear, m.kind, m.via, "+".join(map(str, m.sizes))] for m in plan.segments], "llll"))
     if plan.declined:
         out.append(f"\n{len(plan.declined)} declined")
         if explain:
@@ -55,6 +59,7 @@ def _mb(n: int) -> str:
 def format_summary(report: dict) -> str:
     s = report["summary"]
     lines = [
+        f"SegLinear split {s['segment_rewrites']} linears into segments",
         f"quantized {s['sites_quantized']} linear sites ({100 * s['int8_flop_fraction']:.1f}% of linear FLOPs in INT8), "
         f"declined {s['sites_declined']}",
         f"model size {_mb(s['size_before'])} -> {_mb(s['size_after'])}",
