@@ -102,3 +102,35 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
         else:
             a[name] = stats
     return a
+
+
+class RowSample:
+    """A bounded, deterministic uniform sample of a tensor's rows (vectors over its last axis).
+
+    Searches that need a layer's real outputs (DualScale's decision, later SmoothQuant's alpha) run on
+    this sample instead of storing activations: at most `max_rows` rows are kept (reservoir
+    sampling with a fixed seed, so results are reproducible).
+    """
+
+    def __init__(self, max_rows: int = 512, seed: int = 0):
+        self.max_rows = max_rows
+        self.rows: np.ndarray | None = None
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        rows = x.reshape(-1, x.shape[-1])
+        if self.rows is None:
+            self.rows = np.empty((0, rows.shape[1]), np.float32)
+        room = self.max_rows - len(self.rows)
+        if room > 0:
+            self.rows = np.concatenate([self.rows, rows[:room]])
+        rest = rows[max(room, 0):]
+        if len(rest):
+            # reservoir: row number t (0-based, over all rows seen) replaces a random slot with p = k/(t+1)
+            t = self.seen + max(room, 0) + np.arange(len(rest))
+            slots = (self._rng.random(len(rest)) * (t + 1)).astype(np.int64)
+            keep = slots < self.max_rows
+            self.rows[slots[keep]] = rest[keep]
+        self.seen += len(rows)
