@@ -4,7 +4,8 @@ Each pass detects (pure: returns plan data and reasons for declined matches) and
 code that mutates the graph). Only the pipeline imports passes; the core never does.
 """
 
+from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
 from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 
-__all__ = ["QuantizeLinearInputs", "SplitLinearBySegment"]
+__all__ = ["DualScaleActivations", "QuantizeLinearInputs", "SplitLinearBySegment"]

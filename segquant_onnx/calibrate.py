@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from segquant_onnx.calib_data import CalibrationData
 from segquant_onnx.errors import UserError
 from segquant_onnx.graph_io import export_model
-from segquant_onnx.observers import Stats, TensorStats
+from segquant_onnx.observers import RowSample, Stats, TensorStats
 from segquant_onnx.runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -34,20 +35,28 @@ def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
 
 
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,
-              source_dir: str | None, providers, tmp_dir: str | None = None,
-              progress: bool = True) -> Stats:
-    """Statistics of each tensor in `observed` over every feed of `data`."""
+              source_dir: str | None, providers, tmp_dir: str | None = None, progress: bool = True,
+              sampled: tuple[str, ...] = (), sample_rows: int = 1024) -> tuple[Stats, dict[str, np.ndarray]]:
+    """Statistics of each tensor in `observed` over every feed of `data`, and a bounded sample of
+    rows (last-axis vectors) of each tensor in `sampled` (a subset of `observed`)."""
     session = make_session(with_outputs(graph, observed), source_dir, providers, tmp_dir)
     output_names = [o.name for o in session.get_outputs()]
     fetch = [n for n in observed if n in output_names]
     stats: Stats = {name: TensorStats.empty() for name in observed}
+    samples = {name: RowSample(sample_rows) for name in sampled}
     batches = 0
-    for feed in tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=not progress):
-        values = dict(zip(fetch, session.run(fetch, feed)))
-        for name in observed:
-            stats[name].update(values[name] if name in values else feed[name])
-        batches += 1
+    # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
+    with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=None if progress else True,
+              leave=False) as bar:
+        for feed in bar:
+            values = dict(zip(fetch, session.run(fetch, feed)))
+            for name in observed:
+                value = values[name] if name in values else feed[name]
+                stats[name].update(value)
+                if name in samples:
+                    samples[name].update(value)
+            batches += 1
     if batches == 0:
         raise UserError(f"Calibration data {data.description} yielded zero feeds; give at least one.")
     log.info("calibrated %d tensors on %d batches", len(observed), batches)
-    return stats
+    return stats, {name: s.rows for name, s in samples.items() if s.rows is not None}

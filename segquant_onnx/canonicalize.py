@@ -56,7 +56,9 @@ def _remove_identities(graph: gs.Graph) -> None:
         if id(dst) in graph_outputs:
             continue  # keep the graph's output names
         for consumer in list(dst.outputs):
-            consumer.inputs[:] = [src if t is dst else t for t in consumer.inputs]
+            for i, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[i] = src
         node.outputs.clear()
     graph.cleanup()
 
@@ -80,8 +82,11 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     # keep lazily loaded external weights: copy the value objects back by name
     originals = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     for name, tensor in inferred.tensors().items():
-        if isinstance(tensor, gs.Constant) and name in originals:
-            tensor._values = originals[name]._values
+        if isinstance(tensor, gs.Constant):
+            tensor.data_location = None  # see graph_io.load_model
+            if name in originals:
+                tensor._values = originals[name]._values
+    inferred.ir_version = graph.ir_version
     return inferred
 
 
@@ -100,6 +105,10 @@ def _name_nodes(graph: gs.Graph) -> None:
 def canonicalize(graph: gs.Graph, source: str = "the model") -> gs.Graph:
     refuse_quantized(graph, source)
     graph = _raise_opset(graph)
+    # ONNX Runtime (which folds constants) lags behind onnx's newest IR version: use the lowest the
+    # opsets allow
+    opsets = list(graph.import_domains or []) or [onnx.helper.make_opsetid("", graph.opset)]
+    graph.ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     graph = infer_shapes(graph)  # shapes first: folding Shape -> Gather -> Div -> Slice needs them
     graph.fold_constants(error_ok=True).cleanup()
     _remove_identities(graph)

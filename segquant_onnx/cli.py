@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from segquant_onnx import __version__
-from segquant_onnx.config import CALIB_METHODS, QuantConfig
+from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES, QuantConfig
 from segquant_onnx.errors import UserError
 
 log = logging.getLogger("segquant_onnx")
@@ -36,6 +36,8 @@ def _config(args) -> QuantConfig:
         seg_output=args.seglinear and "output" in args.seg_patterns,
         seg_input=args.seglinear and "input" in args.seg_patterns,
         dry_rewrite=getattr(args, "dry_rewrite", False),
+        dualscale=args.dualscale,
+        dualscale_min_gain_db=getattr(args, "dualscale_min_gain", 1.0),
     )
 
 
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", metavar="JSON", help="write a JSON report here")
     q.add_argument("--force", action="store_true", help="replace OUT (and the report) if they exist")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--dualscale-min-gain", type=float, default=1.0, metavar="DB",
+                   help="with --dualscale auto: the layer-output SQNR gain (dB) a site needs (default: %(default)s)")
     q.add_argument("--dry-rewrite", action="store_true",
                    help="apply the structural rewrites (SegLinear) without quantizing, to check they are exact")
 
@@ -128,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seg-patterns", type=_patterns, default=SEG_PATTERNS, metavar="LIST",
                        help="SegLinear patterns to apply: output (Linear->chunk/split), input (Concat->Linear); "
                             "default: output,input")
+        p.add_argument("--dualscale", choices=DUALSCALE_MODES, default="auto",
+                       help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
+                            "GEMMs: auto (where the measured layer gain pays), all, off (default: auto)")
         p.add_argument("--providers", default="CPUExecutionProvider",
                        help="ONNX Runtime providers, comma-separated (default: %(default)s)")
     return parser

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from segquant_onnx.errors import UserError
 
 CALIB_METHODS = ("max", "percentile", "mse")
+DUALSCALE_MODES = ("auto", "all", "off")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class QuantConfig:
     seg_output / seg_input: SegLinear on linears whose output is cut by Split/Slices (AdaLN chunks)
         and whose input is a Concat (FLUX single-block proj_out, timestep embedders).
     dry_rewrite: apply the structural rewrites but insert no Q/DQ (to check they are exact).
+    dualscale: SiLU/GELU -> linear sites quantized with one scale per polarity as two GEMMs:
+        `all` candidates, `off`, or `auto`: where the layer-output SQNR gain measured on a sample of
+        calibration rows reaches `dualscale_min_gain_db` (the second GEMM costs compute).
+    sample_rows: rows of each DualScale candidate's input kept (reservoir) for that measurement.
     """
 
     calib_method: str = "max"
@@ -33,12 +38,19 @@ class QuantConfig:
     seg_output: bool = True
     seg_input: bool = True
     dry_rewrite: bool = False
+    dualscale: str = "auto"
+    dualscale_min_gain_db: float = 1.0
+    sample_rows: int = 1024
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
             raise UserError(f"--calib-method '{self.calib_method}' is unknown; use one of {', '.join(CALIB_METHODS)}.")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile {self.percentile} is out of range; give a value in (50, 100].")
+        if self.dualscale not in DUALSCALE_MODES:
+            raise UserError(f"--dualscale '{self.dualscale}' is unknown; use one of {', '.join(DUALSCALE_MODES)}.")
+        if self.sample_rows < 1:
+            raise UserError(f"sample_rows {self.sample_rows} must be at least 1.")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
         for pattern in self.exclude:

@@ -48,7 +48,8 @@ def compare_outputs(reference: ort.InferenceSession, test: ort.InferenceSession,
                     progress: bool = True, total: int | None = None) -> dict[str, OutputError]:
     names = [o.name for o in reference.get_outputs()]
     errors = {name: OutputError() for name in names}
-    for feed in tqdm(feeds, total=total, desc="evaluating", unit="batch", disable=not progress):
-        for name, ref, got in zip(names, reference.run(names, feed), test.run(names, feed)):
-            errors[name].update(ref, got)
+    with tqdm(feeds, total=total, desc="evaluating", unit="batch", disable=None if progress else True, leave=False) as bar:
+        for feed in bar:
+            for name, ref, got in zip(names, reference.run(names, feed), test.run(names, feed)):
+                errors[name].update(ref, got)
     return errors

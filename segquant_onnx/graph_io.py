@@ -47,7 +47,7 @@ class _ExternalValues(gs.ir.tensor.LazyValues):
         return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=self.base_dir))
 
 
-def _external_tensors(model: onnx.ModelProto):
+def external_tensors(model: onnx.ModelProto):
     return [t for t in ext._get_all_tensors(model) if ext.uses_external_data(t)]
 
 
@@ -66,7 +66,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise UserError(f"{path} is not an ONNX model (it has no graph nodes); pass a .onnx file.")
 
     base_dir = str(path.parent)
-    external = _external_tensors(model)
+    external = external_tensors(model)
     size = model.ByteSize()
     for tensor in external:
         info = ext.ExternalDataInfo(tensor)
@@ -125,7 +125,7 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
 
 def model_size(model: onnx.ModelProto) -> int:
     """Bytes the model would take on disk with all its weights (external ones counted too)."""
-    external = sum(int(ext.ExternalDataInfo(t).length or 0) for t in _external_tensors(model))
+    external = sum(int(ext.ExternalDataInfo(t).length or 0) for t in external_tensors(model))
     return model.ByteSize() + external
 
 
@@ -143,7 +143,7 @@ def save_model(
     is over ~1.8 GB.
     """
     out = Path(out_path)
-    refers_outside = bool(_external_tensors(model))
+    refers_outside = bool(external_tensors(model))
     if external is None:
         external = refers_outside or model_size(model) > EXTERNAL_DATA_THRESHOLD
     if refers_outside:
@@ -154,11 +154,15 @@ def save_model(
         tmp_model = tmp_dir / out.name
         data_name = f"{out.name}.data"
         if external:
-            onnx.save_model(
-                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
-            )
-            os.replace(tmp_dir / data_name, out.parent / data_name)
+            # what onnx's convert_model_to_external_data does, minus its check for `location` in the
+            # *current* directory, which has nothing to do with where the file is written
+            for tensor in ext._get_all_tensors(model):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    ext.set_external_data(tensor, location=data_name)
+            onnx.save_model(model, str(tmp_model))
+            onnx.checker.check_model(str(tmp_model))  # by path: the weights are in the .data file now
+            if (tmp_dir / data_name).exists():  # onnx writes none when every tensor is tiny
+                os.replace(tmp_dir / data_name, out.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, out)

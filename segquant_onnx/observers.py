@@ -35,6 +35,7 @@ class TensorStats:
     channel_amax: np.ndarray
     hist: np.ndarray
     hist_range: float
+    neg_count: int = 0
 
     @classmethod
     def empty(cls, num_bins: int = NUM_BINS) -> "TensorStats":
@@ -46,7 +47,7 @@ class TensorStats:
         if factor <= 1:
             return
         n = len(self.hist)
-        merged = self.hist.reshape(-1, factor).sum(axis=1) if factor <= n else self.hist.sum(keepdims=True)
+        merged = np.add.reduceat(self.hist, np.arange(0, n, factor))  # any bin count, last group may be short
         self.hist = np.zeros(n, np.int64)
         self.hist[: len(merged)] = merged
         self.hist_range = new_range
@@ -69,6 +70,7 @@ class TensorStats:
         n = len(self.hist)
         idx = np.minimum((a.ravel() * (n / self.hist_range)).astype(np.int64), n - 1)
         self.hist += np.bincount(idx, minlength=n)
+        self.neg_count += int(np.count_nonzero(x < 0))
         self.count += x.size
 
     def merge(self, other: "TensorStats") -> "TensorStats":
@@ -79,10 +81,13 @@ class TensorStats:
         other_hist._widen(rng)
         self.hist += other_hist.hist
         self.count += other.count
+        self.neg_count += other.neg_count
         self.amax = max(self.amax, other.amax)
         self.pos_amax = max(self.pos_amax, other.pos_amax)
         self.neg_amax = max(self.neg_amax, other.neg_amax)
-        if self.channel_amax.shape == other.channel_amax.shape:
+        if self.channel_amax.size == 0:
+            self.channel_amax = other.channel_amax.copy()
+        elif self.channel_amax.shape == other.channel_amax.shape:
             np.maximum(self.channel_amax, other.channel_amax, out=self.channel_amax)
         return self
 

@@ -18,11 +18,11 @@ from segquant_onnx.config import QuantConfig
 from segquant_onnx.evaluate import compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
-from segquant_onnx.passes import QuantizeLinearInputs, SplitLinearBySegment
+from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import site_rows, write_json
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
-from segquant_onnx.solve import SiteParams, solve
+from segquant_onnx.solve import SiteParams, solve, solve_dual
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     matches, seg_declined = seg.detect(graph)
     segments = seg.rewrite(graph, matches)
     sites, declined = QuantizeLinearInputs(config.exclude).detect(graph)
-    return QuantPlan(sites=tuple(sites), declined=tuple(seg_declined + declined), segments=tuple(segments))
+    dual, dual_declined = ([], []) if config.dualscale == "off" else DualScaleActivations().detect(graph, sites)
+    return QuantPlan(sites=tuple(sites), declined=tuple(seg_declined + declined + dual_declined),
+                     segments=tuple(segments), dual=tuple(dual))
 
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
@@ -92,13 +94,19 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
 
     with temporary_directory() as tmp:
-        params = {}
+        params, dual, decisions = {}, {}, []
         if not config.dry_rewrite:
-            stats = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
-                              providers=providers, tmp_dir=tmp, progress=progress)
+            sites = {s.name: s for s in plan.sites}
+            sampled = tuple(dict.fromkeys(sites[d.site].activation for d in plan.dual if sites[d.site].op != "Conv"))
+            stats, samples = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
+                                       providers=providers, tmp_dir=tmp, progress=progress,
+                                       sampled=sampled, sample_rows=config.sample_rows)
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-            params = solve(plan, stats, lambda name: constant_values(weights[name]), config)
-            QuantizeLinearInputs(config.exclude).rewrite(graph, list(plan.sites), params)
+            weight = lambda name: constant_values(weights[name])  # noqa: E731
+            params = solve(plan, stats, weight, config)
+            dual, decisions = solve_dual(plan, stats, samples, params, weight, config)
+            DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in dual], sites, dual)
+            QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in plan.sites if s.name not in dual], params)
         quantized = finalize(graph)
 
         if evaluation is None and data.num_feeds is not None:
@@ -109,6 +117,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                                      make_session(quantized, src.source_dir, providers, tmp),
                                      evaluation, progress=progress, total=evaluation.num_feeds)
 
+    plan_flops = {site.name: site.flops for site in plan.sites}
     report = {
         "tool": f"segquant-onnx {__version__}",
         "input": str(src.path) if src.path else None,
@@ -119,9 +128,13 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "sites": site_rows(plan, params),
         "declined": [asdict(d) for d in plan.declined],
         "segments": [asdict(m) for m in plan.segments],
+        "dualscale": [asdict(d) for d in decisions],
         "summary": {
             "sites_quantized": 0 if config.dry_rewrite else len(plan.sites),
             "segment_rewrites": len(plan.segments),
+            "dualscale_candidates": len(plan.dual),
+            "dualscale_applied": len(dual),
+            "dualscale_extra_flop_pct": round(100 * sum(plan_flops[n] for n in dual) / max(plan.total_flops, 1), 3),
             "sites_declined": len(plan.declined),
             "int8_flop_fraction": 1.0 if plan.sites and not config.dry_rewrite else 0.0,
             "size_before": src.size,

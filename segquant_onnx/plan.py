@@ -53,11 +53,34 @@ class SegmentMatch:
     via: str
 
 
+DUAL_KINDS = ("silu", "swish", "quick_gelu", "gelu_erf", "gelu_tanh", "gelu_op")
+
+
+@dataclass(frozen=True)
+class DualSite:
+    """A linear site whose activation input is a SiLU/GELU output.
+
+    `site` is the LinearSite (node) name; `activation` the activation's output tensor (the site
+    reads it directly or through look-through ops: same values, maybe another layout); `kind` one
+    of DUAL_KINDS.
+    """
+
+    site: str
+    activation: str
+    kind: str
+
+    def __post_init__(self):
+        if self.kind not in DUAL_KINDS:
+            raise ValueError(f"DualSite {self.site}: kind {self.kind!r} is not one of {DUAL_KINDS}")
+
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     sites: tuple[LinearSite, ...]
     declined: tuple[DeclinedSite, ...] = ()
     segments: tuple[SegmentMatch, ...] = ()
+    dual: tuple[DualSite, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -74,6 +97,7 @@ class QuantPlan:
             "sites": [asdict(s) for s in self.sites],
             "declined": [asdict(d) for d in self.declined],
             "segments": [asdict(m) for m in self.segments],
+            "dual": [asdict(d) for d in self.dual],
             "notes": list(self.notes),
         }
 
@@ -89,5 +113,6 @@ class QuantPlan:
             sites=sites,
             declined=tuple(DeclinedSite(**d) for d in data.get("declined", ())),
             segments=tuple(SegmentMatch(**{**m, "sizes": tuple(m["sizes"])}) for m in data.get("segments", ())),
+            dual=tuple(DualSite(**d) for d in data.get("dual", ())),
             notes=tuple(data.get("notes", ())),
         )

@@ -13,7 +13,7 @@ from segquant_onnx.naming import Namer
 
 
 def _const(namer: Namer, layer: str, part: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(namer(layer, part), np.ascontiguousarray(values))
+    return gs.Constant(namer(layer, part), np.require(values, requirements='C'))  # keeps 0-d scalars 0-d
 
 
 def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node,

@@ -11,14 +11,16 @@ import numpy as np
 from segquant_onnx.observers import TensorStats
 
 INT8_MAX = 127
+INT8_NEG_LEVELS = 128  # a negative-only tensor (DualScale's negative branch) uses all of [-128, 0]
 # amax below this is a dead tensor/channel; it still needs a positive scale.
 AMAX_FLOOR = 1e-8
 
 
 def scale_from_amax(amax: float | np.ndarray, qmax: int = INT8_MAX) -> np.ndarray:
     """scale = max(amax, AMAX_FLOOR) / qmax, as float32 (finite, > 0)."""
-    amax = np.nan_to_num(np.asarray(amax, np.float64), nan=AMAX_FLOOR, posinf=np.finfo(np.float32).max)
-    return (np.maximum(amax, AMAX_FLOOR) / qmax).astype(np.float32)
+    top = float(np.finfo(np.float32).max)
+    amax = np.nan_to_num(np.asarray(amax, np.float64), nan=AMAX_FLOOR, posinf=top)
+    return (np.clip(amax, AMAX_FLOOR, top) / qmax).astype(np.float32)
 
 
 def percentile_amax(stats: TensorStats, percentile: float) -> float:
@@ -84,6 +86,13 @@ def quantize_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
     s = scale if axis is None or np.ndim(scale) == 0 else _broadcast(scale, q.ndim, axis)
     return q.astype(np.float32) * s
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """dequantize(quantize_int8(x, scale)) in float64: what a Q->DQ pair computes."""
+    q = quantize_int8(x, scale, axis)
+    s = scale if axis is None or np.ndim(scale) == 0 else _broadcast(scale, q.ndim, axis)
+    return q.astype(np.float64) * s
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,9 @@ def format_plan(plan: QuantPlan, explain: bool = False) -> str:
         out.append(f"\n{len(plan.segments)} SegLinear patterns (split so each segment has its own scales)")
         out.append(_table(["linear", "kind", "via", "segment sizes"],
                           [[m.linear, m.kind, m.via, "+".join(map(str, m.sizes))] for m in plan.segments], "llll"))
+    if plan.dual:
+        out.append(f"\n{len(plan.dual)} DualScale candidates (SiLU/GELU -> linear; applied where calibration shows a gain)")
+        out.append(_table(["site", "activation"], [[d.site, d.kind] for d in plan.dual], "ll"))
     if plan.declined:
         out.append(f"\n{len(plan.declined)} declined")
         if explain:
@@ -64,6 +68,11 @@ def format_summary(report: dict) -> str:
         f"declined {s['sites_declined']}",
         f"model size {_mb(s['size_before'])} -> {_mb(s['size_after'])}",
     ]
+    if s.get("dualscale_candidates"):
+        gains = [d["gain_db"] for d in report["dualscale"] if d["apply"]]
+        lines.insert(1, f"DualScale on {s['dualscale_applied']} of {s['dualscale_candidates']} SiLU/GELU -> linear sites "
+                        f"(+{s['dualscale_extra_flop_pct']:.1f}% GEMM FLOPs"
+                        + (f", layer gain {min(gains):.1f} to {max(gains):.1f} dB)" if gains else ")"))
     if report["declined"]:
         reasons: dict[str, int] = {}
         for d in report["declined"]:
@@ -79,13 +88,24 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _strict(value):
+    """JSON has no Infinity/NaN: write them as strings ("inf" for an exact match's SQNR)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file beside the target, then rename."""
+    """Write strict JSON atomically: a temp file beside the target, then rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=True)
+            json.dump(_strict(report), f, indent=2, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -11,6 +11,8 @@ Variants of the linear model (all `... -> gelu-ish (h * Sigmoid(1.702 h)) -> ...
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,20 @@ from onnx import TensorProto, helper, numpy_helper
 # no example database, and hypothesis's cache under pytest's temp dir: nothing lands in the working directory
 settings.register_profile("segquant", database=None, deadline=None)
 settings.load_profile("segquant")
+_HYPOTHESIS_HOME: str | None = None
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _hypothesis_home(tmp_path_factory):
+def pytest_configure(config):
+    global _HYPOTHESIS_HOME
     from hypothesis.configuration import set_hypothesis_home_dir
 
-    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="segquant-hypothesis-")
+    set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+
+
+def pytest_unconfigure(config):
+    if _HYPOTHESIS_HOME:
+        shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
 
 GELU_ALPHA = 1.702
 
