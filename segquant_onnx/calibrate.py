@@ -22,6 +22,19 @@ from segquant_onnx.runtime import make_session
 log = logging.getLogger(__name__)
 
 
+def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `names` (graph inputs are read from the feeds; a name with
+    no known type is left out)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.output)}
+    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for name in names:
+        if name not in present and name in types:
+            out.graph.output.append(onnx.helper.make_value_info(name, types[name]))
+    return out
+
+
 def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
     """The graph as a ModelProto that also outputs `names` (graph inputs are read from the feeds)."""
     model = export_model(graph)

@@ -38,6 +38,7 @@ def _config(args) -> QuantConfig:
         dry_rewrite=getattr(args, "dry_rewrite", False),
         dualscale=args.dualscale,
         dualscale_min_gain_db=getattr(args, "dualscale_min_gain", 1.0),
+        per_layer=getattr(args, "per_layer", False),
     )
 
 
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
     q.add_argument("--example", action="store_true", help="use the bundled example DiT and its calibration data")
     q.add_argument("--report", metavar="JSON", help="write a JSON report here")
+    q.add_argument("--per-layer", action="store_true",
+                   help="measure every linear layer's output SQNR vs the float graph (report; worst shown)")
     q.add_argument("--force", action="store_true", help="replace OUT (and the report) if they exist")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.add_argument("--dualscale-min-gain", type=float, default=1.0, metavar="DB",

@@ -28,6 +28,7 @@ class QuantConfig:
         `all` candidates, `off`, or `auto`: where the layer-output SQNR gain measured on a sample of
         calibration rows reaches `dualscale_min_gain_db` (the second GEMM costs compute).
     sample_rows: rows of each DualScale candidate's input kept (reservoir) for that measurement.
+    per_layer: also measure each linear layer's output error against the float graph (report).
     """
 
     calib_method: str = "max"
@@ -41,6 +42,7 @@ class QuantConfig:
     dualscale: str = "auto"
     dualscale_min_gain_db: float = 1.0
     sample_rows: int = 1024
+    per_layer: bool = False
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:

@@ -17,6 +17,7 @@ from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.evaluate import compare_outputs
 from segquant_onnx.finalize import finalize
+from segquant_onnx.layer_error import per_layer_error
 from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
 from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
@@ -111,11 +112,15 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
 
         if evaluation is None and data.num_feeds is not None:
             evaluation = data
-        errors = {}
+        errors, layers = {}, {}
         if evaluation is not None:
             errors = compare_outputs(make_session(fp_model, src.source_dir, providers, tmp),
                                      make_session(quantized, src.source_dir, providers, tmp),
                                      evaluation, progress=progress, total=evaluation.num_feeds)
+            if config.per_layer:
+                layers = per_layer_error(fp_model, quantized, evaluation, source_dir=src.source_dir,
+                                         providers=providers, tmp_dir=tmp, progress=progress,
+                                         total=evaluation.num_feeds)
 
     plan_flops = {site.name: site.flops for site in plan.sites}
     report = {
@@ -141,6 +146,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
             "size_after": model_size(quantized),
         },
         "output_error": {name: e.to_dict() for name, e in errors.items()},
+        "layer_error": [{"layer": name, **e.to_dict()} for name, e in layers.items()],
         "seconds": round(time.perf_counter() - started, 2),
     }
     out_path = None

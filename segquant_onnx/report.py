@@ -83,6 +83,10 @@ def format_summary(report: dict) -> str:
                 for name, e in report["output_error"].items()]
         lines.append(f"output error vs the FP graph on {report['eval_data']}:")
         lines.append(_table(["output", "SQNR dB", "cosine", "max |err|"], rows, "lrrr"))
+    if report.get("layer_error"):
+        worst = sorted(report["layer_error"], key=lambda e: e["sqnr_db"])[:5]
+        lines.append(f"lowest per-layer SQNR of {len(report['layer_error'])} layers (all in the report):")
+        lines.append(_table(["layer", "SQNR dB"], [[e["layer"], f"{e['sqnr_db']:.2f}"] for e in worst], "lr"))
     if report.get("output"):
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)
