@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import sys
 from importlib import resources
@@ -19,6 +19,8 @@ EXAMPLE_MODEL = "example_dit.onnx"
 EXAMPLE_CALIB = "example_dit_calib.npz"
 EXAMPLE_EVAL = "example_dit_eval.npz"
 SEG_PATTERNS = ("output", "input")
+# modules with `add_parser(subparsers)` registering more subcommands (set_defaults(func=...))
+EXTRA_COMMANDS: tuple[str, ...] = ()
 
 
 def example_path(name: str) -> Path:
@@ -128,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", metavar="PATH", help="write the plan as JSON ('-' for stdout)")
     i.add_argument("--explain", action="store_true", help="list every declined node with its reason")
 
+    q.set_defaults(func=_cmd_quantize)
+    i.set_defaults(func=_cmd_inspect)
+    for module in EXTRA_COMMANDS:  # other subcommands live in their own modules: add_parser(sub)
+        importlib.import_module(module).add_parser(sub)
+
     for p in (q, i):
         p.add_argument("--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
         p.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"quantize": _cmd_quantize, "inspect": _cmd_inspect}[args.command](args)
+        return args.func(args)
     except UserError as exc:
         print(f"segquant-onnx: error: {exc}", file=sys.stderr)
         return 2
