@@ -6,6 +6,7 @@ code that mutates the graph). Only the pipeline imports passes; the core never d
 
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
+from segquant_onnx.passes.smooth_activations import SmoothActivations
 from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 
-__all__ = ["DualScaleActivations", "QuantizeLinearInputs", "SplitLinearBySegment"]
+__all__ = ["DualScaleActivations", "QuantizeLinearInputs", "SmoothActivations", "SplitLinearBySegment"]

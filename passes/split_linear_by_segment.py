@@ -50,7 +50,7 @@ def _bias_add(node: gs.Node) -> gs.Node | None:
         return None
     add = y.outputs[0]
     other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-    if isinstance(other, gs.Constant) and other.shape is not None and len(other.shape) == 1:
+    if isinstance(other, gs.Constant) and other.shape is not None and tuple(other.shape) in ((_n_out(node),), (1,)):
         return add
     return None
 
@@ -192,7 +192,7 @@ class SplitLinearBySegment:
         targets = cuts[0].outputs if match.via == "Split" else [c.outputs[0] for c in cuts]
         lo = 0
         for i, (size, target) in enumerate(zip(match.sizes, targets)):
-            hi, layer = lo + size, f"{node.name}/seg{i}"
+            hi, layer = lo + size, namer(node.name, f"seg{i}")
             w_i = gs.Constant(namer(layer, "weight"), self._weight_slice(node, w, lo, hi, output=True))
             inputs = [x, w_i]
             if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
@@ -206,7 +206,8 @@ class SplitLinearBySegment:
             graph.nodes.append(gs.Node(node.op, layer, dict(node.attrs), inputs=inputs, outputs=[out]))
             if add is not None:
                 b = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-                b_i = gs.Constant(namer(layer, "bias"), np.ascontiguousarray(constant_values(b)[lo:hi]))
+                bv = constant_values(b)  # a [1] bias broadcasts: every segment gets it whole
+                b_i = b if bv.size == 1 else gs.Constant(namer(layer, "bias"), np.ascontiguousarray(bv[lo:hi]))
                 graph.nodes.append(gs.Node("Add", namer(layer, "bias_add"), inputs=[out, b_i], outputs=[target]))
             lo = hi
         for cut in cuts:
@@ -218,7 +219,7 @@ class SplitLinearBySegment:
         partial = []
         lo = 0
         for i, (size, part) in enumerate(zip(match.sizes, parts)):
-            hi, layer = lo + size, f"{node.name}/seg{i}"
+            hi, layer = lo + size, namer(node.name, f"seg{i}")
             w_i = gs.Constant(namer(layer, "weight"), self._weight_slice(node, w, lo, hi, output=False))
             inputs = [part, w_i] + (list(node.inputs[2:]) if i == 0 else [])  # bias once
             out = gs.Variable(namer(layer, "output"), dtype=y.dtype)

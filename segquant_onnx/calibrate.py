@@ -49,9 +49,14 @@ def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
 
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,
               source_dir: str | None, providers, tmp_dir: str | None = None, progress: bool = True,
-              sampled: tuple[str, ...] = (), sample_rows: int = 1024) -> tuple[Stats, dict[str, np.ndarray]]:
-    """Statistics of each tensor in `observed` over every feed of `data`, and a bounded sample of
-    rows (last-axis vectors) of each tensor in `sampled` (a subset of `observed`)."""
+              sampled: tuple[str, ...] = (), sample_rows: int = 1024,
+              holdout_every: int = 0) -> tuple[Stats, dict[str, np.ndarray]]:
+    """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
+    each tensor in `sampled` (a subset of `observed`).
+
+    With `holdout_every=k`, every k-th feed is held back: the statistics (hence the scales) come from
+    the other feeds and the row sample only from the held-back ones, so searches scored on the sample
+    see data the scales were not fitted to (clipping of unseen values shows up)."""
     session = make_session(with_outputs(graph, observed), source_dir, providers, tmp_dir)
     output_names = [o.name for o in session.get_outputs()]
     fetch = [n for n in observed if n in output_names]
@@ -61,12 +66,14 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
     with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=None if progress else True,
               leave=False) as bar:
-        for feed in bar:
+        for i, feed in enumerate(bar):
+            held_back = holdout_every > 0 and i % holdout_every == holdout_every - 1
             values = dict(zip(fetch, session.run(fetch, feed)))
             for name in observed:
                 value = values[name] if name in values else feed[name]
-                stats[name].update(value)
-                if name in samples:
+                if not held_back:
+                    stats[name].update(value)
+                if name in samples and (held_back or holdout_every == 0):
                     samples[name].update(value)
             batches += 1
     if batches == 0:

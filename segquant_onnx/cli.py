@@ -41,6 +41,7 @@ def _config(args) -> QuantConfig:
         dualscale=args.dualscale,
         dualscale_min_gain_db=getattr(args, "dualscale_min_gain", 1.0),
         per_layer=getattr(args, "per_layer", False),
+        smoothquant=getattr(args, "smoothquant", "off"),
     )
 
 
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (must differ from MODEL)")
     q.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
     q.add_argument("--eval", metavar="DATA", help="held-out data for the output-error summary (default: the calibration data)")
-    q.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation clipping (default: %(default)s)")
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation clipping; auto picks per site by layer error on a calibration-row sample "
+                        "(default: %(default)s)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")
     q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
     q.add_argument("--example", action="store_true", help="use the bundled example DiT and its calibration data")
@@ -118,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure every linear layer's output SQNR vs the float graph (report; worst shown)")
     q.add_argument("--force", action="store_true", help="replace OUT (and the report) if they exist")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--smoothquant", default="off", metavar="auto|off|ALPHA",
+                   help="SmoothQuant per site: auto searches alpha in {0.25, 0.5, 0.75} or none by layer error on a "
+                        "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
     q.add_argument("--dualscale-min-gain", type=float, default=1.0, metavar="DB",
                    help="with --dualscale auto: the layer-output SQNR gain (dB) a site needs (default: %(default)s)")
     q.add_argument("--dry-rewrite", action="store_true",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from segquant_onnx.errors import UserError
 
-CALIB_METHODS = ("max", "percentile", "mse")
+CALIB_METHODS = ("max", "percentile", "mse", "entropy", "auto")
 DUALSCALE_MODES = ("auto", "all", "off")
 
 
@@ -29,6 +29,11 @@ class QuantConfig:
         calibration rows reaches `dualscale_min_gain_db` (the second GEMM costs compute).
     sample_rows: rows of each DualScale candidate's input kept (reservoir) for that measurement.
     per_layer: also measure each linear layer's output error against the float graph (report).
+    smoothquant: `auto` searches, per MatMul/Gemm site, alpha in `smooth_alphas` or no smoothing by
+        the layer output SQNR on the row sample; `off`; or a fixed alpha such as "0.5".
+    search_rows: rows of the sample used by those searches (they run GEMMs in numpy).
+    holdout_every: when a search runs, every k-th calibration feed is held back from the statistics
+        and used to score the search (0: score on the calibration rows themselves).
     """
 
     calib_method: str = "max"
@@ -43,6 +48,10 @@ class QuantConfig:
     dualscale_min_gain_db: float = 1.0
     sample_rows: int = 1024
     per_layer: bool = False
+    smoothquant: str = "off"
+    smooth_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    search_rows: int = 256
+    holdout_every: int = 4
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
@@ -51,6 +60,13 @@ class QuantConfig:
             raise UserError(f"--percentile {self.percentile} is out of range; give a value in (50, 100].")
         if self.dualscale not in DUALSCALE_MODES:
             raise UserError(f"--dualscale '{self.dualscale}' is unknown; use one of {', '.join(DUALSCALE_MODES)}.")
+        if self.smoothquant not in ("auto", "off"):
+            try:
+                alpha = float(self.smoothquant)
+            except ValueError:
+                alpha = -1.0
+            if not 0.0 <= alpha <= 1.0:
+                raise UserError(f"--smoothquant '{self.smoothquant}' must be auto, off or an alpha in [0, 1].")
         if self.sample_rows < 1:
             raise UserError(f"sample_rows {self.sample_rows} must be at least 1.")
         if self.batch_size is not None and self.batch_size < 1:

@@ -8,7 +8,7 @@ calibration can be split across processes and reduced afterwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,10 @@ class TensorStats:
     hist: np.ndarray
     hist_range: float
     neg_count: int = 0
+    # per last-axis channel: max(x, 0) and max(-x, 0); with channel_amax they give the exact range of
+    # x / s for any per-channel smoothing vector s
+    channel_pos_amax: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    channel_neg_amax: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @classmethod
     def empty(cls, num_bins: int = NUM_BINS) -> "TensorStats":
@@ -63,8 +67,13 @@ class TensorStats:
         self.neg_amax = max(self.neg_amax, float(-x.min()))
         if x.ndim and self.count == 0:
             self.channel_amax = np.zeros(x.shape[-1], np.float32)
+            self.channel_pos_amax = np.zeros(x.shape[-1], np.float32)
+            self.channel_neg_amax = np.zeros(x.shape[-1], np.float32)
         if x.ndim and self.channel_amax.size == x.shape[-1]:
+            rows = x.reshape(-1, x.shape[-1])
             np.maximum(self.channel_amax, a.reshape(-1, x.shape[-1]).max(axis=0), out=self.channel_amax)
+            np.maximum(self.channel_pos_amax, rows.max(axis=0), out=self.channel_pos_amax)
+            np.maximum(self.channel_neg_amax, -rows.min(axis=0), out=self.channel_neg_amax)
         if amax >= self.hist_range:
             self._widen(_pow2_ceil(amax * (1 + 2**-20)))
         n = len(self.hist)
@@ -85,10 +94,12 @@ class TensorStats:
         self.amax = max(self.amax, other.amax)
         self.pos_amax = max(self.pos_amax, other.pos_amax)
         self.neg_amax = max(self.neg_amax, other.neg_amax)
-        if self.channel_amax.size == 0:
-            self.channel_amax = other.channel_amax.copy()
-        elif self.channel_amax.shape == other.channel_amax.shape:
-            np.maximum(self.channel_amax, other.channel_amax, out=self.channel_amax)
+        for name in ("channel_amax", "channel_pos_amax", "channel_neg_amax"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine.size == 0:
+                setattr(self, name, theirs.copy())
+            elif mine.shape == theirs.shape:
+                np.maximum(mine, theirs, out=mine)
         return self
 
     @property

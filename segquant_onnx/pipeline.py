@@ -19,7 +19,8 @@ from segquant_onnx.evaluate import compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.layer_error import per_layer_error
 from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
-from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
+from segquant_onnx.passes import (DualScaleActivations, QuantizeLinearInputs, SmoothActivations,
+                                  SplitLinearBySegment)
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import site_rows, write_json
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
@@ -98,16 +99,22 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         params, dual, decisions = {}, {}, []
         if not config.dry_rewrite:
             sites = {s.name: s for s in plan.sites}
-            sampled = tuple(dict.fromkeys(sites[d.site].activation for d in plan.dual if sites[d.site].op != "Conv"))
+            searching = config.smoothquant != "off" or config.calib_method == "auto"
+            sampled = tuple(dict.fromkeys(
+                [s.activation for s in plan.sites if s.op != "Conv" and searching]
+                + [sites[d.site].activation for d in plan.dual if sites[d.site].op != "Conv"]))
             stats, samples = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
                                        providers=providers, tmp_dir=tmp, progress=progress,
-                                       sampled=sampled, sample_rows=config.sample_rows)
+                                       sampled=sampled, sample_rows=config.sample_rows,
+                                       holdout_every=config.holdout_every if sampled else 0)
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
-            params = solve(plan, stats, weight, config)
+            params = solve(plan, stats, weight, config, samples)
             dual, decisions = solve_dual(plan, stats, samples, params, weight, config)
-            DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in dual], sites, dual)
-            QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in plan.sites if s.name not in dual], params)
+            smoothed = SmoothActivations().rewrite(graph, list(plan.sites), params)
+            by_name = {s.name: s for s in smoothed}
+            DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in dual], by_name, dual)
+            QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in smoothed if s.name not in dual], params)
         quantized = finalize(graph)
 
         if evaluation is None and data.num_feeds is not None:

@@ -55,6 +55,34 @@ def mse_amax(stats: TensorStats, qmax: int = INT8_MAX) -> float:
     return float(min(t[k], stats.amax)) if stats.amax > 0 else 0.0
 
 
+def entropy_amax(stats: TensorStats, levels: int = INT8_MAX + 1, stride: int = 16) -> float:
+    """Threshold minimising KL(P || Q) between the |x| histogram clipped at T (P, outliers folded into
+    its last bin) and P quantized to `levels` bins (Q, each level's mass spread evenly over the
+    non-empty bins it covers): TensorRT's entropy calibration. Candidates every `stride` bins.
+    """
+    hist = stats.hist.astype(np.float64)
+    n = len(hist)
+    if stats.amax <= 0 or hist.sum() == 0:
+        return 0.0
+    best_kl, best_i = np.inf, n
+    for i in range(levels, n + 1, stride):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        nonzero = p > 0
+        groups = np.array_split(np.arange(i), levels)
+        q = np.zeros(i)
+        for g in groups:
+            nz = nonzero[g]
+            if nz.any():
+                q[g[nz]] = p[g].sum() / nz.sum()
+        pn, qn = p / p.sum(), q / max(q.sum(), 1e-300)
+        mask = nonzero & (qn > 0)
+        kl = float((pn[mask] * np.log(pn[mask] / qn[mask])).sum())
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float(min(stats.bin_edges[best_i], stats.amax))
+
+
 def activation_amax(stats: TensorStats, method: str, percentile: float = 99.99) -> float:
     if method == "max":
         return stats.amax
@@ -62,7 +90,23 @@ def activation_amax(stats: TensorStats, method: str, percentile: float = 99.99) 
         return percentile_amax(stats, percentile)
     if method == "mse":
         return mse_amax(stats)
+    if method == "entropy":
+        return entropy_amax(stats)
     raise ValueError(f"unknown calibration method {method!r}")
+
+
+def smoothing_vector(act_channel_amax: np.ndarray, weight_channel_amax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant (Xiao et al. 2023): s_k = max|X_k|^alpha / max|W_k|^(1 - alpha) per input channel k.
+
+    X / s and s * W give the same product with the activation's outlier channels shrunk and the
+    weight's rows grown. Dead channels (either max is 0) get s = 1; s is clipped to [1e-4, 1e4].
+    """
+    a = np.asarray(act_channel_amax, np.float64)
+    w = np.asarray(weight_channel_amax, np.float64)
+    alive = (a > 0) & (w > 0)
+    s = np.ones_like(a)
+    s[alive] = a[alive] ** alpha / w[alive] ** (1 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
 def weight_scales(w: np.ndarray, axis: int, qmax: int = INT8_MAX) -> np.ndarray:

@@ -20,7 +20,8 @@ def site_rows(plan: QuantPlan, params: dict[str, SiteParams] | None = None) -> l
                "flops": s.flops, "flop_share": round(s.flops / total, 6)}
         if params and s.name in params:
             p = params[s.name]
-            row.update(act_amax=p.act_amax, act_scale=p.act_scale, method=p.method)
+            row.update(act_amax=p.act_amax, act_scale=p.act_scale, method=p.method, smooth_alpha=p.alpha,
+                       layer_sqnr_db=p.layer_sqnr_db)
         rows.append(row)
     return rows
 

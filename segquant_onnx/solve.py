@@ -12,17 +12,25 @@ from segquant_onnx.config import QuantConfig
 from segquant_onnx.observers import Stats, TensorStats
 from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.quant_math import (INT8_MAX, INT8_NEG_LEVELS, activation_amax, fake_quant,
-                                      scale_from_amax, sqnr_db, weight_scales)
+                                      scale_from_amax, smoothing_vector, sqnr_db, weight_scales)
 
 
 @dataclass(frozen=True)
 class SiteParams:
-    """Scales of one linear site: activation per tensor, weight per output channel."""
+    """Scales of one linear site: activation per tensor, weight per output channel.
+
+    With SmoothQuant, `smooth` is the per-input-channel vector s (the activation is divided by it and
+    the weight multiplied), `act_amax` is of X / s and `weight_scale` of s * W. `layer_sqnr_db` is the
+    layer output SQNR of the chosen configuration on the row sample (None without a sample).
+    """
 
     act_amax: float
     act_scale: float
     weight_scale: np.ndarray
     method: str
+    smooth: np.ndarray | None = None
+    alpha: float | None = None
+    layer_sqnr_db: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,17 +113,74 @@ def estimated_dual_gain(stats: TensorStats, single: SiteParams, dual: DualParams
     return float(10 * np.log10(single_noise / max(dual_noise, 1e-30)))
 
 
-def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray],
-          config: QuantConfig) -> dict[str, SiteParams]:
+def smoothed_weight(w: np.ndarray, site: LinearSite, smooth: np.ndarray | None) -> np.ndarray:
+    """s * W along the input-channel axis (rows of [K, N]; columns of Gemm transB=1's [N, K])."""
+    if smooth is None:
+        return w
+    return w * (smooth[None, :] if site.op == "Gemm" and site.weight_axis == 0 else smooth[:, None])
+
+
+def _weight_channel_amax(w: np.ndarray, site: LinearSite) -> np.ndarray:
+    return np.abs(w).max(axis=0 if site.op == "Gemm" and site.weight_axis == 0 else 1)
+
+
+def _act_amax(st: TensorStats, rows: np.ndarray | None, smooth: np.ndarray | None, method: str,
+              config: QuantConfig) -> float:
+    """Clipping threshold of X (or X / s): exact from per-channel maxima for `max`; other methods on
+    the histogram, or, for smoothed inputs, on the row sample."""
+    if smooth is None:
+        return activation_amax(st, method, config.percentile)
+    if method == "max":
+        return float((st.channel_amax / smooth).max())
+    sample = TensorStats.empty()
+    sample.update(rows / smooth)
+    return activation_amax(sample, method, config.percentile)
+
+
+def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams) -> float:
+    """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]."""
+    x_s = rows if p.smooth is None else rows / p.smooth
+    w_s = smoothed_weight(w, site, p.smooth)
+    y = rows.astype(np.float64) @ _as_kn(w, site)
+    y_q = fake_quant(x_s, np.float32(p.act_scale)) @ _as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis), site)
+    return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
+
+
+def _site_params(site: LinearSite, st: TensorStats, rows, w, smooth, alpha, method, config) -> SiteParams:
+    amax = _act_amax(st, rows, smooth, method, config)
+    return SiteParams(amax, float(scale_from_amax(amax)), weight_scales(smoothed_weight(w, site, smooth), site.weight_axis),
+                      method, smooth, alpha)
+
+
+def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], config: QuantConfig,
+          samples: dict[str, np.ndarray] | None = None) -> dict[str, SiteParams]:
+    """Scales per site. Where a row sample exists, `calib_method=auto` and `smoothquant=auto` pick,
+    per site, the method and SmoothQuant alpha (or none) with the best layer output SQNR on it."""
+    samples = samples or {}
+    methods = ("max", "percentile", "mse", "entropy") if config.calib_method == "auto" else (config.calib_method,)
     params = {}
     for site in plan.sites:
-        amax = activation_amax(stats[site.activation], config.calib_method, config.percentile)
-        params[site.name] = SiteParams(
-            act_amax=amax,
-            act_scale=float(scale_from_amax(amax)),
-            weight_scale=weight_scales(weight(site.weight), site.weight_axis),
-            method=config.calib_method,
-        )
+        st, w = stats[site.activation], weight(site.weight)
+        rows = samples.get(site.activation)
+        if rows is not None:
+            rows = rows[: config.search_rows]
+        smoothable = (site.op != "Conv" and rows is not None and st.channel_amax.size == w.shape[
+            1 if site.op == "Gemm" and site.weight_axis == 0 else 0])
+        alphas: tuple = (None,)
+        if smoothable and config.smoothquant == "auto":
+            alphas = (None,) + config.smooth_alphas
+        elif smoothable and config.smoothquant not in ("off", "auto"):
+            alphas = (float(config.smoothquant),)
+        best = None
+        for alpha in alphas:
+            smooth = None if alpha is None else smoothing_vector(st.channel_amax, _weight_channel_amax(w, site), alpha)
+            for method in (methods if rows is not None else methods[:1]):
+                p = _site_params(site, st, rows, w, smooth, alpha, "max" if method == "auto" else method, config)
+                score = layer_sqnr(rows, w, site, p) if rows is not None else None
+                if best is None or (score is not None and score > best[0]):
+                    best = (score, p)
+        score, p = best
+        params[site.name] = SiteParams(**{**p.__dict__, "layer_sqnr_db": None if score is None else round(score, 3)})
     return params
 
 
@@ -131,10 +196,15 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
     dual, decisions = {}, []
     for cand in plan.dual:
         site, st = sites[cand.site], stats[sites[cand.site].activation]
-        p = dual_params(st.pos_amax, st.neg_amax, weight(site.weight), site.weight_axis)
+        smooth = params[site.name].smooth  # polarity statistics are taken after smoothing
+        pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
+                    (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
+        w = smoothed_weight(weight(site.weight), site, smooth)
+        p = dual_params(pos, neg, w, site.weight_axis)
         rows = samples.get(site.activation)
         if site.op in ("MatMul", "Gemm") and rows is not None and len(rows):
-            gain, measured = measured_dual_gain(rows, weight(site.weight), site, params[site.name], p), True
+            rows = rows[: config.search_rows] if smooth is None else rows[: config.search_rows] / smooth
+            gain, measured = measured_dual_gain(rows, w, site, params[site.name], p), True
         else:
             gain, measured = estimated_dual_gain(st, params[site.name], p), False
         has_negatives = st.neg_amax > 0
