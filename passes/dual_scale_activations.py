@@ -231,7 +231,10 @@ class DualScaleActivations:
 
     # -- rewrite --------------------------------------------------------------------------------
     def rewrite(self, graph: gs.Graph, dual_sites: list[DualSite], linear_sites: dict[str, LinearSite],
-                params: dict[str, DualParams]) -> int:
+                params: dict[str, DualParams], gates: dict[str, gs.Tensor] | None = None) -> int:
+        """With `gates` (analysis graphs), both branches blend with float by the site's gate: at gate 0
+        relu(A) @ W + min(A, 0) @ W = A @ W exactly."""
+        gates = gates or {}
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
         for dual in dual_sites:
@@ -240,12 +243,13 @@ class DualScaleActivations:
             a, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
             if a.name != site.activation or w.name != site.weight:
                 raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
-            self._split(graph, namer, node, site, params[site.name])
+            self._split(graph, namer, node, site, params[site.name], gates.get(site.name))
         graph.cleanup().toposort()
         return len(dual_sites)
 
     @staticmethod
-    def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite, p: DualParams) -> None:
+    def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite, p: DualParams,
+               gate: gs.Tensor | None = None) -> None:
         ia, iw, axis = site.activation_input_index, site.weight_input_index, site.weight_axis
         pos, neg = f"{site.name}/pos", f"{site.name}/neg"
         a, w, y = node.inputs[ia], node.inputs[iw], node.outputs[0]
@@ -264,15 +268,17 @@ class DualScaleActivations:
         graph.nodes.append(neg_node)
         node.inputs[ia] = relu_out
 
-        quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale)
-        quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale)
-        wq = quantize_int8(constant_values(w), p.weight_scale, axis)
-        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis)
+        quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, gate=gate)
+        quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, gate=gate)
+        w_float = constant_values(w)
+        wq = quantize_int8(w_float, p.weight_scale, axis)
+        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis,
+                                         gate=gate, weight_float=w_float)
         # one DequantizeLinear per consumer, both reading the same INT8 initializer and scales
         neg_w = gs.Variable(namer(neg, "weight_dequantized"), np.float32, pos_w.shape)
         graph.nodes.append(gs.Node("DequantizeLinear", namer(neg, "weight_dq"), {"axis": axis},
                                    inputs=list(pos_w.inputs[0].inputs), outputs=[neg_w]))
-        neg_node.inputs[iw] = neg_w
+        neg_node.inputs[iw] = neg_w if gate is None else node.inputs[iw]  # gated: share the blended weight
 
         pos_out = gs.Variable(namer(pos, "output"), y.dtype, y.shape)
         node.outputs[0] = pos_out

@@ -88,7 +88,11 @@ class QuantizeLinearInputs:
         return sites, declined
 
     # -- rewrite --------------------------------------------------------------------------------
-    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: dict[str, SiteParams]) -> int:
+    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: dict[str, SiteParams],
+                gates: dict[str, gs.Tensor] | None = None) -> int:
+        """Insert Q/DQ at every site; with `gates` (analysis graphs) each site's quantization is
+        blended with its float values by its gate (see qdq.gated)."""
+        gates = gates or {}
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
         for site in sites:
@@ -97,9 +101,12 @@ class QuantizeLinearInputs:
             if x.name != site.activation or w.name != site.weight:
                 raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
             p = params[site.name]
-            quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale)
-            wq = quantize_int8(constant_values(w), p.weight_scale, site.weight_axis)
+            gate = gates.get(site.name)
+            quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale,
+                                      gate=gate)
+            w_float = constant_values(w)
+            wq = quantize_int8(w_float, p.weight_scale, site.weight_axis)
             dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq,
-                                     p.weight_scale, site.weight_axis)
+                                     p.weight_scale, site.weight_axis, gate=gate, weight_float=w_float)
         graph.cleanup()
         return len(sites)

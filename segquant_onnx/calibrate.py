@@ -7,6 +7,7 @@ as graph outputs.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,6 +21,15 @@ from segquant_onnx.observers import RowSample, Stats, TensorStats
 from segquant_onnx.runtime import make_session
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """What calibration gathered: statistics, row samples, and held-back feeds (see `calibrate`)."""
+
+    stats: Stats
+    samples: dict[str, np.ndarray]
+    held_back: list[dict[str, np.ndarray]]
 
 
 def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -50,24 +60,28 @@ def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,
               source_dir: str | None, providers, tmp_dir: str | None = None, progress: bool = True,
               sampled: tuple[str, ...] = (), sample_rows: int = 1024,
-              holdout_every: int = 0) -> tuple[Stats, dict[str, np.ndarray]]:
+              holdout_every: int = 0, keep_held_back: int = 0) -> Calibration:
     """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
     each tensor in `sampled` (a subset of `observed`).
 
     With `holdout_every=k`, every k-th feed is held back: the statistics (hence the scales) come from
     the other feeds and the row sample only from the held-back ones, so searches scored on the sample
-    see data the scales were not fitted to (clipping of unseen values shows up)."""
+    see data the scales were not fitted to (clipping of unseen values shows up). Up to
+    `keep_held_back` held-back feeds are kept for model-output searches (sensitivity, fallback)."""
     session = make_session(with_outputs(graph, observed), source_dir, providers, tmp_dir)
     output_names = [o.name for o in session.get_outputs()]
     fetch = [n for n in observed if n in output_names]
     stats: Stats = {name: TensorStats.empty() for name in observed}
     samples = {name: RowSample(sample_rows) for name in sampled}
+    held: list[dict[str, np.ndarray]] = []
     batches = 0
     # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
     with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=None if progress else True,
               leave=False) as bar:
         for i, feed in enumerate(bar):
             held_back = holdout_every > 0 and i % holdout_every == holdout_every - 1
+            if held_back and len(held) < keep_held_back:
+                held.append(feed)
             values = dict(zip(fetch, session.run(fetch, feed)))
             for name in observed:
                 value = values[name] if name in values else feed[name]
@@ -79,4 +93,4 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     if batches == 0:
         raise UserError(f"Calibration data {data.description} yielded zero feeds; give at least one.")
     log.info("calibrated %d tensors on %d batches", len(observed), batches)
-    return stats, {name: s.rows for name, s in samples.items() if s.rows is not None}
+    return Calibration(stats, {name: s.rows for name, s in samples.items() if s.rows is not None}, held)

@@ -42,6 +42,9 @@ def _config(args) -> QuantConfig:
         dualscale_min_gain_db=getattr(args, "dualscale_min_gain", 1.0),
         per_layer=getattr(args, "per_layer", False),
         smoothquant=getattr(args, "smoothquant", "off"),
+        sensitivity=getattr(args, "sensitivity", False),
+        target_sqnr=getattr(args, "target_sqnr", None),
+        max_fallback_pct=getattr(args, "max_fallback", 10.0),
     )
 
 
@@ -74,6 +77,19 @@ def _cmd_quantize(args) -> int:
     result = quantize(model, calib, _config(args), output=output, force=args.force, eval_data=eval_data,
                       report_path=args.report, progress=not args.quiet)
     print(format_summary(result.report))
+    return 0
+
+
+def _cmd_sensitivity(args) -> int:
+    from segquant_onnx.pipeline import quantize
+    from segquant_onnx.report import format_sensitivity
+
+    if not args.calib:
+        raise UserError("sensitivity needs --calib DATA (.npz or a directory of .npz).")
+    args.sensitivity = True
+    result = quantize(Path(args.model), args.calib, _config(args), progress=not args.quiet,
+                      report_path=args.report, force=args.force)
+    print(format_sensitivity(result.report, top=args.top))
     return 0
 
 
@@ -123,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--smoothquant", default="off", metavar="auto|off|ALPHA",
                    help="SmoothQuant per site: auto searches alpha in {0.25, 0.5, 0.75} or none by layer error on a "
                         "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
+    q.add_argument("--target-sqnr", type=float, metavar="DB",
+                   help="keep the most sensitive sites in float until the output SQNR on held-back calibration "
+                        "feeds (every 4th) reaches DB")
+    q.add_argument("--max-fallback", type=float, default=10.0, metavar="PERCENT",
+                   help="with --target-sqnr: at most this share of linear FLOPs may stay in float (default: %(default)s)")
+    q.add_argument("--sensitivity", action="store_true",
+                   help="rank sites by output SQNR with each quantized alone (report)")
     q.add_argument("--dualscale-min-gain", type=float, default=1.0, metavar="DB",
                    help="with --dualscale auto: the layer-output SQNR gain (dB) a site needs (default: %(default)s)")
     q.add_argument("--dry-rewrite", action="store_true",
@@ -135,12 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", metavar="PATH", help="write the plan as JSON ('-' for stdout)")
     i.add_argument("--explain", action="store_true", help="list every declined node with its reason")
 
+    se = sub.add_parser("sensitivity", help="rank linear sites by their effect on the output error",
+                        description="Quantize each linear site alone and measure the model output SQNR on held-back "
+                                    "calibration feeds (every 4th); most sensitive first.")
+    se.add_argument("model", metavar="MODEL")
+    se.add_argument("--calib", metavar="DATA", help="calibration data (.npz or directory)")
+    se.add_argument("--top", type=int, default=20, help="rows to print (default: %(default)s)")
+    se.add_argument("--report", metavar="JSON", help="write the full JSON report here")
+    se.add_argument("--force", action="store_true", help="replace the report if it exists")
+    se.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    se.set_defaults(func=_cmd_sensitivity)
     q.set_defaults(func=_cmd_quantize)
     i.set_defaults(func=_cmd_inspect)
     for module in EXTRA_COMMANDS:  # other subcommands live in their own modules: add_parser(sub)
         importlib.import_module(module).add_parser(sub)
 
-    for p in (q, i):
+    for p in (q, i, se):
         p.add_argument("--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
         p.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
                        help="split linears by the segments their output/input is cut into (default: on)")

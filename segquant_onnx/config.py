@@ -34,6 +34,10 @@ class QuantConfig:
     search_rows: rows of the sample used by those searches (they run GEMMs in numpy).
     holdout_every: when a search runs, every k-th calibration feed is held back from the statistics
         and used to score the search (0: score on the calibration rows themselves).
+    sensitivity: rank sites by the model output SQNR with each quantized alone (held-back feeds).
+    target_sqnr: keep the most sensitive sites in float until the output SQNR on the held-back feeds
+        reaches this many dB, spending at most `max_fallback_pct` percent of the linear FLOPs.
+    max_holdout_feeds: held-back feeds kept in memory for those model-output searches.
     """
 
     calib_method: str = "max"
@@ -52,6 +56,10 @@ class QuantConfig:
     smooth_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     search_rows: int = 256
     holdout_every: int = 4
+    sensitivity: bool = False
+    target_sqnr: float | None = None
+    max_fallback_pct: float = 10.0
+    max_holdout_feeds: int = 8
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
@@ -67,6 +75,10 @@ class QuantConfig:
                 alpha = -1.0
             if not 0.0 <= alpha <= 1.0:
                 raise UserError(f"--smoothquant '{self.smoothquant}' must be auto, off or an alpha in [0, 1].")
+        if not 0.0 <= self.max_fallback_pct <= 100.0:
+            raise UserError(f"--max-fallback {self.max_fallback_pct} must be a percentage in [0, 100].")
+        if self.holdout_every < 2 and (self.sensitivity or self.target_sqnr is not None):
+            raise UserError("holdout_every must be at least 2 for sensitivity or --target-sqnr.")
         if self.sample_rows < 1:
             raise UserError(f"sample_rows {self.sample_rows} must be at least 1.")
         if self.batch_size is not None and self.batch_size < 1:

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -15,6 +16,7 @@ from segquant_onnx.calib_data import CalibrationData, model_inputs, open_calibra
 from segquant_onnx.calibrate import calibrate
 from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
+from segquant_onnx.errors import UserError
 from segquant_onnx.evaluate import compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.layer_error import per_layer_error
@@ -24,6 +26,7 @@ from segquant_onnx.passes import (DualScaleActivations, QuantizeLinearInputs, Sm
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import site_rows, write_json
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
+from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
 from segquant_onnx.solve import SiteParams, solve, solve_dual
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,28 @@ class _Source:
     size: int
     description: str
     uses_external_data: bool = False
+
+
+def _analyse(graph, plan, params, dual, held_back, config, src, providers, tmp, progress):
+    """Sensitivity ranking and (with a target) the fallback set, at the model output on held-back feeds."""
+    if not held_back:
+        raise UserError(f"Sensitivity and --target-sqnr hold back every {config.holdout_every}th calibration "
+                        f"feed; give at least {config.holdout_every} feeds in the calibration data.")
+    analysis = graph.copy()
+    gates = {s.name: gs.Variable(gate_name(s.name), np.float32, shape=[]) for s in plan.sites}
+    analysis.inputs.extend(gates.values())
+    smoothed = SmoothActivations().rewrite(analysis, list(plan.sites), params)
+    by_name = {s.name: s for s in smoothed}
+    DualScaleActivations().rewrite(analysis, [d for d in plan.dual if d.site in dual], by_name, dual, gates=gates)
+    QuantizeLinearInputs(config.exclude).rewrite(analysis, [s for s in smoothed if s.name not in dual], params,
+                                                 gates=gates)
+    session = make_session(export_model(analysis.cleanup().toposort()), src.source_dir, providers, tmp)
+    model = GatedModel(session, held_back, list(plan.sites))
+    ranking = rank_sensitivity(model, progress)
+    fallback = None
+    if config.target_sqnr is not None:
+        fallback = greedy_fallback(model, ranking, config.target_sqnr, config.max_fallback_pct)
+    return ranking, fallback
 
 
 def _open(model) -> _Source:
@@ -96,24 +121,31 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
 
     with temporary_directory() as tmp:
-        params, dual, decisions = {}, {}, []
+        params, dual, decisions, ranking, fallback = {}, {}, [], [], None
         if not config.dry_rewrite:
             sites = {s.name: s for s in plan.sites}
             searching = config.smoothquant != "off" or config.calib_method == "auto"
+            analysing = config.sensitivity or config.target_sqnr is not None
             sampled = tuple(dict.fromkeys(
                 [s.activation for s in plan.sites if s.op != "Conv" and searching]
                 + [sites[d.site].activation for d in plan.dual if sites[d.site].op != "Conv"]))
-            stats, samples = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
-                                       providers=providers, tmp_dir=tmp, progress=progress,
-                                       sampled=sampled, sample_rows=config.sample_rows,
-                                       holdout_every=config.holdout_every if sampled else 0)
+            cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
+                            providers=providers, tmp_dir=tmp, progress=progress,
+                            sampled=sampled, sample_rows=config.sample_rows,
+                            holdout_every=config.holdout_every if (sampled or analysing) else 0,
+                            keep_held_back=config.max_holdout_feeds if analysing else 0)
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
-            params = solve(plan, stats, weight, config, samples)
-            dual, decisions = solve_dual(plan, stats, samples, params, weight, config)
-            smoothed = SmoothActivations().rewrite(graph, list(plan.sites), params)
+            params = solve(plan, stats := cal.stats, weight, config, cal.samples)
+            dual, decisions = solve_dual(plan, stats, cal.samples, params, weight, config)
+            if analysing:
+                ranking, fallback = _analyse(graph, plan, params, dual, cal.held_back, config, src, providers,
+                                             tmp, progress)
+            floating = set(fallback.sites) if fallback else set()
+            smoothed = SmoothActivations().rewrite(graph, [s for s in plan.sites if s.name not in floating], params)
             by_name = {s.name: s for s in smoothed}
-            DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in dual], by_name, dual)
+            DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in dual and d.site in by_name],
+                                           by_name, dual)
             QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in smoothed if s.name not in dual], params)
         quantized = finalize(graph)
 
@@ -141,14 +173,17 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "declined": [asdict(d) for d in plan.declined],
         "segments": [asdict(m) for m in plan.segments],
         "dualscale": [asdict(d) for d in decisions],
+        "sensitivity": [asdict(r) for r in ranking],
+        "fallback": asdict(fallback) if fallback else None,
         "summary": {
-            "sites_quantized": 0 if config.dry_rewrite else len(plan.sites),
+            "sites_quantized": 0 if config.dry_rewrite else len(plan.sites) - len(fallback.sites if fallback else ()),
             "segment_rewrites": len(plan.segments),
             "dualscale_candidates": len(plan.dual),
             "dualscale_applied": len(dual),
             "dualscale_extra_flop_pct": round(100 * sum(plan_flops[n] for n in dual) / max(plan.total_flops, 1), 3),
             "sites_declined": len(plan.declined),
-            "int8_flop_fraction": 1.0 if plan.sites and not config.dry_rewrite else 0.0,
+            "int8_flop_fraction": (0.0 if not plan.sites or config.dry_rewrite else
+                                   fallback.int8_flop_fraction if fallback else 1.0),
             "size_before": src.size,
             "size_after": model_size(quantized),
         },

@@ -57,6 +57,15 @@ def format_plan(plan: QuantPlan, explain: bool = False) -> str:
     return "\n".join(out)
 
 
+def format_sensitivity(report: dict, top: int = 20) -> str:
+    rows = report.get("sensitivity") or []
+    total = sum(r["flops"] for r in rows) or 1
+    table = _table(["site", "output SQNR dB (alone)", "FLOPs"],
+                   [[r["site"], f"{r['output_sqnr_db']:.2f}", f"{100 * r['flops'] / total:.1f}%"] for r in rows[:top]],
+                   "lrr")
+    return f"{len(rows)} sites, most sensitive first (each quantized alone, held-back calibration feeds):\n{table}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -79,6 +88,12 @@ def format_summary(report: dict) -> str:
         for d in report["declined"]:
             reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
         lines += [f"  skipped {n} x {r}" for r, n in reasons.items()]
+    fb = report.get("fallback")
+    if fb:
+        lines.append(f"fallback: {len(fb['sites'])} sites kept in float, held-back output SQNR "
+                     f"{fb['start_sqnr_db']:.2f} -> {fb['output_sqnr_db']:.2f} dB"
+                     + ("" if fb["reached"] else " (target not reached within --max-fallback)"))
+        lines += [f"  float: {name}" for name in fb["sites"]]
     if report.get("output_error"):
         rows = [[name, f"{e['sqnr_db']:.2f}", f"{e['cosine']:.5f}", f"{e['max_abs_error']:.4g}"]
                 for name, e in report["output_error"].items()]
