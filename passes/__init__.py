@@ -8,5 +8,7 @@ from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
 from segquant_onnx.passes.smooth_activations import SmoothActivations
 from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
+from segquant_onnx.passes.split_outlier_channels import SplitOutlierChannels
 
-__all__ = ["DualScaleActivations", "QuantizeLinearInputs", "SmoothActivations", "SplitLinearBySegment"]
+__all__ = ["DualScaleActivations", "QuantizeLinearInputs", "SmoothActivations", "SplitLinearBySegment",
+           "SplitOutlierChannels"]

@@ -20,7 +20,7 @@ EXAMPLE_CALIB = "example_dit_calib.npz"
 EXAMPLE_EVAL = "example_dit_eval.npz"
 SEG_PATTERNS = ("output", "input")
 # modules with `add_parser(subparsers)` registering more subcommands (set_defaults(func=...))
-EXTRA_COMMANDS: tuple[str, ...] = ()
+EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli_demo",)
 
 
 def example_path(name: str) -> Path:
@@ -45,6 +45,8 @@ def _config(args) -> QuantConfig:
         sensitivity=getattr(args, "sensitivity", False),
         target_sqnr=getattr(args, "target_sqnr", None),
         max_fallback_pct=getattr(args, "max_fallback", 10.0),
+        outlier_channels=getattr(args, "outlier_channels", "off"),
+        outlier_max_flop_pct=getattr(args, "outlier_flops", 2.0),
     )
 
 
@@ -139,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--smoothquant", default="off", metavar="auto|off|ALPHA",
                    help="SmoothQuant per site: auto searches alpha in {0.25, 0.5, 0.75} or none by layer error on a "
                         "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
+    q.add_argument("--outlier-channels", default="off", metavar="auto|off|N",
+                   help="run up to N outlier input channels per linear (calibration abs-max > 8x the median "
+                        "channel's) in float beside the INT8 GEMM; auto picks N by held-back output SQNR "
+                        "(default: %(default)s)")
+    q.add_argument("--outlier-flops", type=float, default=2.0, metavar="PERCENT",
+                   help="at most this share of linear FLOPs in the float outlier branches (default: %(default)s)")
     q.add_argument("--target-sqnr", type=float, metavar="DB",
                    help="keep the most sensitive sites in float until the output SQNR on held-back calibration "
                         "feeds (every 4th) reaches DB")

@@ -38,6 +38,10 @@ class QuantConfig:
     target_sqnr: keep the most sensitive sites in float until the output SQNR on the held-back feeds
         reaches this many dB, spending at most `max_fallback_pct` percent of the linear FLOPs.
     max_holdout_feeds: held-back feeds kept in memory for those model-output searches.
+    outlier_channels: `off`; `N`: up to N input channels per MatMul/Gemm site whose calibration
+        abs-max exceeds `outlier_ratio` x the median channel's run in float beside the INT8 GEMM;
+        `auto`: N picked from `outlier_candidates` by the output SQNR on held-back feeds. The float
+        branches may take at most `outlier_max_flop_pct` percent of the linear FLOPs.
     """
 
     calib_method: str = "max"
@@ -60,6 +64,10 @@ class QuantConfig:
     target_sqnr: float | None = None
     max_fallback_pct: float = 10.0
     max_holdout_feeds: int = 8
+    outlier_channels: str = "off"
+    outlier_ratio: float = 8.0
+    outlier_max_flop_pct: float = 2.0
+    outlier_candidates: tuple[int, ...] = (0, 2, 4, 8, 16)
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
@@ -75,9 +83,13 @@ class QuantConfig:
                 alpha = -1.0
             if not 0.0 <= alpha <= 1.0:
                 raise UserError(f"--smoothquant '{self.smoothquant}' must be auto, off or an alpha in [0, 1].")
+        if self.outlier_channels not in ("off", "auto") and not (
+                self.outlier_channels.isdigit() and int(self.outlier_channels) >= 0):
+            raise UserError(f"--outlier-channels '{self.outlier_channels}' must be auto, off or a channel count.")
         if not 0.0 <= self.max_fallback_pct <= 100.0:
             raise UserError(f"--max-fallback {self.max_fallback_pct} must be a percentage in [0, 100].")
-        if self.holdout_every < 2 and (self.sensitivity or self.target_sqnr is not None):
+        if self.holdout_every < 2 and (self.sensitivity or self.target_sqnr is not None
+                                       or self.outlier_channels == "auto"):
             raise UserError("holdout_every must be at least 2 for sensitivity or --target-sqnr.")
         if self.sample_rows < 1:
             raise UserError(f"sample_rows {self.sample_rows} must be at least 1.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from tqdm import tqdm
 
 from segquant_onnx import __version__
 from segquant_onnx.calib_data import CalibrationData, model_inputs, open_calibration
@@ -17,17 +18,18 @@ from segquant_onnx.calibrate import calibrate
 from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.errors import UserError
-from segquant_onnx.evaluate import compare_outputs
+from segquant_onnx.evaluate import OutputError, compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.layer_error import per_layer_error
 from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
 from segquant_onnx.passes import (DualScaleActivations, QuantizeLinearInputs, SmoothActivations,
-                                  SplitLinearBySegment)
+                                  SplitLinearBySegment, SplitOutlierChannels)
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import site_rows, write_json
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
 from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
-from segquant_onnx.solve import SiteParams, solve, solve_dual
+from segquant_onnx.solve import SiteParams, choose_outliers, solve, solve_dual
+from segquant_onnx.trt_check import check_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +53,84 @@ class _Source:
     uses_external_data: bool = False
 
 
-def _analyse(graph, plan, params, dual, held_back, config, src, providers, tmp, progress):
+@dataclass
+class _Quantization:
+    """Everything solve decided: scales, DualScale sites, outlier channels, sites left in float."""
+
+    params: dict[str, SiteParams]
+    dual: dict
+    outliers: dict[str, np.ndarray]
+    floating: frozenset = frozenset()
+
+
+def _apply(graph: gs.Graph, plan: QuantPlan, q: _Quantization, config: QuantConfig,
+           gates: dict[str, gs.Tensor] | None = None) -> None:
+    """The quantization rewrites in their order: outlier split -> smoothing -> DualScale -> Q/DQ."""
+    sites = [s for s in plan.sites if s.name not in q.floating]
+    sites = SplitOutlierChannels().rewrite(graph, sites, q.outliers)
+    sites = SmoothActivations().rewrite(graph, sites, q.params)
+    by_name = {s.name: s for s in sites}
+    DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in q.dual and d.site in by_name],
+                                   by_name, q.dual, gates=gates)
+    QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in sites if s.name not in q.dual], q.params,
+                                                 gates=gates)
+
+
+class _HeldBack:
+    """Output SQNR of candidate quantized graphs on held-back calibration feeds."""
+
+    def __init__(self, fp_model, feeds, src, providers, tmp):
+        self.feeds, self.src, self.providers, self.tmp = feeds, src, providers, tmp
+        session = make_session(fp_model, src.source_dir, providers, tmp)
+        self.reference = [session.run(None, f) for f in feeds]
+
+    def sqnr(self, graph: gs.Graph) -> float:
+        session = make_session(export_model(graph.cleanup().toposort()), self.src.source_dir, self.providers, self.tmp)
+        err = OutputError()
+        for feed, ref in zip(self.feeds, self.reference):
+            for r, got in zip(ref, session.run(None, feed)):
+                err.update(r, got)
+        return err.sqnr
+
+
+def _solve_all(graph, plan, cal, weight, config, outliers) -> _Quantization:
+    params = solve(plan, cal.stats, weight, config, cal.samples, outliers)
+    dual, decisions = solve_dual(plan, cal.stats, cal.samples, params, weight, config, outliers)
+    q = _Quantization(params, dual, outliers)
+    q.decisions = decisions
+    return q
+
+
+def _choose_outliers(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
+    """Outlier channels per site; with `auto`, the channel cap with the best held-back output SQNR."""
+    pick = lambda cap: choose_outliers(plan, cal.stats, cap, config.outlier_ratio, config.outlier_max_flop_pct)  # noqa: E731
+    if config.outlier_channels == "off":
+        return _solve_all(graph, plan, cal, weight, config, {}), []
+    if config.outlier_channels != "auto":
+        return _solve_all(graph, plan, cal, weight, config, pick(int(config.outlier_channels))), []
+    trials, best = [], None
+    for cap in tqdm(config.outlier_candidates, desc="outlier channels", disable=None if progress else True,
+                    leave=False):
+        outliers = pick(cap)
+        if trials and sum(map(len, outliers.values())) == trials[-1]["channels"]:
+            continue  # same selection as the smaller cap
+        q = _solve_all(graph, plan, cal, weight, config, outliers)
+        candidate = graph.copy()
+        _apply(candidate, plan, q, config)
+        score = held.sqnr(candidate)
+        trials.append({"cap": cap, "channels": sum(map(len, outliers.values())), "sites": len(outliers),
+                       "heldback_sqnr_db": round(score, 3)})
+        if best is None or score > best[0]:
+            best = (score, q)
+    return best[1], trials
+
+
+def _analyse(graph, plan, q: _Quantization, held_back, config, src, providers, tmp, progress):
     """Sensitivity ranking and (with a target) the fallback set, at the model output on held-back feeds."""
-    if not held_back:
-        raise UserError(f"Sensitivity and --target-sqnr hold back every {config.holdout_every}th calibration "
-                        f"feed; give at least {config.holdout_every} feeds in the calibration data.")
     analysis = graph.copy()
     gates = {s.name: gs.Variable(gate_name(s.name), np.float32, shape=[]) for s in plan.sites}
     analysis.inputs.extend(gates.values())
-    smoothed = SmoothActivations().rewrite(analysis, list(plan.sites), params)
-    by_name = {s.name: s for s in smoothed}
-    DualScaleActivations().rewrite(analysis, [d for d in plan.dual if d.site in dual], by_name, dual, gates=gates)
-    QuantizeLinearInputs(config.exclude).rewrite(analysis, [s for s in smoothed if s.name not in dual], params,
-                                                 gates=gates)
+    _apply(analysis, plan, q, config, gates=gates)
     session = make_session(export_model(analysis.cleanup().toposort()), src.source_dir, providers, tmp)
     model = GatedModel(session, held_back, list(plan.sites))
     ranking = rank_sensitivity(model, progress)
@@ -121,11 +188,12 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
 
     with temporary_directory() as tmp:
-        params, dual, decisions, ranking, fallback = {}, {}, [], [], None
+        q, ranking, fallback, outlier_trials = _Quantization({}, {}, {}), [], None, []
+        q.decisions = []
         if not config.dry_rewrite:
             sites = {s.name: s for s in plan.sites}
-            searching = config.smoothquant != "off" or config.calib_method == "auto"
-            analysing = config.sensitivity or config.target_sqnr is not None
+            searching = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
+            analysing = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
             sampled = tuple(dict.fromkeys(
                 [s.activation for s in plan.sites if s.op != "Conv" and searching]
                 + [sites[d.site].activation for d in plan.dual if sites[d.site].op != "Conv"]))
@@ -134,20 +202,21 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                             sampled=sampled, sample_rows=config.sample_rows,
                             holdout_every=config.holdout_every if (sampled or analysing) else 0,
                             keep_held_back=config.max_holdout_feeds if analysing else 0)
+            if analysing and not cal.held_back:
+                raise UserError(f"Sensitivity, --target-sqnr and --outlier-channels auto hold back every "
+                                f"{config.holdout_every}th calibration feed; give at least {config.holdout_every} "
+                                "feeds in the calibration data.")
+            held = _HeldBack(fp_model, cal.held_back, src, providers, tmp) if analysing else None
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
-            params = solve(plan, stats := cal.stats, weight, config, cal.samples)
-            dual, decisions = solve_dual(plan, stats, cal.samples, params, weight, config)
-            if analysing:
-                ranking, fallback = _analyse(graph, plan, params, dual, cal.held_back, config, src, providers,
-                                             tmp, progress)
-            floating = set(fallback.sites) if fallback else set()
-            smoothed = SmoothActivations().rewrite(graph, [s for s in plan.sites if s.name not in floating], params)
-            by_name = {s.name: s for s in smoothed}
-            DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in dual and d.site in by_name],
-                                           by_name, dual)
-            QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in smoothed if s.name not in dual], params)
+            q, outlier_trials = _choose_outliers(graph, plan, cal, weight, config, held, progress)
+            if config.sensitivity or config.target_sqnr is not None:
+                ranking, fallback = _analyse(graph, plan, q, cal.held_back, config, src, providers, tmp, progress)
+                if fallback:
+                    q.floating = frozenset(fallback.sites)
+            _apply(graph, plan, q, config)
         quantized = finalize(graph)
+        trt_violations = check_tensorrt(quantized, src.source_dir)
 
         if evaluation is None and data.num_feeds is not None:
             evaluation = data
@@ -169,18 +238,24 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "config": asdict(config),
         "calibration_data": data.description,
         "eval_data": evaluation.description if evaluation is not None else None,
-        "sites": site_rows(plan, params),
+        "sites": site_rows(plan, q.params),
         "declined": [asdict(d) for d in plan.declined],
         "segments": [asdict(m) for m in plan.segments],
-        "dualscale": [asdict(d) for d in decisions],
+        "dualscale": [asdict(d) for d in q.decisions],
+        "outliers": {"trials": outlier_trials,
+                     "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
+                     "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / _k(plan, n)
+                                                       for n, i in q.outliers.items()) / max(plan.total_flops, 1), 3)},
         "sensitivity": [asdict(r) for r in ranking],
         "fallback": asdict(fallback) if fallback else None,
         "summary": {
             "sites_quantized": 0 if config.dry_rewrite else len(plan.sites) - len(fallback.sites if fallback else ()),
             "segment_rewrites": len(plan.segments),
             "dualscale_candidates": len(plan.dual),
-            "dualscale_applied": len(dual),
-            "dualscale_extra_flop_pct": round(100 * sum(plan_flops[n] for n in dual) / max(plan.total_flops, 1), 3),
+            "dualscale_applied": len(q.dual),
+            "dualscale_extra_flop_pct": round(100 * sum(plan_flops[n] for n in q.dual) / max(plan.total_flops, 1), 3),
+            "outlier_sites": len(q.outliers),
+            "outlier_channels": int(sum(len(i) for i in q.outliers.values())),
             "sites_declined": len(plan.declined),
             "int8_flop_fraction": (0.0 if not plan.sites or config.dry_rewrite else
                                    fallback.int8_flop_fraction if fallback else 1.0),
@@ -189,6 +264,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         },
         "output_error": {name: e.to_dict() for name, e in errors.items()},
         "layer_error": [{"layer": name, **e.to_dict()} for name, e in layers.items()],
+        "tensorrt_check": [asdict(v) for v in trt_violations],
         "seconds": round(time.perf_counter() - started, 2),
     }
     out_path = None
@@ -197,5 +273,10 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                               external=True if src.uses_external_data else None)
     if report_path is not None:
         write_json(report, report_path)
-    return Result(quantized, plan, params, report, out_path)
+    return Result(quantized, plan, q.params, report, out_path)
+
+
+def _k(plan: QuantPlan, site_name: str) -> int:
+    site = next(s for s in plan.sites if s.name == site_name)
+    return site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -125,15 +125,16 @@ def _weight_channel_amax(w: np.ndarray, site: LinearSite) -> np.ndarray:
 
 
 def _act_amax(st: TensorStats, rows: np.ndarray | None, smooth: np.ndarray | None, method: str,
-              config: QuantConfig) -> float:
-    """Clipping threshold of X (or X / s): exact from per-channel maxima for `max`; other methods on
-    the histogram, or, for smoothed inputs, on the row sample."""
-    if smooth is None:
+              config: QuantConfig, masked: bool = False) -> float:
+    """Clipping threshold of X (or X / s, or the bulk of X): exact from per-channel maxima for `max`;
+    other methods on the histogram, or, for smoothed or masked inputs (whose histogram is not
+    observed), on the row sample (max when there is none)."""
+    if smooth is None and not masked:
         return activation_amax(st, method, config.percentile)
-    if method == "max":
-        return float((st.channel_amax / smooth).max())
+    if method == "max" or rows is None:
+        return float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
     sample = TensorStats.empty()
-    sample.update(rows / smooth)
+    sample.update(rows if smooth is None else rows / smooth)
     return activation_amax(sample, method, config.percentile)
 
 
@@ -146,24 +147,81 @@ def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams)
     return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
 
 
-def _site_params(site: LinearSite, st: TensorStats, rows, w, smooth, alpha, method, config) -> SiteParams:
-    amax = _act_amax(st, rows, smooth, method, config)
+def _site_params(site: LinearSite, st: TensorStats, rows, w, smooth, alpha, method, config,
+                 masked: bool = False) -> SiteParams:
+    amax = _act_amax(st, rows, smooth, method, config, masked)
     return SiteParams(amax, float(scale_from_amax(amax)), weight_scales(smoothed_weight(w, site, smooth), site.weight_axis),
                       method, smooth, alpha)
 
 
+def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
+                    max_flop_pct: float) -> dict[str, np.ndarray]:
+    """Outlier input channels per MatMul/Gemm site: at most `cap` channels whose calibration abs-max
+    exceeds `ratio` x the median channel's, largest first; sites are served in plan order until the
+    float branches would exceed `max_flop_pct` percent of the linear FLOPs."""
+    chosen, budget = {}, max_flop_pct / 100.0 * plan.total_flops
+    for site in plan.sites:
+        amax = stats[site.activation].channel_amax
+        if cap <= 0 or site.op == "Conv" or amax.size != site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]:
+            continue
+        order = np.argsort(-amax, kind="stable")[:cap]
+        idx = np.sort(order[amax[order] > ratio * max(float(np.median(amax)), 1e-12)])
+        cost = site.flops * len(idx) / amax.size
+        if len(idx) and cost <= budget:
+            chosen[site.name], budget = idx.astype(np.int64), budget - cost
+    return chosen
+
+
+def masked_stats(st: TensorStats, idx: np.ndarray) -> TensorStats:
+    """Statistics of X with the channels `idx` zeroed (the INT8 bulk of an outlier split). Exact for
+    the maxima; the histogram still holds every channel, so non-max methods use the row sample."""
+    keep = np.ones(st.channel_amax.size, bool)
+    keep[idx] = False
+    ch = lambda v: np.where(keep, v, 0).astype(np.float32)  # noqa: E731
+    return replace(st, amax=float(ch(st.channel_amax).max(initial=0)),
+                   pos_amax=float(ch(st.channel_pos_amax).max(initial=0)),
+                   neg_amax=float(ch(st.channel_neg_amax).max(initial=0)),
+                   channel_amax=ch(st.channel_amax), channel_pos_amax=ch(st.channel_pos_amax),
+                   channel_neg_amax=ch(st.channel_neg_amax))
+
+
+def bulk_weight(w: np.ndarray, site: LinearSite, idx: np.ndarray | None) -> np.ndarray:
+    """W with the input-channel rows `idx` zeroed (their products run in float beside the INT8 GEMM)."""
+    if idx is None:
+        return w
+    w = w.copy()
+    if site.op == "Gemm" and site.weight_axis == 0:
+        w[:, idx] = 0
+    else:
+        w[idx] = 0
+    return w
+
+
+def _site_inputs(site, stats, samples, weight, outliers, search_rows):
+    """(stats, rows, weight) of the site's INT8 part: the bulk when it has outlier channels."""
+    st, w, rows = stats[site.activation], weight(site.weight), samples.get(site.activation)
+    if rows is not None:
+        rows = rows[:search_rows]
+    idx = outliers.get(site.name)
+    if idx is not None:
+        st, w = masked_stats(st, idx), bulk_weight(w, site, idx)
+        if rows is not None:
+            rows = rows.copy()
+            rows[:, idx] = 0
+    return st, rows, w
+
+
 def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], config: QuantConfig,
-          samples: dict[str, np.ndarray] | None = None) -> dict[str, SiteParams]:
+          samples: dict[str, np.ndarray] | None = None,
+          outliers: dict[str, np.ndarray] | None = None) -> dict[str, SiteParams]:
     """Scales per site. Where a row sample exists, `calib_method=auto` and `smoothquant=auto` pick,
-    per site, the method and SmoothQuant alpha (or none) with the best layer output SQNR on it."""
-    samples = samples or {}
+    per site, the method and SmoothQuant alpha (or none) with the best layer output SQNR on it.
+    Sites with `outliers` get the scales of their INT8 bulk."""
+    samples, outliers = samples or {}, outliers or {}
     methods = ("max", "percentile", "mse", "entropy") if config.calib_method == "auto" else (config.calib_method,)
     params = {}
     for site in plan.sites:
-        st, w = stats[site.activation], weight(site.weight)
-        rows = samples.get(site.activation)
-        if rows is not None:
-            rows = rows[: config.search_rows]
+        st, rows, w = _site_inputs(site, stats, samples, weight, outliers, config.search_rows)
         smoothable = (site.op != "Conv" and rows is not None and st.channel_amax.size == w.shape[
             1 if site.op == "Gemm" and site.weight_axis == 0 else 0])
         alphas: tuple = (None,)
@@ -175,7 +233,8 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
         for alpha in alphas:
             smooth = None if alpha is None else smoothing_vector(st.channel_amax, _weight_channel_amax(w, site), alpha)
             for method in (methods if rows is not None else methods[:1]):
-                p = _site_params(site, st, rows, w, smooth, alpha, "max" if method == "auto" else method, config)
+                p = _site_params(site, st, rows, w, smooth, alpha, "max" if method == "auto" else method, config,
+                                 masked=site.name in outliers)
                 score = layer_sqnr(rows, w, site, p) if rows is not None else None
                 if best is None or (score is not None and score > best[0]):
                     best = (score, p)
@@ -185,8 +244,8 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
 
 
 def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], params: dict[str, SiteParams],
-               weight: Callable[[str], np.ndarray], config: QuantConfig
-               ) -> tuple[dict[str, DualParams], list[DualDecision]]:
+               weight: Callable[[str], np.ndarray], config: QuantConfig,
+               outliers: dict[str, np.ndarray] | None = None) -> tuple[dict[str, DualParams], list[DualDecision]]:
     """DualScale parameters for every candidate, and the policy's decision for each.
 
     `all` applies every candidate with a negative part; `auto` those whose layer-output gain reaches
@@ -195,15 +254,16 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
     sites = {s.name: s for s in plan.sites}
     dual, decisions = {}, []
     for cand in plan.dual:
-        site, st = sites[cand.site], stats[sites[cand.site].activation]
-        smooth = params[site.name].smooth  # polarity statistics are taken after smoothing
+        site = sites[cand.site]
+        # polarity statistics of the INT8 bulk (outlier channels removed), after smoothing
+        st, rows, w = _site_inputs(site, stats, samples, weight, outliers or {}, config.search_rows)
+        smooth = params[site.name].smooth
         pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
                     (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
-        w = smoothed_weight(weight(site.weight), site, smooth)
+        w = smoothed_weight(w, site, smooth)
         p = dual_params(pos, neg, w, site.weight_axis)
-        rows = samples.get(site.activation)
         if site.op in ("MatMul", "Gemm") and rows is not None and len(rows):
-            rows = rows[: config.search_rows] if smooth is None else rows[: config.search_rows] / smooth
+            rows = rows if smooth is None else rows / smooth
             gain, measured = measured_dual_gain(rows, w, site, params[site.name], p), True
         else:
             gain, measured = estimated_dual_gain(st, params[site.name], p), False

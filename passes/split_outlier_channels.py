@@ -1,0 +1,82 @@
+"""Outlier-channel segments: a few input channels with huge ranges run in float beside the INT8 GEMM.
+
+    MatMul(X, W) -> Add(MatMul(Mul(X, m), W_bulk),  MatMul(Gather(X, idx, axis=-1), W[idx]))
+                          ^ INT8 site (Q/DQ later)    ^ float, k = len(idx) channels
+    Gemm(A, B, C) -> Add(Gemm(Mul(A, m), B_bulk, C), MatMul(Gather(A, idx), B[idx] as [k, N]))
+
+`idx` are the outlier channels chosen from calibration statistics (solve.choose_outliers), `m` is
+1 on the bulk and 0 on `idx`, and W_bulk is W with the rows `idx` zeroed. Exact in float.
+
+Why this form for TensorRT: the INT8 GEMM keeps its full, aligned K (a second Gather for the bulk
+would make K ragged, e.g. 1532, and copy the activation); the mask is an elementwise Mul *before*
+the QuantizeLinear, which TensorRT fuses into the producer, and it removes the outliers from the
+tensor whose per-tensor scale is computed; zeroed weight rows keep the per-channel weight scales
+free of them. The float branch is a skinny GEMM (K = a handful of channels) whose output is added
+to the INT8 GEMM's output, which TensorRT can fuse as a residual into its epilogue. Its cost is
+reported (float FLOPs) and capped by a budget.
+
+Runs after SegLinear and before SmoothQuant, DualScale and Q/DQ insertion (they all act on the bulk);
+returns the sites as they read now (activation = the masked input, weight = the bulk weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from segquant_onnx.graph_io import constant_values
+from segquant_onnx.naming import Namer
+from segquant_onnx.plan import LinearSite
+from segquant_onnx.solve import bulk_weight
+
+
+class SplitOutlierChannels:
+    name = "split_outlier_channels"
+
+    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], outliers: dict[str, np.ndarray]) -> list[LinearSite]:
+        nodes = {n.name: n for n in graph.nodes}
+        namer = Namer(graph)
+        updated = []
+        for site in sites:
+            idx = outliers.get(site.name)
+            if idx is None or not len(idx):
+                updated.append(site)
+                continue
+            node = nodes[site.name]
+            x, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
+            if x.name != site.activation or w.name != site.weight or site.op == "Conv":
+                raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
+            w_full = constant_values(w)
+            k = w_full.shape[1] if site.op == "Gemm" and site.weight_axis == 0 else w_full.shape[0]
+            mask = np.ones(k, np.float32)
+            mask[idx] = 0
+            layer = f"{site.name}/outliers"
+            x_m = gs.Variable(namer(site.name, "bulk_input"), dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Mul", namer(site.name, "bulk_mask"),
+                                       inputs=[x, gs.Constant(namer(site.name, "bulk_mask_values"), mask)],
+                                       outputs=[x_m]))
+            w_b = gs.Constant(namer(site.name, "bulk_weight"),
+                              np.ascontiguousarray(bulk_weight(w_full, site, idx), np.float32))
+            # float branch: the outlier channels' rows of W as a [k, N] matrix
+            w_o = w_full[:, idx].T if site.op == "Gemm" and site.weight_axis == 0 else w_full[idx]
+            if site.op == "Gemm":
+                w_o = w_o * float(node.attrs.get("alpha", 1.0))  # Gemm scales A @ B by alpha
+            x_o = gs.Variable(namer(layer, "input"), dtype=x.dtype)
+            y_o = gs.Variable(namer(layer, "output"), dtype=x.dtype)
+            graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": -1},
+                                       inputs=[x, gs.Constant(namer(layer, "channels"), idx.astype(np.int64))],
+                                       outputs=[x_o]))
+            graph.nodes.append(gs.Node("MatMul", namer(layer, "MatMul"),
+                                       inputs=[x_o, gs.Constant(namer(layer, "weight"),
+                                                                np.ascontiguousarray(w_o, np.float32))],
+                                       outputs=[y_o]))
+            y = node.outputs[0]
+            y_bulk = gs.Variable(namer(site.name, "bulk_output"), dtype=y.dtype, shape=y.shape)
+            node.outputs[0] = y_bulk
+            graph.nodes.append(gs.Node("Add", namer(site.name, "outlier_add"), inputs=[y_bulk, y_o], outputs=[y]))
+            node.inputs[site.activation_input_index] = x_m
+            node.inputs[site.weight_input_index] = w_b
+            updated.append(replace(site, activation=x_m.name, weight=w_b.name))
+        return updated
