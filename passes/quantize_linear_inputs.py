@@ -70,12 +70,15 @@ class QuantizeLinearInputs:
         if node.op == "Gemm":
             trans_b = int(node.attrs.get("transB", 0))
             k, n = (shape[1], shape[0]) if trans_b else shape
-            return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if trans_b else 1, _gemm_flops(x, k, n))
+            trans_a = bool(node.attrs.get("transA", 0))
+            rows = 2 * _volume(x.shape) * n // max(k, 1) if trans_a and x.shape else _gemm_flops(x, k, n)
+            return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if trans_b else 1, rows,
+                              channels_last=not trans_a)
         if int(node.attrs.get("group", 1)) == shape[0] and shape[1] == 1 and shape[0] > 1:
             return "depthwise Conv is not quantized (no INT8 speed-up)"
         out = node.outputs[0]
         flops = 2 * _volume(out.shape) * _volume(shape[1:]) if out.shape else 2 * _volume(shape)
-        return LinearSite(node.name, "Conv", x.name, w.name, shape, 0, flops)
+        return LinearSite(node.name, "Conv", x.name, w.name, shape, 0, flops, channels_last=False)
 
     def detect(self, graph: gs.Graph) -> tuple[list[LinearSite], list[DeclinedSite]]:
         sites, declined = [], []

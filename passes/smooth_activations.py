@@ -35,7 +35,7 @@ class SmoothActivations:
         updated = []
         for site in sites:
             smooth = params[site.name].smooth if site.name in params else None
-            if smooth is None:
+            if smooth is None or not site.channels_last:  # K must be the activation's last axis
                 updated.append(site)
                 continue
             node = nodes[site.name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ class _Quantization:
     params: dict[str, SiteParams]
     dual: dict
     outliers: dict[str, np.ndarray]
+    decisions: list = field(default_factory=list)  # DualScale decisions, for the report
     floating: frozenset = frozenset()
 
 
@@ -96,9 +97,7 @@ class _HeldBack:
 def _solve_all(graph, plan, cal, weight, config, outliers) -> _Quantization:
     params = solve(plan, cal.stats, weight, config, cal.samples, outliers)
     dual, decisions = solve_dual(plan, cal.stats, cal.samples, params, weight, config, outliers)
-    q = _Quantization(params, dual, outliers)
-    q.decisions = decisions
-    return q
+    return _Quantization(params, dual, outliers, decisions)
 
 
 def _choose_outliers(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
@@ -189,14 +188,13 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
 
     with temporary_directory() as tmp:
         q, ranking, fallback, outlier_trials = _Quantization({}, {}, {}), [], None, []
-        q.decisions = []
         if not config.dry_rewrite:
             sites = {s.name: s for s in plan.sites}
             searching = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
             analysing = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
             sampled = tuple(dict.fromkeys(
-                [s.activation for s in plan.sites if s.op != "Conv" and searching]
-                + [sites[d.site].activation for d in plan.dual if sites[d.site].op != "Conv"]))
+                [s.activation for s in plan.sites if s.channels_last and searching]
+                + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
             cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir,
                             providers=providers, tmp_dir=tmp, progress=progress,
                             sampled=sampled, sample_rows=config.sample_rows,
@@ -214,6 +212,8 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                 ranking, fallback = _analyse(graph, plan, q, cal.held_back, config, src, providers, tmp, progress)
                 if fallback:
                     q.floating = frozenset(fallback.sites)
+                    q.dual = {k: v for k, v in q.dual.items() if k not in q.floating}
+                    q.outliers = {k: v for k, v in q.outliers.items() if k not in q.floating}
             _apply(graph, plan, q, config)
         quantized = finalize(graph)
         trt_violations = check_tensorrt(quantized, src.source_dir)
@@ -238,10 +238,10 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "config": asdict(config),
         "calibration_data": data.description,
         "eval_data": evaluation.description if evaluation is not None else None,
-        "sites": site_rows(plan, q.params),
+        "sites": site_rows(plan, q.params, q.floating),
         "declined": [asdict(d) for d in plan.declined],
         "segments": [asdict(m) for m in plan.segments],
-        "dualscale": [asdict(d) for d in q.decisions],
+        "dualscale": [{**asdict(d), "apply": d.site in q.dual} for d in q.decisions],
         "outliers": {"trials": outlier_trials,
                      "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
                      "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / _k(plan, n)

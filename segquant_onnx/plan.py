@@ -28,6 +28,9 @@ class LinearSite:
     flops: int
     activation_input_index: int = 0
     weight_input_index: int = 1
+    # whether the activation's last axis is the input-channel axis K (not for Conv, or Gemm transA=1):
+    # per-channel statistics, row samples, smoothing and outlier channels need it
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)

@@ -66,18 +66,19 @@ def entropy_amax(stats: TensorStats, levels: int = INT8_MAX + 1, stride: int = 1
         return 0.0
     best_kl, best_i = np.inf, n
     for i in range(levels, n + 1, stride):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
+        clipped = hist[:i]
+        p = clipped.copy()
+        p[-1] += hist[i:].sum()  # reference: the clipped-away mass lands in the last bin
         nonzero = p > 0
-        groups = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for g in groups:
+        q = np.zeros(i)  # candidate: the clipped histogram (without that mass) on `levels` levels,
+        # each level's mass spread over the bins where P is non-zero
+        for g in np.array_split(np.arange(i), levels):
             nz = nonzero[g]
             if nz.any():
-                q[g[nz]] = p[g].sum() / nz.sum()
+                q[g[nz]] = clipped[g].sum() / nz.sum()
         pn, qn = p / p.sum(), q / max(q.sum(), 1e-300)
-        mask = nonzero & (qn > 0)
-        kl = float((pn[mask] * np.log(pn[mask] / qn[mask])).sum())
+        with np.errstate(divide="ignore"):
+            kl = float((pn[nonzero] * np.log(pn[nonzero] / qn[nonzero])).sum())  # inf if Q misses P's mass
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float(min(stats.bin_edges[best_i], stats.amax))

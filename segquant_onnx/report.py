@@ -12,13 +12,15 @@ from segquant_onnx.plan import QuantPlan
 from segquant_onnx.solve import SiteParams
 
 
-def site_rows(plan: QuantPlan, params: dict[str, SiteParams] | None = None) -> list[dict]:
+def site_rows(plan: QuantPlan, params: dict[str, SiteParams] | None = None, floating=frozenset()) -> list[dict]:
     total = plan.total_flops or 1
     rows = []
     for s in plan.sites:
         row = {"name": s.name, "op": s.op, "weight_shape": list(s.weight_shape), "weight_axis": s.weight_axis,
                "flops": s.flops, "flop_share": round(s.flops / total, 6)}
-        if params and s.name in params:
+        if s.name in floating:
+            row["float"] = True  # kept in float by the fallback
+        elif params and s.name in params:
             p = params[s.name]
             row.update(act_amax=p.act_amax, act_scale=p.act_scale, method=p.method, smooth_alpha=p.alpha,
                        layer_sqnr_db=p.layer_sqnr_db)
@@ -103,6 +105,11 @@ def format_summary(report: dict) -> str:
         worst = sorted(report["layer_error"], key=lambda e: e["sqnr_db"])[:5]
         lines.append(f"lowest per-layer SQNR of {len(report['layer_error'])} layers (all in the report):")
         lines.append(_table(["layer", "SQNR dB"], [[e["layer"], f"{e['sqnr_db']:.2f}"] for e in worst], "lr"))
+    if report.get("tensorrt_check"):
+        found = report["tensorrt_check"]
+        lines.append(f"TensorRT check: {len(found)} violation(s) (`segquant-onnx check-trt` explains the rules):")
+        lines += [f"  {v['rule']}  {v['node']}: {v['message']}" for v in found[:10]]
+        lines += [f"  ... and {len(found) - 10} more"] if len(found) > 10 else []
     if report.get("output"):
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)

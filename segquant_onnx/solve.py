@@ -126,16 +126,12 @@ def _weight_channel_amax(w: np.ndarray, site: LinearSite) -> np.ndarray:
 
 def _act_amax(st: TensorStats, rows: np.ndarray | None, smooth: np.ndarray | None, method: str,
               config: QuantConfig, masked: bool = False) -> float:
-    """Clipping threshold of X (or X / s, or the bulk of X): exact from per-channel maxima for `max`;
-    other methods on the histogram, or, for smoothed or masked inputs (whose histogram is not
-    observed), on the row sample (max when there is none)."""
+    """Clipping threshold of X on its histogram; of X / s or of the bulk of X (whose histograms are not
+    observed) the exact maximum from the per-channel maxima. (Fitting a clipping method on the row
+    sample instead would score the search on the data it was fitted to.)"""
     if smooth is None and not masked:
         return activation_amax(st, method, config.percentile)
-    if method == "max" or rows is None:
-        return float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
-    sample = TensorStats.empty()
-    sample.update(rows if smooth is None else rows / smooth)
-    return activation_amax(sample, method, config.percentile)
+    return float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
 
 
 def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams) -> float:
@@ -149,6 +145,8 @@ def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams)
 
 def _site_params(site: LinearSite, st: TensorStats, rows, w, smooth, alpha, method, config,
                  masked: bool = False) -> SiteParams:
+    if smooth is not None or masked:
+        method = "max"  # see _act_amax
     amax = _act_amax(st, rows, smooth, method, config, masked)
     return SiteParams(amax, float(scale_from_amax(amax)), weight_scales(smoothed_weight(w, site, smooth), site.weight_axis),
                       method, smooth, alpha)
@@ -162,7 +160,7 @@ def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
     chosen, budget = {}, max_flop_pct / 100.0 * plan.total_flops
     for site in plan.sites:
         amax = stats[site.activation].channel_amax
-        if cap <= 0 or site.op == "Conv" or amax.size != site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]:
+        if cap <= 0 or not site.channels_last or amax.size != site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]:
             continue
         order = np.argsort(-amax, kind="stable")[:cap]
         idx = np.sort(order[amax[order] > ratio * max(float(np.median(amax)), 1e-12)])
@@ -199,7 +197,8 @@ def bulk_weight(w: np.ndarray, site: LinearSite, idx: np.ndarray | None) -> np.n
 
 def _site_inputs(site, stats, samples, weight, outliers, search_rows):
     """(stats, rows, weight) of the site's INT8 part: the bulk when it has outlier channels."""
-    st, w, rows = stats[site.activation], weight(site.weight), samples.get(site.activation)
+    st, w = stats[site.activation], weight(site.weight)
+    rows = samples.get(site.activation) if site.channels_last else None  # rows are over the last axis
     if rows is not None:
         rows = rows[:search_rows]
     idx = outliers.get(site.name)
@@ -222,10 +221,10 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
     params = {}
     for site in plan.sites:
         st, rows, w = _site_inputs(site, stats, samples, weight, outliers, config.search_rows)
-        smoothable = (site.op != "Conv" and rows is not None and st.channel_amax.size == w.shape[
-            1 if site.op == "Gemm" and site.weight_axis == 0 else 0])
+        smoothable = site.channels_last and st.channel_amax.size == w.shape[
+            1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
         alphas: tuple = (None,)
-        if smoothable and config.smoothquant == "auto":
+        if smoothable and config.smoothquant == "auto" and rows is not None:  # auto scores on the sample
             alphas = (None,) + config.smooth_alphas
         elif smoothable and config.smoothquant not in ("off", "auto"):
             alphas = (float(config.smoothquant),)
@@ -262,7 +261,7 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
                     (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
         w = smoothed_weight(w, site, smooth)
         p = dual_params(pos, neg, w, site.weight_axis)
-        if site.op in ("MatMul", "Gemm") and rows is not None and len(rows):
+        if rows is not None and len(rows):
             rows = rows if smooth is None else rows / smooth
             gain, measured = measured_dual_gain(rows, w, site, params[site.name], p), True
         else:

@@ -83,6 +83,20 @@ class GraphIndex:
             name = p.input[0]
         return self.constants.get(name)
 
+    def is_static(self, name: str) -> bool:
+        """Computed from constants only (TensorRT folds it at build time): no graph input above it."""
+        seen, stack = set(), [name]
+        while stack:
+            t = stack.pop()
+            if t in seen or t in self.constants:
+                continue
+            seen.add(t)
+            p = self.producer.get(t)
+            if p is None:
+                return False  # a graph input
+            stack.extend(i for i in p.input if i)
+        return True
+
     def array(self, tensor: TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor, self.base_dir or "")
 
@@ -103,8 +117,7 @@ class GraphIndex:
         """The quantized dtype of a Q/DQ: its zero point's, else output_dtype (Q) or input 0's (DQ)."""
         if len(node.input) > 2 and node.input[2]:
             zp = self.constant(node.input[2])
-            if zp is not None:
-                return zp.data_type
+            return zp.data_type if zp is not None else self.dtypes.get(node.input[2])
         if node.op_type == "DequantizeLinear":
             return self.dtypes.get(node.input[0])
         return attrs(node).get("output_dtype") or TensorProto.UINT8
@@ -129,7 +142,7 @@ class GraphIndex:
             if t in self.outputs:
                 yield t, None, -1
             for c in self.consumers.get(t, []):
-                if c.op_type in COMMUTING and c.input and c.input[0] == t:
+                if c.op_type in COMMUTING and (c.op_type == "Concat" or c.input[0] == t):
                     stack.extend(c.output)
                 else:
                     yield t, c, list(c.input).index(t)
