@@ -6,6 +6,7 @@ as graph outputs.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -25,11 +26,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Calibration:
-    """What calibration gathered: statistics, row samples, and held-back feeds (see `calibrate`)."""
+    """What calibration gathered (see `calibrate`): statistics over every feed (for the final scales),
+    row samples and feeds held back, and `fit_stats` over the other feeds, the statistics that
+    searches fit candidate scales to before scoring them on the held-back data."""
 
     stats: Stats
     samples: dict[str, np.ndarray]
     held_back: list[dict[str, np.ndarray]]
+    fit_stats: Stats
 
 
 def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -64,14 +68,16 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
     each tensor in `sampled` (a subset of `observed`).
 
-    With `holdout_every=k`, every k-th feed is held back: the statistics (hence the scales) come from
-    the other feeds and the row sample only from the held-back ones, so searches scored on the sample
-    see data the scales were not fitted to (clipping of unseen values shows up). Up to
+    With `holdout_every=k`, every k-th feed is held back: `fit_stats` come from the other feeds and
+    the row sample only from the held-back ones, so searches scored on the sample see data their
+    candidate scales were not fitted to (clipping of unseen values shows up); `stats` still cover
+    every feed, for the final scales. Up to
     `keep_held_back` held-back feeds are kept for model-output searches (sensitivity, fallback)."""
     session = make_session(with_outputs(graph, observed), source_dir, providers, tmp_dir)
     output_names = [o.name for o in session.get_outputs()]
     fetch = [n for n in observed if n in output_names]
     stats: Stats = {name: TensorStats.empty() for name in observed}
+    held_stats: Stats = {name: TensorStats.empty() for name in observed}
     samples = {name: RowSample(sample_rows) for name in sampled}
     held: list[dict[str, np.ndarray]] = []
     batches = 0
@@ -85,12 +91,15 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
             values = dict(zip(fetch, session.run(fetch, feed)))
             for name in observed:
                 value = values[name] if name in values else feed[name]
-                if not held_back:
-                    stats[name].update(value)
+                (held_stats if held_back else stats)[name].update(value)
                 if name in samples and (held_back or holdout_every == 0):
                     samples[name].update(value)
             batches += 1
     if batches == 0:
         raise UserError(f"Calibration data {data.description} yielded zero feeds; give at least one.")
     log.info("calibrated %d tensors on %d batches", len(observed), batches)
-    return Calibration(stats, {name: s.rows for name, s in samples.items() if s.rows is not None}, held)
+    rows = {name: s.rows for name, s in samples.items() if s.rows is not None}
+    if holdout_every == 0:
+        return Calibration(stats, rows, held, stats)
+    everything = {name: copy.deepcopy(st).merge(held_stats[name]) for name, st in stats.items()}
+    return Calibration(everything, rows, held, stats)

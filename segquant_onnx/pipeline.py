@@ -95,14 +95,24 @@ class _HeldBack:
 
 
 def _solve_all(graph, plan, cal, weight, config, outliers) -> _Quantization:
-    params = solve(plan, cal.stats, weight, config, cal.samples, outliers)
-    dual, decisions = solve_dual(plan, cal.stats, cal.samples, params, weight, config, outliers)
+    """Decide (method, alpha, DualScale) on the fit statistics, scored on held-back rows."""
+    params = solve(plan, cal.fit_stats, weight, config, cal.samples, outliers)
+    dual, decisions = solve_dual(plan, cal.fit_stats, cal.samples, params, weight, config, outliers)
     return _Quantization(params, dual, outliers, decisions)
+
+
+def _final(plan, cal, weight, config, q: _Quantization) -> _Quantization:
+    """The same decisions, with scales from every calibration feed (held-back ones included)."""
+    if cal.fit_stats is cal.stats:
+        return q
+    params = solve(plan, cal.stats, weight, config, cal.samples, q.outliers, chosen=q.params)
+    dual, _ = solve_dual(plan, cal.stats, cal.samples, params, weight, config, q.outliers, decided=q.decisions)
+    return _Quantization(params, dual, q.outliers, q.decisions, q.floating)
 
 
 def _choose_outliers(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
     """Outlier channels per site; with `auto`, the channel cap with the best held-back output SQNR."""
-    pick = lambda cap: choose_outliers(plan, cal.stats, cap, config.outlier_ratio, config.outlier_max_flop_pct)  # noqa: E731
+    pick = lambda cap: choose_outliers(plan, cal.fit_stats, cap, config.outlier_ratio, config.outlier_max_flop_pct)  # noqa: E731
     if config.outlier_channels == "off":
         return _solve_all(graph, plan, cal, weight, config, {}), []
     if config.outlier_channels != "auto":
@@ -212,8 +222,9 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                 ranking, fallback = _analyse(graph, plan, q, cal.held_back, config, src, providers, tmp, progress)
                 if fallback:
                     q.floating = frozenset(fallback.sites)
-                    q.dual = {k: v for k, v in q.dual.items() if k not in q.floating}
                     q.outliers = {k: v for k, v in q.outliers.items() if k not in q.floating}
+            q = _final(plan, cal, weight, config, q)
+            q.dual = {k: v for k, v in q.dual.items() if k not in q.floating}
             _apply(graph, plan, q, config)
         quantized = finalize(graph)
         trt_violations = check_tensorrt(quantized, src.source_dir)

@@ -212,15 +212,23 @@ def _site_inputs(site, stats, samples, weight, outliers, search_rows):
 
 def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], config: QuantConfig,
           samples: dict[str, np.ndarray] | None = None,
-          outliers: dict[str, np.ndarray] | None = None) -> dict[str, SiteParams]:
+          outliers: dict[str, np.ndarray] | None = None,
+          chosen: dict[str, SiteParams] | None = None) -> dict[str, SiteParams]:
     """Scales per site. Where a row sample exists, `calib_method=auto` and `smoothquant=auto` pick,
     per site, the method and SmoothQuant alpha (or none) with the best layer output SQNR on it.
-    Sites with `outliers` get the scales of their INT8 bulk."""
+    Sites with `outliers` get the scales of their INT8 bulk. With `chosen` (params from an earlier
+    solve, e.g. on held-out-scored statistics), each site keeps that method and alpha: no search."""
     samples, outliers = samples or {}, outliers or {}
     methods = ("max", "percentile", "mse", "entropy") if config.calib_method == "auto" else (config.calib_method,)
     params = {}
     for site in plan.sites:
         st, rows, w = _site_inputs(site, stats, samples, weight, outliers, config.search_rows)
+        if chosen is not None:
+            c = chosen[site.name]
+            smooth = None if c.alpha is None else smoothing_vector(st.channel_amax, _weight_channel_amax(w, site), c.alpha)
+            p = _site_params(site, st, rows, w, smooth, c.alpha, c.method, config, masked=site.name in outliers)
+            params[site.name] = replace(p, layer_sqnr_db=c.layer_sqnr_db)
+            continue
         smoothable = site.channels_last and st.channel_amax.size == w.shape[
             1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
         alphas: tuple = (None,)
@@ -244,7 +252,8 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
 
 def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], params: dict[str, SiteParams],
                weight: Callable[[str], np.ndarray], config: QuantConfig,
-               outliers: dict[str, np.ndarray] | None = None) -> tuple[dict[str, DualParams], list[DualDecision]]:
+               outliers: dict[str, np.ndarray] | None = None,
+               decided: list[DualDecision] | None = None) -> tuple[dict[str, DualParams], list[DualDecision]]:
     """DualScale parameters for every candidate, and the policy's decision for each.
 
     `all` applies every candidate with a negative part; `auto` those whose layer-output gain reaches
@@ -252,8 +261,19 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
     """
     sites = {s.name: s for s in plan.sites}
     dual, decisions = {}, []
+    earlier = {d.site: d for d in decided} if decided is not None else None
     for cand in plan.dual:
         site = sites[cand.site]
+        if earlier is not None:  # decisions made before (on held-out-scored statistics): keep them
+            st, _, w = _site_inputs(site, stats, {}, weight, outliers or {}, 0)
+            smooth = params[site.name].smooth
+            if earlier[site.name].apply:
+                dual[site.name] = dual_params(
+                    *((st.pos_amax, st.neg_amax) if smooth is None else
+                      (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max()))),
+                    smoothed_weight(w, site, smooth), site.weight_axis)
+            decisions.append(earlier[site.name])
+            continue
         # polarity statistics of the INT8 bulk (outlier channels removed), after smoothing
         st, rows, w = _site_inputs(site, stats, samples, weight, outliers or {}, config.search_rows)
         smooth = params[site.name].smooth

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import segquant_onnx.pipeline as pipeline
-from conftest import build_linear_model, calib_inputs, run_model
+from conftest import INPUT_SHAPES, build_linear_model, calib_inputs, run_model
 from segquant_onnx.calib_data import model_inputs, open_calibration
 from segquant_onnx.calibrate import calibrate
 from segquant_onnx.cli import main
@@ -67,13 +67,22 @@ MODES = {  # name: (smoothquant, dualscale); fc2 reads a quick-GELU output (a Du
 }
 
 
+def _calib_without_new_held_back_data(write_npz, kind: str):
+    """8 feeds whose held-back ones (3 and 7) repeat feeds 0 and 4: the scales fitted on the other feeds
+    (which the analysis graph uses) then equal the final scales (fitted on every feed)."""
+    x = calib_inputs(kind, 8)
+    b = INPUT_SHAPES[kind][0]
+    x[3 * b:4 * b], x[7 * b:8 * b] = x[0:b], x[4 * b:5 * b]
+    return write_npz("calib.npz", X=x)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["matmul", "gemm", "conv"])
-def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind, mode, write_calib,
+def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind, mode, write_npz,
                                                                             analysis_models):
     smoothquant, dualscale = MODES[mode]
     model = build_linear_model(kind)
-    result = quantize(model, write_calib(kind, n=8), progress=False,
+    result = quantize(model, _calib_without_new_held_back_data(write_npz, kind), progress=False,
                       config=QuantConfig(smoothquant=smoothquant, dualscale=dualscale, sensitivity=True))
     (gated,) = analysis_models
     # the composition this case is about really happened
@@ -94,8 +103,8 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
     assert np.abs(quantized - fp).max() > 100 * tol  # the quantization error itself is far above tol
 
 
-def test_one_gate_open_equals_quantizing_that_site_alone(write_calib, analysis_models):
-    calib = write_calib("matmul", n=8)
+def test_one_gate_open_equals_quantizing_that_site_alone(write_npz, analysis_models):
+    calib = _calib_without_new_held_back_data(write_npz, "matmul")
     config = QuantConfig(dualscale="off", sensitivity=True)
     quantize(build_linear_model("matmul"), calib, config, progress=False)
     # sensitivity=True here too, so the scales come from the same (non-held-back) feeds
@@ -304,11 +313,13 @@ def test_holdout_every_4_of_8_feeds_fits_on_6_and_holds_back_feeds_3_and_7(keep)
     cal = calibrate(graph, ("X", "Y"), data, source_dir=None, providers=("CPUExecutionProvider",),
                     progress=False, sampled=("X",), holdout_every=4, keep_held_back=keep)
     for name in ("X", "Y"):  # a graph input and a computed tensor
-        st = cal.stats[name]
+        st = cal.fit_stats[name]  # what searches fit their candidate scales to
         assert st.count == 6 * 6
         assert st.amax == 7.0
         assert feed_values(st) == {1, 2, 3, 5, 6, 7}
         np.testing.assert_array_equal(st.channel_amax, [7.0, 7.0, 7.0])
+        full = cal.stats[name]  # the final scales use every feed
+        assert full.count == 8 * 6 and full.amax == 8.0 and feed_values(full) == set(range(1, 9))
     assert set(np.unique(cal.samples["X"])) == {4.0, 8.0}  # the row sample: held-back feeds only
     assert len(cal.samples["X"]) == 2 * 2
     held = [int(f["X"][0, 0]) - 1 for f in cal.held_back]
@@ -325,11 +336,12 @@ def test_without_holdout_every_feed_is_fitted_and_sampled():
 
 
 @pytest.mark.parametrize("max_holdout_feeds, held", [(8, [3, 7]), (1, [3])])
-def test_the_pipeline_scales_come_from_the_fitted_feeds_and_the_analysis_runs_on_the_held_back_ones(
+def test_the_final_scales_use_every_feed_and_the_analysis_runs_on_the_held_back_ones(
         analysis_models, max_holdout_feeds, held):
     result = quantize(identity_model(), indexed_feeds(8),
                       QuantConfig(sensitivity=True, max_holdout_feeds=max_holdout_feeds), progress=False)
-    assert result.params["lin"].act_amax == 7.0  # feeds 3 and 7 (values 4 and 8) are not in the statistics
+    # the final scales use every feed; the analysis (decided on feeds 3 and 7) used scales fitted without them
+    assert result.params["lin"].act_amax == 8.0
     (gated,) = analysis_models
     assert [int(f["X"][0, 0]) - 1 for f in gated.feeds] == held
 
