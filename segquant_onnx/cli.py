@@ -20,7 +20,7 @@ EXAMPLE_CALIB = "example_dit_calib.npz"
 EXAMPLE_EVAL = "example_dit_eval.npz"
 SEG_PATTERNS = ("output", "input")
 # modules with `add_parser(subparsers)` registering more subcommands (set_defaults(func=...))
-EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli_demo",)
+EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli_demo", "segquant_onnx.cli_trt")
 
 
 def example_path(name: str) -> Path:
