@@ -30,7 +30,7 @@ def example_path(name: str) -> Path:
 
 def _config(args) -> QuantConfig:
     return QuantConfig(
-        calib_method=getattr(args, "calib_method", "max"),
+        calib_method=getattr(args, "calib_method", "auto"),
         percentile=getattr(args, "percentile", 99.99),
         exclude=tuple(args.exclude or ()),
         providers=tuple(p.strip() for p in getattr(args, "providers", "CPUExecutionProvider").split(",") if p.strip()),
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (must differ from MODEL)")
     q.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
     q.add_argument("--eval", metavar="DATA", help="held-out data for the output-error summary (default: the calibration data)")
-    q.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation clipping; auto picks per site by layer error on a calibration-row sample "
-                        "(default: %(default)s)")
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="activation clipping; auto picks per site by layer error on calibration rows held back "
+                        "from the statistics (default: %(default)s)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")
     q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
     q.add_argument("--example", action="store_true", help="use the bundled example DiT and its calibration data")
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("model", metavar="MODEL")
     se.add_argument("--calib", metavar="DATA", help="calibration data (.npz or directory)")
     se.add_argument("--top", type=int, default=20, help="rows to print (default: %(default)s)")
+    se.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="as for quantize (default: %(default)s)")
     se.add_argument("--report", metavar="JSON", help="write the full JSON report here")
     se.add_argument("--force", action="store_true", help="replace the report if it exists")
     se.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -44,7 +44,7 @@ class QuantConfig:
         branches may take at most `outlier_max_flop_pct` percent of the linear FLOPs.
     """
 
-    calib_method: str = "max"
+    calib_method: str = "auto"
     percentile: float = 99.99
     exclude: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("CPUExecutionProvider",)

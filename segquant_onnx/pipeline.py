@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,27 +110,32 @@ def _final(plan, cal, weight, config, q: _Quantization) -> _Quantization:
     return _Quantization(params, dual, q.outliers, q.decisions, q.floating)
 
 
-def _choose_outliers(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
-    """Outlier channels per site; with `auto`, the channel cap with the best held-back output SQNR."""
+def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
+    """Per-site decisions (solve), then the global choices checked at the model output on held-back
+    feeds: the outlier-channel cap (`auto`), and whether SmoothQuant's per-site choices (`auto`,
+    scored on layer error, which can mislead) beat no smoothing at all."""
     pick = lambda cap: choose_outliers(plan, cal.fit_stats, cap, config.outlier_ratio, config.outlier_max_flop_pct)  # noqa: E731
-    if config.outlier_channels == "off":
-        return _solve_all(graph, plan, cal, weight, config, {}), []
-    if config.outlier_channels != "auto":
-        return _solve_all(graph, plan, cal, weight, config, pick(int(config.outlier_channels))), []
-    trials, best = [], None
-    for cap in tqdm(config.outlier_candidates, desc="outlier channels", disable=None if progress else True,
-                    leave=False):
+    caps = (config.outlier_candidates if config.outlier_channels == "auto" else
+            (0,) if config.outlier_channels == "off" else (int(config.outlier_channels),))
+    variants = (config, replace(config, smoothquant="off")) if config.smoothquant == "auto" else (config,)
+    if held is None or (len(caps) == 1 and len(variants) == 1):
+        return _solve_all(graph, plan, cal, weight, config, pick(caps[0])), []
+    trials, best, seen = [], None, set()
+    for cap in tqdm(caps, desc="checking choices", disable=None if progress else True, leave=False):
         outliers = pick(cap)
-        if trials and sum(map(len, outliers.values())) == trials[-1]["channels"]:
-            continue  # same selection as the smaller cap
-        q = _solve_all(graph, plan, cal, weight, config, outliers)
-        candidate = graph.copy()
-        _apply(candidate, plan, q, config)
-        score = held.sqnr(candidate)
-        trials.append({"cap": cap, "channels": sum(map(len, outliers.values())), "sites": len(outliers),
-                       "heldback_sqnr_db": round(score, 3)})
-        if best is None or score > best[0]:
-            best = (score, q)
+        key = tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
+        if key in seen:
+            continue  # the same channels as a smaller cap
+        seen.add(key)
+        for variant in variants:
+            q = _solve_all(graph, plan, cal, weight, variant, outliers)
+            candidate = graph.copy()
+            _apply(candidate, plan, q, variant)
+            score = held.sqnr(candidate)
+            trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
+                           "smoothquant": variant.smoothquant, "heldback_sqnr_db": round(score, 3)})
+            if best is None or score > best[0]:
+                best = (score, q)
     return best[1], trials
 
 
@@ -197,11 +202,12 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
 
     with temporary_directory() as tmp:
-        q, ranking, fallback, outlier_trials = _Quantization({}, {}, {}), [], None, []
+        q, ranking, fallback, trials = _Quantization({}, {}, {}), [], None, []
         if not config.dry_rewrite:
             sites = {s.name: s for s in plan.sites}
             searching = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
-            analysing = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
+            analysing = (config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
+                         or config.smoothquant == "auto")
             sampled = tuple(dict.fromkeys(
                 [s.activation for s in plan.sites if s.channels_last and searching]
                 + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
@@ -210,14 +216,19 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                             sampled=sampled, sample_rows=config.sample_rows,
                             holdout_every=config.holdout_every if (sampled or analysing) else 0,
                             keep_held_back=config.max_holdout_feeds if analysing else 0)
+            needs_holdout = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
+            if analysing and not cal.held_back and not needs_holdout:  # only the SmoothQuant check wanted it
+                log.warning("fewer than %d calibration feeds: no held-back feeds to check SmoothQuant's choices "
+                            "at the output, so it is left off", config.holdout_every)
+                config, analysing = replace(config, smoothquant="off"), False
             if analysing and not cal.held_back:
-                raise UserError(f"Sensitivity, --target-sqnr and --outlier-channels auto hold back every "
+                raise UserError(f"Sensitivity, --target-sqnr and the auto choices hold back every "
                                 f"{config.holdout_every}th calibration feed; give at least {config.holdout_every} "
                                 "feeds in the calibration data.")
             held = _HeldBack(fp_model, cal.held_back, src, providers, tmp) if analysing else None
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
-            q, outlier_trials = _choose_outliers(graph, plan, cal, weight, config, held, progress)
+            q, trials = _decide(graph, plan, cal, weight, config, held, progress)
             if config.sensitivity or config.target_sqnr is not None:
                 ranking, fallback = _analyse(graph, plan, q, cal.held_back, config, src, providers, tmp, progress)
                 if fallback:
@@ -253,7 +264,8 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "declined": [asdict(d) for d in plan.declined],
         "segments": [asdict(m) for m in plan.segments],
         "dualscale": [{**asdict(d), "apply": d.site in q.dual} for d in q.decisions],
-        "outliers": {"trials": outlier_trials,
+        "heldback_trials": trials,
+        "outliers": {
                      "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
                      "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / _k(plan, n)
                                                        for n, i in q.outliers.items()) / max(plan.total_flops, 1), 3)},

@@ -83,7 +83,7 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
     smoothquant, dualscale = MODES[mode]
     model = build_linear_model(kind)
     result = quantize(model, _calib_without_new_held_back_data(write_npz, kind), progress=False,
-                      config=QuantConfig(smoothquant=smoothquant, dualscale=dualscale, sensitivity=True))
+                      config=QuantConfig(calib_method="max", smoothquant=smoothquant, dualscale=dualscale, sensitivity=True))
     (gated,) = analysis_models
     # the composition this case is about really happened
     assert result.report["summary"]["dualscale_applied"] == (1 if "dual" in mode else 0)
@@ -105,10 +105,10 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
 
 def test_one_gate_open_equals_quantizing_that_site_alone(write_npz, analysis_models):
     calib = _calib_without_new_held_back_data(write_npz, "matmul")
-    config = QuantConfig(dualscale="off", sensitivity=True)
+    config = QuantConfig(calib_method="max", dualscale="off", sensitivity=True)
     quantize(build_linear_model("matmul"), calib, config, progress=False)
     # sensitivity=True here too, so the scales come from the same (non-held-back) feeds
-    only_fc1 = quantize(build_linear_model("matmul"), calib, QuantConfig(dualscale="off", exclude=("fc2",),
+    only_fc1 = quantize(build_linear_model("matmul"), calib, QuantConfig(calib_method="max", dualscale="off", exclude=("fc2",),
                                                                          sensitivity=True), progress=False)
     feed = {"X": calib_inputs("matmul", 1, seed=5)}
     expected = run_model(only_fc1.model, feed)[0]
@@ -174,7 +174,7 @@ def table_rows(text: str) -> list[list[str]]:
 
 def test_cli_sensitivity_ranks_the_layer_with_the_outlier_input_first(sensitive, tmp_path, capsys):
     report = tmp_path / "report.json"
-    rc = main(["sensitivity", str(sensitive / "model.onnx"), "--calib", str(sensitive / "calib.npz"), "-q",
+    rc = main(["sensitivity", str(sensitive / "model.onnx"), "--calib", str(sensitive / "calib.npz"), "-q", "--calib-method", "max",
                "--dualscale", "off", "--report", str(report)])
     out = capsys.readouterr().out
     assert rc == 0
@@ -190,12 +190,12 @@ def test_cli_sensitivity_ranks_the_layer_with_the_outlier_input_first(sensitive,
 
 
 def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(sensitive):
-    naive = quantize(sensitive / "model.onnx", sensitive / "calib.npz", QuantConfig(dualscale="off"),
+    naive = quantize(sensitive / "model.onnx", sensitive / "calib.npz", QuantConfig(calib_method="max", dualscale="off"),
                      progress=False)
     assert held_back_sqnr(naive.model) < TARGET  # measured 1.34
 
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
-                      QuantConfig(dualscale="off", target_sqnr=TARGET), progress=False)
+                      QuantConfig(calib_method="max", dualscale="off", target_sqnr=TARGET), progress=False)
     fb = result.report["fallback"]
     assert fb["sites"] == ("fc1",)
     assert fb["reached"] is True
@@ -215,7 +215,7 @@ def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(s
 
 def test_max_fallback_zero_keeps_everything_quantized_and_says_the_target_was_missed(sensitive):
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
-                      QuantConfig(dualscale="off", target_sqnr=TARGET, max_fallback_pct=0.0), progress=False)
+                      QuantConfig(calib_method="max", dualscale="off", target_sqnr=TARGET, max_fallback_pct=0.0), progress=False)
     fb = result.report["fallback"]
     assert fb["sites"] == () and fb["reached"] is False
     assert fb["output_sqnr_db"] == fb["start_sqnr_db"] < TARGET
@@ -225,7 +225,7 @@ def test_max_fallback_zero_keeps_everything_quantized_and_says_the_target_was_mi
 
 def test_a_target_already_met_keeps_nothing_in_float(sensitive):
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
-                      QuantConfig(dualscale="off", target_sqnr=-10.0), progress=False)
+                      QuantConfig(calib_method="max", dualscale="off", target_sqnr=-10.0), progress=False)
     assert result.report["fallback"]["sites"] == () and result.report["fallback"]["reached"] is True
 
 

@@ -95,8 +95,8 @@ def test_outlier_channels_are_found_and_pay(tmp_path):
     assert [n.op_type for n in q.graph.node].count("Gather") == 1
     auto = quantize(path, calib, QuantConfig(outlier_channels="auto", outlier_max_flop_pct=10, **base),
                     eval_data=held, progress=False)
-    trials = auto.report["outliers"]["trials"]
-    assert [t["cap"] for t in trials][0] == 0 and auto.report["summary"]["outlier_channels"] == 4
+    trials = auto.report["heldback_trials"]
+    assert [t["outlier_cap"] for t in trials][0] == 0 and auto.report["summary"]["outlier_channels"] == 4
     assert max(t["heldback_sqnr_db"] for t in trials) > trials[0]["heldback_sqnr_db"] + 25
 
 
