@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from importlib import resources
@@ -59,8 +60,9 @@ def _patterns(text: str) -> tuple[str, ...]:
 
 
 def _cmd_quantize(args) -> int:
+    from segquant_onnx.graph_io import check_output_path
     from segquant_onnx.pipeline import quantize
-    from segquant_onnx.report import format_summary
+    from segquant_onnx.report import format_summary, plot_layer_error
 
     if args.example:
         model = Path(args.model) if args.model else example_path(EXAMPLE_MODEL)
@@ -76,9 +78,19 @@ def _cmd_quantize(args) -> int:
             raise UserError("quantize needs --calib DATA (.npz or a directory of .npz); "
                             "it never calibrates on random data.")
         model, calib, eval_data, output = Path(args.model), args.calib, args.eval, Path(args.output)
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--plot needs matplotlib: pip install 'segquant-onnx[demo]'.")
+        check_output_path(args.plot, None, args.force)
+        args.per_layer = True
     result = quantize(model, calib, _config(args), output=output, force=args.force, eval_data=eval_data,
                       report_path=args.report, progress=not args.quiet)
     print(format_summary(result.report))
+    if args.plot:
+        if not result.report["layer_error"]:
+            raise UserError("--plot needs evaluation data: pass --eval DATA (a Python iterable cannot be re-read).")
+        plot_layer_error(result.report, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -133,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")
     q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
     q.add_argument("--example", action="store_true", help="use the bundled example DiT and its calibration data")
-    q.add_argument("--report", metavar="JSON", help="write a JSON report here")
+    q.add_argument("--report", metavar="JSON", help="write a JSON report here, and a Markdown one beside it (.md)")
+    q.add_argument("--plot", metavar="PNG", help="plot the per-layer output SQNR to this PNG (implies --per-layer; "
+                   "needs matplotlib)")
     q.add_argument("--per-layer", action="store_true",
                    help="measure every linear layer's output SQNR vs the float graph (report; worst shown)")
     q.add_argument("--force", action="store_true", help="replace OUT (and the report) if they exist")

@@ -25,7 +25,7 @@ from segquant_onnx.graph_io import check_output_path, constant_values, export_mo
 from segquant_onnx.passes import (DualScaleActivations, QuantizeLinearInputs, SmoothActivations,
                                   SplitLinearBySegment, SplitOutlierChannels)
 from segquant_onnx.plan import QuantPlan
-from segquant_onnx.report import site_rows, write_json
+from segquant_onnx.report import markdown_path, site_rows, write_json, write_markdown
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
 from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
 from segquant_onnx.solve import SiteParams, choose_outliers, solve, solve_dual
@@ -193,6 +193,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         check_output_path(output, src.path, force)
     if report_path is not None:
         check_output_path(report_path, src.path, force)
+        check_output_path(markdown_path(report_path), src.path, force)
 
     graph = canonicalize(src.graph, src.description)
     fp_model = export_model(graph)  # the reference: canonical, before any rewrite
@@ -253,6 +254,15 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                                          total=evaluation.num_feeds)
 
     plan_flops = {site.name: site.flops for site in plan.sites}
+    outlier_ranges = {}
+    if q.outliers:
+        by_name = {site.name: site for site in plan.sites}
+        for name, idx in q.outliers.items():
+            amax = cal.stats[by_name[name].activation].channel_amax
+            keep = np.ones(amax.size, bool)
+            keep[idx] = False
+            outlier_ranges[name] = {"channel_amax": [round(float(a), 6) for a in amax[idx]],
+                                    "bulk_amax": round(float(amax[keep].max(initial=0)), 6)}
     report = {
         "tool": f"segquant-onnx {__version__}",
         "input": str(src.path) if src.path else None,
@@ -267,6 +277,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "heldback_trials": trials,
         "outliers": {
                      "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
+                     "ranges": outlier_ranges,
                      "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / _k(plan, n)
                                                        for n, i in q.outliers.items()) / max(plan.total_flops, 1), 3)},
         "sensitivity": [asdict(r) for r in ranking],
@@ -296,6 +307,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                               external=True if src.uses_external_data else None)
     if report_path is not None:
         write_json(report, report_path)
+        write_markdown(report, markdown_path(report_path))
     return Result(quantized, plan, q.params, report, out_path)
 
 

@@ -137,3 +137,88 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _fmt(v, digits=2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def format_markdown(report: dict) -> str:
+    """The report as Markdown: summary, every site with the decisions taken and its errors."""
+    s = report["summary"]
+    dual = {d["site"]: d for d in report.get("dualscale", [])}
+    layer = {e["layer"]: e["sqnr_db"] for e in report.get("layer_error", [])}
+    outliers = report.get("outliers", {}).get("sites", {})
+    out = [f"# Quantization report: {report.get('input') or 'model'}", "", "```", format_summary(report), "```", ""]
+    rows = []
+    for site in report["sites"]:
+        name = site["name"]
+        origin = name.rsplit("/seg", 1)[0] if "/seg" in name else name
+        d = dual.get(name)
+        rows.append([name, site["op"], "x".join(map(str, site["weight_shape"])), f"{100 * site['flop_share']:.1f}%",
+                     "float" if site.get("float") else site.get("method", "-"), _fmt(site.get("smooth_alpha")),
+                     "-" if d is None else f"{'yes' if d['apply'] else 'no'} ({d['gain_db']:+.1f} dB)",
+                     len(outliers.get(name, [])), _fmt(site.get("layer_sqnr_db")), _fmt(layer.get(origin))])
+    out += ["## Sites", "",
+            "`layer SQNR` is the site's own output error on held-back calibration rows (the search's score); "
+            "`output SQNR at layer` is that layer's output in the quantized model against the float model "
+            "(`--per-layer`, errors accumulated from upstream).", "",
+            _md_table(["site", "op", "weight", "FLOPs", "method", "alpha", "DualScale (gain)", "outlier ch.",
+                       "layer SQNR dB", "output SQNR at layer dB"], rows), ""]
+    if report.get("segments"):
+        out += ["## SegLinear", "", _md_table(["linear", "kind", "via", "sizes"],
+                [[m["linear"], m["kind"], m["via"], "+".join(map(str, m["sizes"]))] for m in report["segments"]]), ""]
+    if report.get("sensitivity"):
+        out += ["## Sensitivity (each site quantized alone, held-back feeds)", "",
+                _md_table(["site", "output SQNR dB"], [[r["site"], _fmt(r["output_sqnr_db"])]
+                                                       for r in report["sensitivity"]]), ""]
+    if report.get("declined"):
+        out += ["## Declined", "", _md_table(["node", "op", "reason"],
+                [[d["name"], d["op"], d["reason"]] for d in report["declined"]]), ""]
+    return "\n".join(out)
+
+
+def markdown_path(report_path: str | os.PathLike) -> Path:
+    """Where the Markdown report goes beside the JSON one: r.json -> r.md (else r.<ext>.md)."""
+    p = Path(report_path)
+    return p.with_suffix(".md") if p.suffix == ".json" else Path(f"{p}.md")
+
+
+def write_markdown(report: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(format_markdown(report))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_layer_error(report: dict, path: str | os.PathLike) -> None:
+    """Per-layer output SQNR as a PNG (matplotlib, from the `demo` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layer_error"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 4))
+    # exact layers (kept in float, no error upstream) have infinite SQNR: draw them at the top, grey
+    finite = [e["sqnr_db"] for e in layers if math.isfinite(e["sqnr_db"])] or [0.0]
+    top = max(finite) + 10
+    values = [e["sqnr_db"] if math.isfinite(e["sqnr_db"]) else top for e in layers]
+    colors = ["tab:blue" if math.isfinite(e["sqnr_db"]) else "tab:gray" for e in layers]
+    ax.bar(range(len(layers)), values, color=colors)
+    ax.set_xticks(range(len(layers)), [e["layer"][-28:] for e in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("output SQNR at layer (dB)")
+    ax.set_title(f"per-layer error vs float ({report.get('eval_data')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
