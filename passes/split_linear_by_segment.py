@@ -10,6 +10,11 @@ activation scale (and, with SmoothQuant, every output segment its own smoothing 
 rewrite is exact in float (up to summation order), so it runs before calibration: calibration then
 observes exactly the tensors the final sites quantize.
 
+heads (opt-in, `head_segments`): MatMul(Reshape(X[..., H, D] -> [..., H*D]), W)
+            -> sum_h MatMul(Gather(X, h, axis=-2), W[h*D:(h+1)*D])
+            One scale per attention head for the output projection's input; H GEMMs with K = D, so
+            off by default (TensorRT runs one K = H*D INT8 GEMM faster than H narrow ones).
+
 Preconditions: canonicalized graph (constant chunk bounds, shapes inferred); the weight is a 2-D
 constant; the cut is on the last axis. Output cuts need the linear's output (after an optional
 bias Add) to feed only the Split or the Slices, and the Slices to partition it. A float->float Cast
@@ -86,8 +91,9 @@ def _slice_bounds(sl: gs.Node, n: int, rank: int | None) -> tuple[int, int] | st
 class SplitLinearBySegment:
     name = "split_linear_by_segment"
 
-    def __init__(self, output_segments: bool = True, input_segments: bool = True):
+    def __init__(self, output_segments: bool = True, input_segments: bool = True, head_segments: bool = False):
         self.output_segments, self.input_segments = output_segments, input_segments
+        self.head_segments = head_segments
 
     # -- match + check --------------------------------------------------------------------------
     def check_output(self, node: gs.Node) -> tuple[SegmentMatch, list[gs.Node], gs.Node | None] | str | None:
@@ -151,13 +157,48 @@ class SplitLinearBySegment:
             return "Concat widths do not match the weight"
         return SegmentMatch(node.name, "input", tuple(sizes), "Concat"), parts
 
+    def check_heads(self, node: gs.Node) -> tuple[SegmentMatch, gs.Tensor] | str | None:
+        """Heads merged before the linear: Reshape([..., H, D] -> [..., H*D]), possibly followed by
+        Slices over other axes (SD3's joint attention splits image and text tokens) -> linear."""
+        x = node.inputs[0]
+        if x.shape is None or not x.shape:
+            return None
+        t = x
+        for _ in range(4):  # look back through float Casts and Slices that keep the last axis
+            producer = t.inputs[0] if t.inputs else None
+            if producer is None:
+                return None
+            if producer.op == "Cast" and producer.attrs.get("to") == 1:
+                t = producer.inputs[0]
+                continue
+            if producer.op == "Slice":
+                axes = _const_ints(producer.inputs[3]) if len(producer.inputs) > 3 and producer.inputs[3].name else None
+                rank = len(t.shape) if t.shape is not None else None
+                if axes is None or rank is None or any(_last_axis(a, rank) for a in axes):
+                    return None
+                t = producer.inputs[0]
+                continue
+            break
+        if producer.op != "Reshape":
+            return None
+        src = producer.inputs[0]
+        if src.shape is None or len(src.shape) < 3 or t.shape is None or len(src.shape) != len(t.shape) + 1:
+            return None
+        h, d = src.shape[-2], src.shape[-1]
+        if not (isinstance(h, int) and isinstance(d, int)) or h < 2 or t.shape[-1] != h * d or x.shape[-1] != h * d:
+            return None
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return "Gemm with transA=1 reads its input transposed"
+        return SegmentMatch(node.name, "input", (d,) * h, "Reshape"), x
+
     def detect(self, graph: gs.Graph):
         """Matches with the nodes/tensors the rewrite needs, and declined near-matches."""
         matches, declined = [], []
         for node in graph.nodes:
             if not _is_linear(node):
                 continue
-            for enabled, check in ((self.output_segments, self.check_output), (self.input_segments, self.check_input)):
+            for enabled, check in ((self.output_segments, self.check_output), (self.input_segments, self.check_input),
+                                   (self.head_segments, self.check_heads)):
                 result = check(node) if enabled else None
                 if isinstance(result, str):
                     declined.append(DeclinedSite(node.name, node.op, f"SegLinear: {result}"))
@@ -174,6 +215,21 @@ class SplitLinearBySegment:
             match = found[0]
             if match.kind == "output":
                 self._rewrite_output(graph, namer, node, *found)
+            elif match.via == "Reshape":  # one part per head: Gather(Reshape(X, [..., H, D]), h, axis=-2)
+                x, heads = found[1], len(match.sizes)
+                src = gs.Variable(namer(node.name, "heads"), dtype=x.dtype)
+                shape = np.array([0] * (len(x.shape) - 1) + [heads, match.sizes[0]], np.int64)
+                graph.nodes.append(gs.Node("Reshape", namer(node.name, "split_heads"),
+                                           inputs=[x, gs.Constant(namer(node.name, "heads_shape"), shape)],
+                                           outputs=[src]))
+                parts = []
+                for h in range(len(match.sizes)):
+                    part = gs.Variable(namer(node.name, f"head{h}"), dtype=src.dtype)
+                    graph.nodes.append(gs.Node("Gather", namer(node.name, f"head{h}_gather"), {"axis": -2},
+                                               inputs=[src, gs.Constant(namer(node.name, f"head{h}_index"),
+                                                                        np.array(h, np.int64))], outputs=[part]))
+                    parts.append(part)
+                self._rewrite_input(graph, namer, node, match, parts)
             else:
                 self._rewrite_input(graph, namer, node, *found)
             done.append(match)

@@ -19,7 +19,7 @@ log = logging.getLogger("segquant_onnx")
 EXAMPLE_MODEL = "example_dit.onnx"
 EXAMPLE_CALIB = "example_dit_calib.npz"
 EXAMPLE_EVAL = "example_dit_eval.npz"
-SEG_PATTERNS = ("output", "input")
+SEG_PATTERNS = ("output", "input", "heads")
 # modules with `add_parser(subparsers)` registering more subcommands (set_defaults(func=...))
 EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli_demo", "segquant_onnx.cli_trt")
 
@@ -31,13 +31,14 @@ def example_path(name: str) -> Path:
 
 def _config(args) -> QuantConfig:
     return QuantConfig(
-        calib_method=getattr(args, "calib_method", "auto"),
+        calib_method=getattr(args, "calib_method", "max"),
         percentile=getattr(args, "percentile", 99.99),
         exclude=tuple(args.exclude or ()),
         providers=tuple(p.strip() for p in getattr(args, "providers", "CPUExecutionProvider").split(",") if p.strip()),
         batch_size=getattr(args, "batch_size", None),
         seg_output=args.seglinear and "output" in args.seg_patterns,
         seg_input=args.seglinear and "input" in args.seg_patterns,
+        seg_heads=args.seglinear and "heads" in args.seg_patterns,
         dry_rewrite=getattr(args, "dry_rewrite", False),
         dualscale=args.dualscale,
         dualscale_min_gain_db=getattr(args, "dualscale_min_gain", 1.0),
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (must differ from MODEL)")
     q.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
     q.add_argument("--eval", metavar="DATA", help="held-out data for the output-error summary (default: the calibration data)")
-    q.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="activation clipping; auto picks per site by layer error on calibration rows held back "
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation clipping; auto picks per site by layer error on calibration rows held back "
                         "from the statistics (default: %(default)s)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")
     q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("model", metavar="MODEL")
     se.add_argument("--calib", metavar="DATA", help="calibration data (.npz or directory)")
     se.add_argument("--top", type=int, default=20, help="rows to print (default: %(default)s)")
-    se.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="as for quantize (default: %(default)s)")
+    se.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="as for quantize (default: %(default)s)")
     se.add_argument("--report", metavar="JSON", help="write the full JSON report here")
     se.add_argument("--force", action="store_true", help="replace the report if it exists")
     se.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -200,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
         p.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
                        help="split linears by the segments their output/input is cut into (default: on)")
-        p.add_argument("--seg-patterns", type=_patterns, default=SEG_PATTERNS, metavar="LIST",
-                       help="SegLinear patterns to apply: output (Linear->chunk/split), input (Concat->Linear); "
-                            "default: output,input")
+        p.add_argument("--seg-patterns", type=_patterns, default=("output", "input"), metavar="LIST",
+                       help="SegLinear patterns to apply: output (Linear->chunk/split), input (Concat->Linear), "
+                            "heads (Reshape merging attention heads->Linear, H narrow GEMMs); default: output,input")
         p.add_argument("--dualscale", choices=DUALSCALE_MODES, default="auto",
                        help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
                             "GEMMs: auto (where the measured layer gain pays), all, off (default: auto)")

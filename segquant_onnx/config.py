@@ -23,6 +23,8 @@ class QuantConfig:
     batch_size: calibration batch for models whose batch dimension is dynamic.
     seg_output / seg_input: SegLinear on linears whose output is cut by Split/Slices (AdaLN chunks)
         and whose input is a Concat (FLUX single-block proj_out, timestep embedders).
+    seg_heads: SegLinear on heads merged by a Reshape before a linear (per-head input scales; H narrow
+        GEMMs, so off by default).
     dry_rewrite: apply the structural rewrites but insert no Q/DQ (to check they are exact).
     dualscale: SiLU/GELU -> linear sites quantized with one scale per polarity as two GEMMs:
         `all` candidates, `off`, or `auto`: where the layer-output SQNR gain measured on a sample of
@@ -44,13 +46,14 @@ class QuantConfig:
         branches may take at most `outlier_max_flop_pct` percent of the linear FLOPs.
     """
 
-    calib_method: str = "auto"
+    calib_method: str = "max"
     percentile: float = 99.99
     exclude: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     batch_size: int | None = None
     seg_output: bool = True
     seg_input: bool = True
+    seg_heads: bool = False
     dry_rewrite: bool = False
     dualscale: str = "auto"
     dualscale_min_gain_db: float = 1.0

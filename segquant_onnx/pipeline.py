@@ -165,7 +165,7 @@ def _open(model) -> _Source:
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """Detect with every pass, applying the structural rewrites that are exact in float (SegLinear)
     on the way, so the sites are those of the graph that will be quantized. Mutates `graph`."""
-    seg = SplitLinearBySegment(config.seg_output, config.seg_input)
+    seg = SplitLinearBySegment(config.seg_output, config.seg_input, config.seg_heads)
     matches, seg_declined = seg.detect(graph)
     segments = seg.rewrite(graph, matches)
     sites, declined = QuantizeLinearInputs(config.exclude).detect(graph)

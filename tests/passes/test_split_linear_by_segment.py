@@ -696,3 +696,42 @@ def test_tensorrt_rtx_parses_and_builds_segments(quantized_dit):
 
     built = build_engine(out)
     assert built.parsed and built.built, built.errors
+
+
+# == heads merged by a Reshape (opt-in pattern) ======================================================
+@settings(max_examples=10, deadline=None)
+@given(heads=st.integers(2, 6), dim=st.sampled_from([2, 4, 8]), tokens=st.integers(2, 6),
+       sliced=st.booleans())
+def test_heads_pattern_is_exact(heads, dim, tokens, sliced):
+    rng = np.random.default_rng(heads * 100 + dim)
+    x = rng.standard_normal((1, tokens, heads, dim)).astype(np.float32)
+    w = rng.standard_normal((heads * dim, 5)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["X", "shape"], ["merged"], name="merge_heads")]
+    src = "merged"
+    if sliced:  # SD3's joint attention slices the tokens (axis 1) between the Reshape and to_out
+        nodes.append(helper.make_node("Slice", ["merged", "starts", "ends", "axes"], ["kept"], name="tokens"))
+        src = "kept"
+    nodes.append(helper.make_node("MatMul", [src, "W"], ["Y"], name=LINEAR))
+    inits = {"W": w, "shape": np.array([1, tokens, heads * dim], np.int64), "starts": np.array([1], np.int64),
+             "ends": np.array([tokens], np.int64), "axes": np.array([1], np.int64)}
+    model, feeds, mag = _small_model(nodes, {"X": x}, {"Y": None}, inits)
+    _, off, _, _ = rewrite(model)
+    assert off == []  # opt-in only
+    graph, matches, _, rewritten = rewrite(model, head_segments=True)
+    assert matches == [SegmentMatch(LINEAR, "input", (dim,) * heads, "Reshape")]
+    assert sum(n.op == "MatMul" for n in graph.nodes) == heads
+    assert_same_outputs(model, rewritten, feeds, mag)
+
+
+def test_heads_pattern_counts_on_real_sd3_exports(tiny_dit):
+    kind, dynamo, path, *_ , script = tiny_dit
+    if kind != "sd3":
+        pytest.skip("FLUX's attention outputs reach their projections without a heads-merging Reshape")
+    cfg = script.SD3_TINY_CONFIG
+    # every block's to_out.0 reads merged heads; to_add_out too, except in the last (context_pre_only) block
+    expected = cfg["num_layers"] + (cfg["num_layers"] - 1)
+    graph = canonicalize(gs.import_onnx(onnx.load(str(path))))
+    found, _ = SplitLinearBySegment(output_segments=False, input_segments=False, head_segments=True).detect(graph)
+    sizes = {m[1][0].sizes for m in found}
+    assert len(found) == expected
+    assert sizes == {(cfg["attention_head_dim"],) * cfg["num_attention_heads"]}
