@@ -80,14 +80,23 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     held_stats: Stats = {name: TensorStats.empty() for name in observed}
     samples = {name: RowSample(sample_rows) for name in sampled}
     held: list[dict[str, np.ndarray]] = []
+    held_seen, rng = 0, np.random.default_rng(0)
     batches = 0
     # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
     with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=None if progress else True,
               leave=False) as bar:
         for i, feed in enumerate(bar):
             held_back = holdout_every > 0 and i % holdout_every == holdout_every - 1
-            if held_back and len(held) < keep_held_back:
-                held.append(feed)
+            if held_back and keep_held_back:
+                # reservoir sampling: the kept feeds span the whole data set (captured trajectories are
+                # often ordered by timestep; the first k would all be early steps)
+                if len(held) < keep_held_back:
+                    held.append(feed)
+                else:
+                    slot = int(rng.integers(0, held_seen + 1))
+                    if slot < keep_held_back:
+                        held[slot] = feed
+                held_seen += 1
             values = dict(zip(fetch, session.run(fetch, feed)))
             for name in observed:
                 value = values[name] if name in values else feed[name]

@@ -16,9 +16,9 @@ from segquant_onnx.errors import UserError
 
 log = logging.getLogger("segquant_onnx")
 
-EXAMPLE_MODEL = "example_dit.onnx"
-EXAMPLE_CALIB = "example_dit_calib.npz"
-EXAMPLE_EVAL = "example_dit_eval.npz"
+EXAMPLE_MODEL = "demo_dit.onnx"  # the trained demo DiT (scripts/train_demo_dit.py)
+EXAMPLE_CALIB = "demo_dit_calib.npz"
+EXAMPLE_EVAL = "demo_dit_eval.npz"
 SEG_PATTERNS = ("output", "input", "heads")
 # modules with `add_parser(subparsers)` registering more subcommands (set_defaults(func=...))
 EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli_demo", "segquant_onnx.cli_trt")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the statistics (default: %(default)s)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")
     q.add_argument("--batch-size", type=int, help="calibration batch when the model's batch is dynamic (default: 8)")
-    q.add_argument("--example", action="store_true", help="use the bundled example DiT and its calibration data")
+    q.add_argument("--example", action="store_true", help="use the bundled example: the trained demo DiT and its trajectory calibration data")
     q.add_argument("--report", metavar="JSON", help="write a JSON report here, and a Markdown one beside it (.md)")
     q.add_argument("--plot", metavar="PNG", help="plot the per-layer output SQNR to this PNG (implies --per-layer; "
                    "needs matplotlib)")
