@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from conftest import build_linear_model, calib_inputs
-from segquant_onnx.cli import EXAMPLE_CALIB, example_path
+from segquant_onnx.cli import EXAMPLE_CALIB, EXAMPLE_MODEL, example_path
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.trt_check import check_tensorrt
 
@@ -25,7 +25,7 @@ EXAMPLE_CONFIGS = {
 def test_pipeline_output_for_the_example_passes(name):
     from segquant_onnx.pipeline import quantize
 
-    result = quantize(example_path("example_dit.onnx"), example_path(EXAMPLE_CALIB), EXAMPLE_CONFIGS[name],
+    result = quantize(example_path(EXAMPLE_MODEL), example_path(EXAMPLE_CALIB), EXAMPLE_CONFIGS[name],
                       progress=False)
     assert any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
     assert check_tensorrt(result.model) == []
@@ -55,7 +55,7 @@ def test_onnxruntime_quantize_static_is_flagged_for_its_int32_bias(tmp_path):
             return next(self.feeds, None)
 
     out = tmp_path / "ort.onnx"
-    quantize_static(str(example_path("example_dit.onnx")), str(out), Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(example_path(EXAMPLE_MODEL)), str(out), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     found = check_tensorrt(onnx.load(str(out)))
