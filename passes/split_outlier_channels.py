@@ -3,6 +3,8 @@
     MatMul(X, W) -> Add(MatMul(Mul(X, m), W_bulk),  MatMul(Gather(X, idx, axis=-1), W[idx]))
                           ^ INT8 site (Q/DQ later)    ^ float, k = len(idx) channels
     Gemm(A, B, C) -> Add(Gemm(Mul(A, m), B_bulk, C), MatMul(Gather(A, idx), B[idx] as [k, N]))
+    Conv(X, W, b) -> Add(Conv(Mul(X, m[1, C, 1, 1]), W_bulk, b), Conv(Gather(X, idx, axis=1), W[:, idx]))
+                     (group 1; the channel statistics of a tensor only Convs read run over axis 1)
 
 `idx` are the outlier channels chosen from calibration statistics (solve.choose_outliers), `m` is
 1 on the bulk and 0 on `idx`, and W_bulk is W with the rows `idx` zeroed. Exact in float.
@@ -29,7 +31,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
 from segquant_onnx.plan import LinearSite
-from segquant_onnx.solve import bulk_weight
+from segquant_onnx.solve import bulk_weight, site_input_channels
 
 
 class SplitOutlierChannels:
@@ -46,12 +48,14 @@ class SplitOutlierChannels:
                 continue
             node = nodes[site.name]
             x, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
-            if x.name != site.activation or w.name != site.weight or site.op == "Conv":
+            if x.name != site.activation or w.name != site.weight:
                 raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
             w_full = constant_values(w)
-            k = w_full.shape[1] if site.op == "Gemm" and site.weight_axis == 0 else w_full.shape[0]
+            k = site_input_channels(site)
             mask = np.ones(k, np.float32)
             mask[idx] = 0
+            if site.op == "Conv":  # channels on axis 1 of N, C, spatial...
+                mask = mask.reshape([1, k] + [1] * (w_full.ndim - 2))
             layer = f"{site.name}/outliers"
             x_m = gs.Variable(namer(site.name, "bulk_input"), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", namer(site.name, "bulk_mask"),
@@ -59,19 +63,23 @@ class SplitOutlierChannels:
                                        outputs=[x_m]))
             w_b = gs.Constant(namer(site.name, "bulk_weight"),
                               np.ascontiguousarray(bulk_weight(w_full, site, idx), np.float32))
-            # float branch: the outlier channels' rows of W as a [k, N] matrix
-            w_o = w_full[:, idx].T if site.op == "Gemm" and site.weight_axis == 0 else w_full[idx]
-            if site.op == "Gemm":
-                w_o = w_o * float(node.attrs.get("alpha", 1.0))  # Gemm scales A @ B by alpha
             x_o = gs.Variable(namer(layer, "input"), dtype=x.dtype)
             y_o = gs.Variable(namer(layer, "output"), dtype=x.dtype)
-            graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": -1},
+            graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": 1 if site.op == "Conv" else -1},
                                        inputs=[x, gs.Constant(namer(layer, "channels"), idx.astype(np.int64))],
                                        outputs=[x_o]))
-            graph.nodes.append(gs.Node("MatMul", namer(layer, "MatMul"),
-                                       inputs=[x_o, gs.Constant(namer(layer, "weight"),
-                                                                np.ascontiguousarray(w_o, np.float32))],
-                                       outputs=[y_o]))
+            if site.op == "Conv":  # the same convolution over the outlier input channels, no bias
+                w_o = np.ascontiguousarray(w_full[:, idx], np.float32)
+                graph.nodes.append(gs.Node("Conv", namer(layer, "Conv"), dict(node.attrs),
+                                           inputs=[x_o, gs.Constant(namer(layer, "weight"), w_o)], outputs=[y_o]))
+            else:  # the outlier channels' rows of W as a [k, N] matrix
+                w_o = w_full[:, idx].T if site.op == "Gemm" and site.weight_axis == 0 else w_full[idx]
+                if site.op == "Gemm":
+                    w_o = w_o * float(node.attrs.get("alpha", 1.0))  # Gemm scales A @ B by alpha
+                graph.nodes.append(gs.Node("MatMul", namer(layer, "MatMul"),
+                                           inputs=[x_o, gs.Constant(namer(layer, "weight"),
+                                                                    np.ascontiguousarray(w_o, np.float32))],
+                                           outputs=[y_o]))
             y = node.outputs[0]
             y_bulk = gs.Variable(namer(site.name, "bulk_output"), dtype=y.dtype, shape=y.shape)
             node.outputs[0] = y_bulk

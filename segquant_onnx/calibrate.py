@@ -64,9 +64,11 @@ def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,
               source_dir: str | None, providers, tmp_dir: str | None = None, progress: bool = True,
               sampled: tuple[str, ...] = (), sample_rows: int = 1024,
-              holdout_every: int = 0, keep_held_back: int = 0) -> Calibration:
+              holdout_every: int = 0, keep_held_back: int = 0,
+              channel_axes: dict[str, int] | None = None) -> Calibration:
     """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
-    each tensor in `sampled` (a subset of `observed`).
+    each tensor in `sampled` (a subset of `observed`). Per-channel maxima run over the last axis, or
+    over `channel_axes[name]` (1 for a tensor only Convs read).
 
     With `holdout_every=k`, every k-th feed is held back: `fit_stats` come from the other feeds and
     the row sample only from the held-back ones, so searches scored on the sample see data their
@@ -76,8 +78,9 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     session = make_session(with_outputs(graph, observed), source_dir, providers, tmp_dir)
     output_names = [o.name for o in session.get_outputs()]
     fetch = [n for n in observed if n in output_names]
-    stats: Stats = {name: TensorStats.empty() for name in observed}
-    held_stats: Stats = {name: TensorStats.empty() for name in observed}
+    axes = channel_axes or {}
+    stats: Stats = {name: TensorStats.empty(channel_axis=axes.get(name, -1)) for name in observed}
+    held_stats: Stats = {name: TensorStats.empty(channel_axis=axes.get(name, -1)) for name in observed}
     samples = {name: RowSample(sample_rows) for name in sampled}
     held: list[dict[str, np.ndarray]] = []
     held_seen, rng = 0, np.random.default_rng(0)

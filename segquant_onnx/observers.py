@@ -40,11 +40,14 @@ class TensorStats:
     # x / s for any per-channel smoothing vector s
     channel_pos_amax: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     channel_neg_amax: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # the axis the per-channel vectors run over: -1 (the last, K of a MatMul/Gemm input) or 1 (NCHW)
+    channel_axis: int = -1
 
     @classmethod
-    def empty(cls, num_bins: int = NUM_BINS) -> "TensorStats":
+    def empty(cls, num_bins: int = NUM_BINS, channel_axis: int = -1) -> "TensorStats":
         """No data yet; the per-channel vector takes its size from the first batch."""
-        return cls(0, 0.0, 0.0, 0.0, np.zeros(0, np.float32), np.zeros(num_bins, np.int64), _MIN_RANGE)
+        return cls(0, 0.0, 0.0, 0.0, np.zeros(0, np.float32), np.zeros(num_bins, np.int64), _MIN_RANGE,
+                   channel_axis=channel_axis)
 
     def _widen(self, new_range: float) -> None:
         factor = int(round(new_range / self.hist_range))
@@ -65,13 +68,15 @@ class TensorStats:
         self.amax = max(self.amax, amax)
         self.pos_amax = max(self.pos_amax, float(x.max()))
         self.neg_amax = max(self.neg_amax, float(-x.min()))
-        if x.ndim and self.count == 0:
-            self.channel_amax = np.zeros(x.shape[-1], np.float32)
-            self.channel_pos_amax = np.zeros(x.shape[-1], np.float32)
-            self.channel_neg_amax = np.zeros(x.shape[-1], np.float32)
-        if x.ndim and self.channel_amax.size == x.shape[-1]:
-            rows = x.reshape(-1, x.shape[-1])
-            np.maximum(self.channel_amax, a.reshape(-1, x.shape[-1]).max(axis=0), out=self.channel_amax)
+        ch = x.ndim > self.channel_axis if self.channel_axis >= 0 else x.ndim > 0
+        if ch and self.count == 0:
+            c = x.shape[self.channel_axis]
+            self.channel_amax = np.zeros(c, np.float32)
+            self.channel_pos_amax = np.zeros(c, np.float32)
+            self.channel_neg_amax = np.zeros(c, np.float32)
+        if ch and self.channel_amax.size == x.shape[self.channel_axis]:
+            rows = np.moveaxis(x, self.channel_axis, -1).reshape(-1, self.channel_amax.size)
+            np.maximum(self.channel_amax, np.abs(rows).max(axis=0), out=self.channel_amax)
             np.maximum(self.channel_pos_amax, rows.max(axis=0), out=self.channel_pos_amax)
             np.maximum(self.channel_neg_amax, -rows.min(axis=0), out=self.channel_neg_amax)
         if amax >= self.hist_range:

@@ -110,6 +110,14 @@ def _final(plan, cal, weight, config, q: _Quantization) -> _Quantization:
     return _Quantization(params, dual, q.outliers, q.decisions, q.floating)
 
 
+def _channel_axes(plan: QuantPlan) -> dict[str, int]:
+    """Axis 1 for tensors only Convs read (their input channels), the default last axis otherwise."""
+    readers: dict[str, set[str]] = {}
+    for site in plan.sites:
+        readers.setdefault(site.activation, set()).add(site.op)
+    return {name: 1 for name, ops in readers.items() if ops == {"Conv"}}
+
+
 def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
     """Per-site decisions (solve), then the global choices checked at the model output on held-back
     feeds: the outlier-channel cap (`auto`), and whether SmoothQuant's per-site choices (`auto`,
@@ -216,7 +224,8 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                             providers=providers, tmp_dir=tmp, progress=progress,
                             sampled=sampled, sample_rows=config.sample_rows,
                             holdout_every=config.holdout_every if (sampled or analysing) else 0,
-                            keep_held_back=config.max_holdout_feeds if analysing else 0)
+                            keep_held_back=config.max_holdout_feeds if analysing else 0,
+                            channel_axes=_channel_axes(plan))
             needs_holdout = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
             if analysing and not cal.held_back and not needs_holdout:  # only the SmoothQuant check wanted it
                 log.warning("fewer than %d calibration feeds: no held-back feeds to check SmoothQuant's choices "

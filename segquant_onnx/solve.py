@@ -159,8 +159,11 @@ def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
     float branches would exceed `max_flop_pct` percent of the linear FLOPs."""
     chosen, budget = {}, max_flop_pct / 100.0 * plan.total_flops
     for site in plan.sites:
-        amax = stats[site.activation].channel_amax
-        if cap <= 0 or not site.channels_last or amax.size != site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]:
+        st = stats[site.activation]
+        amax = st.channel_amax
+        if cap <= 0 or amax.size != site_input_channels(site):
+            continue
+        if site.op == "Conv" and st.channel_axis != 1 or site.op != "Conv" and not site.channels_last:
             continue
         order = np.argsort(-amax, kind="stable")[:cap]
         idx = np.sort(order[amax[order] > ratio * max(float(np.median(amax)), 1e-12)])
@@ -168,6 +171,13 @@ def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
         if len(idx) and cost <= budget:
             chosen[site.name], budget = idx.astype(np.int64), budget - cost
     return chosen
+
+
+def site_input_channels(site: LinearSite) -> int:
+    """K: MatMul [K, N] rows, Gemm transB=1 [N, K] columns, Conv [Cout, Cin/group, ...] (group 1 only)."""
+    if site.op == "Conv":
+        return site.weight_shape[1]
+    return site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
 
 
 def masked_stats(st: TensorStats, idx: np.ndarray) -> TensorStats:
@@ -188,7 +198,7 @@ def bulk_weight(w: np.ndarray, site: LinearSite, idx: np.ndarray | None) -> np.n
     if idx is None:
         return w
     w = w.copy()
-    if site.op == "Gemm" and site.weight_axis == 0:
+    if site.op == "Conv" or site.op == "Gemm" and site.weight_axis == 0:
         w[:, idx] = 0
     else:
         w[idx] = 0
