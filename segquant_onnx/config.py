@@ -29,6 +29,9 @@ class QuantConfig:
     dualscale: SiLU/GELU -> linear sites quantized with one scale per polarity as two GEMMs:
         `all` candidates, `off`, or `auto`: where the layer-output SQNR gain measured on a sample of
         calibration rows reaches `dualscale_min_gain_db` (the second GEMM costs compute).
+        With held-back feeds, `auto` is then checked at the model output: the DualScale sites must
+        raise the held-back output SQNR by `dualscale_min_output_gain_db` over the best variant
+        without them, or none is applied.
     sample_rows: rows of each DualScale candidate's input kept (reservoir) for that measurement.
     per_layer: also measure each linear layer's output error against the float graph (report).
     smoothquant: `auto` searches, per MatMul/Gemm site, alpha in `smooth_alphas` or no smoothing by
@@ -57,6 +60,7 @@ class QuantConfig:
     dry_rewrite: bool = False
     dualscale: str = "auto"
     dualscale_min_gain_db: float = 1.0
+    dualscale_min_output_gain_db: float = 0.1
     sample_rows: int = 1024
     per_layer: bool = False
     smoothquant: str = "off"

@@ -120,15 +120,20 @@ def _channel_axes(plan: QuantPlan) -> dict[str, int]:
 
 def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
     """Per-site decisions (solve), then the global choices checked at the model output on held-back
-    feeds: the outlier-channel cap (`auto`), and whether SmoothQuant's per-site choices (`auto`,
-    scored on layer error, which can mislead) beat no smoothing at all."""
+    feeds: the outlier-channel cap (`auto`), whether SmoothQuant's per-site choices (`auto`, scored on
+    layer error, which can mislead) beat no smoothing at all, and whether DualScale's (`auto`) pay for
+    their second GEMMs: they must beat the best variant without them by `dualscale_min_output_gain_db`."""
     pick = lambda cap: choose_outliers(plan, cal.fit_stats, cap, config.outlier_ratio, config.outlier_max_flop_pct)  # noqa: E731
     caps = (config.outlier_candidates if config.outlier_channels == "auto" else
             (0,) if config.outlier_channels == "off" else (int(config.outlier_channels),))
-    variants = (config, replace(config, smoothquant="off")) if config.smoothquant == "auto" else (config,)
+    variants = [config]
+    if config.smoothquant == "auto":
+        variants += [replace(v, smoothquant="off") for v in variants]
+    if config.dualscale == "auto" and plan.dual:
+        variants += [replace(v, dualscale="off") for v in variants]
     if held is None or (len(caps) == 1 and len(variants) == 1):
         return _solve_all(graph, plan, cal, weight, config, pick(caps[0])), []
-    trials, best, seen = [], None, set()
+    trials, scored, seen = [], [], set()
     for cap in tqdm(caps, desc="checking choices", disable=None if progress else True, leave=False):
         outliers = pick(cap)
         key = tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
@@ -141,9 +146,15 @@ def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) 
             _apply(candidate, plan, q, variant)
             score = held.sqnr(candidate)
             trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
-                           "smoothquant": variant.smoothquant, "heldback_sqnr_db": round(score, 3)})
-            if best is None or score > best[0]:
-                best = (score, q)
+                           "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
+                           "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
+            scored.append((score, q))
+    best = max(scored, key=lambda t: t[0])
+    single = [t for t in scored if not t[1].dual]
+    if best[1].dual and single:
+        plain = max(single, key=lambda t: t[0])
+        if best[0] - plain[0] < config.dualscale_min_output_gain_db:
+            best = plain  # DualScale's extra GEMMs do not pay at the output
     return best[1], trials
 
 
@@ -216,7 +227,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
             sites = {s.name: s for s in plan.sites}
             searching = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
             analysing = (config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
-                         or config.smoothquant == "auto")
+                         or config.smoothquant == "auto" or (config.dualscale == "auto" and bool(plan.dual)))
             sampled = tuple(dict.fromkeys(
                 [s.activation for s in plan.sites if s.channels_last and searching]
                 + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
@@ -227,9 +238,9 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                             keep_held_back=config.max_holdout_feeds if analysing else 0,
                             channel_axes=_channel_axes(plan))
             needs_holdout = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
-            if analysing and not cal.held_back and not needs_holdout:  # only the SmoothQuant check wanted it
-                log.warning("fewer than %d calibration feeds: no held-back feeds to check SmoothQuant's choices "
-                            "at the output, so it is left off", config.holdout_every)
+            if analysing and not cal.held_back and not needs_holdout:  # only the auto checks wanted it
+                log.warning("fewer than %d calibration feeds: no held-back feeds to check the auto choices at the "
+                            "output: SmoothQuant is left off, DualScale decided per layer", config.holdout_every)
                 config, analysing = replace(config, smoothquant="off"), False
             if analysing and not cal.held_back:
                 raise UserError(f"Sensitivity, --target-sqnr and the auto choices hold back every "

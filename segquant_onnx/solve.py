@@ -297,7 +297,8 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
         else:
             gain, measured = estimated_dual_gain(st, params[site.name], p), False
         has_negatives = st.neg_amax > 0
-        apply = has_negatives and (config.dualscale == "all" or gain >= config.dualscale_min_gain_db)
+        apply = has_negatives and config.dualscale != "off" and (
+            config.dualscale == "all" or gain >= config.dualscale_min_gain_db)
         decisions.append(DualDecision(site.name, cand.kind, apply, round(gain, 3), measured, site.flops))
         if apply:
             dual[site.name] = p
