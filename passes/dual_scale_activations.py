@@ -23,7 +23,6 @@ Q/DQ; the negative branch's op is new and already quantized).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -33,7 +32,7 @@ from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
 from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite
 from segquant_onnx.solve import DualParams, dual_params  # noqa: F401  (dual_params re-exported for tests)
-from segquant_onnx.qdq import dequantized_weight_input, quantize_activation_input
+from segquant_onnx.qdq import site_node, dequantized_weight_input, quantize_activation_input
 from segquant_onnx.quant_math import quantize_int8
 
 QUICK_GELU_BETA = 1.702
@@ -239,10 +238,7 @@ class DualScaleActivations:
         namer = Namer(graph)
         for dual in dual_sites:
             site = linear_sites[dual.site]
-            node = nodes[site.name]
-            a, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
-            if a.name != site.activation or w.name != site.weight:
-                raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
+            node, _, _ = site_node(nodes, site, self.name)
             self._split(graph, namer, node, site, params[site.name], gates.get(site.name))
         graph.cleanup().toposort()
         return len(dual_sites)

@@ -21,7 +21,7 @@ from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
 from segquant_onnx.plan import DeclinedSite, LinearSite
 from segquant_onnx.quant_math import quantize_int8
-from segquant_onnx.qdq import dequantized_weight_input, quantize_activation_input
+from segquant_onnx.qdq import site_node, dequantized_weight_input, quantize_activation_input
 from segquant_onnx.solve import SiteParams
 
 
@@ -99,10 +99,7 @@ class QuantizeLinearInputs:
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
         for site in sites:
-            node = nodes[site.name]
-            x, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
-            if x.name != site.activation or w.name != site.weight:
-                raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
+            node, x, w = site_node(nodes, site, self.name)
             p = params[site.name]
             gate = gates.get(site.name)
             quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale,

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
+from segquant_onnx.qdq import site_node
 from segquant_onnx.plan import LinearSite
 from segquant_onnx.solve import SiteParams, smoothed_weight
 
@@ -38,10 +39,7 @@ class SmoothActivations:
             if smooth is None or not site.channels_last:  # K must be the activation's last axis
                 updated.append(site)
                 continue
-            node = nodes[site.name]
-            x, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
-            if x.name != site.activation or w.name != site.weight:
-                raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
+            node, x, w = site_node(nodes, site, self.name)
             inv = gs.Constant(namer(site.name, "smooth_inv_scale"), (1.0 / smooth).astype(np.float32))
             x_s = gs.Variable(namer(site.name, "smoothed_input"), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", namer(site.name, "smooth"), inputs=[x, inv], outputs=[x_s]))

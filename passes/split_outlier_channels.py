@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
+from segquant_onnx.qdq import site_node
 from segquant_onnx.plan import LinearSite
 from segquant_onnx.solve import bulk_weight, site_input_channels
 
@@ -46,10 +47,7 @@ class SplitOutlierChannels:
             if idx is None or not len(idx):
                 updated.append(site)
                 continue
-            node = nodes[site.name]
-            x, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
-            if x.name != site.activation or w.name != site.weight:
-                raise RuntimeError(f"{self.name}: site {site.name} no longer matches the plan")
+            node, x, w = site_node(nodes, site, self.name)
             w_full = constant_values(w)
             k = site_input_channels(site)
             mask = np.ones(k, np.float32)

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from segquant_onnx import __version__
-from segquant_onnx.calib_data import CalibrationData, model_inputs, open_calibration
+from segquant_onnx.calib_data import model_inputs, open_calibration
 from segquant_onnx.calibrate import calibrate
 from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
@@ -28,7 +28,7 @@ from segquant_onnx.plan import QuantPlan
 from segquant_onnx.report import markdown_path, site_rows, write_json, write_markdown
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
 from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
-from segquant_onnx.solve import SiteParams, choose_outliers, solve, solve_dual
+from segquant_onnx.solve import SiteParams, choose_outliers, site_input_channels, solve, solve_dual
 from segquant_onnx.trt_check import check_tensorrt
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,8 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
 
     plan_flops = {site.name: site.flops for site in plan.sites}
     outlier_ranges = {}
+    by_name = {site.name: site for site in plan.sites}
     if q.outliers:
-        by_name = {site.name: site for site in plan.sites}
         for name, idx in q.outliers.items():
             amax = cal.stats[by_name[name].activation].channel_amax
             keep = np.ones(amax.size, bool)
@@ -298,7 +298,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "outliers": {
                      "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
                      "ranges": outlier_ranges,
-                     "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / _k(plan, n)
+                     "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / site_input_channels(by_name[n])
                                                        for n, i in q.outliers.items()) / max(plan.total_flops, 1), 3)},
         "sensitivity": [asdict(r) for r in ranking],
         "fallback": asdict(fallback) if fallback else None,
@@ -329,9 +329,4 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         write_json(report, report_path)
         write_markdown(report, markdown_path(report_path))
     return Result(quantized, plan, q.params, report, out_path)
-
-
-def _k(plan: QuantPlan, site_name: str) -> int:
-    site = next(s for s in plan.sites if s.name == site_name)
-    return site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
 

@@ -12,6 +12,15 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.naming import Namer
 
 
+def site_node(nodes: dict[str, gs.Node], site, pass_name: str) -> tuple[gs.Node, gs.Tensor, gs.Tensor]:
+    """(node, activation input, weight input) of a LinearSite; raises if a rewrite changed them."""
+    node = nodes[site.name]
+    x, w = node.inputs[site.activation_input_index], node.inputs[site.weight_input_index]
+    if x.name != site.activation or w.name != site.weight:
+        raise RuntimeError(f"{pass_name}: site {site.name} no longer matches the plan")
+    return node, x, w
+
+
 def _const(namer: Namer, layer: str, part: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(namer(layer, part), np.require(values, requirements='C'))  # keeps 0-d scalars 0-d
 

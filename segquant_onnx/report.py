@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import os
 import tempfile
@@ -51,10 +52,7 @@ def format_plan(plan: QuantPlan, explain: bool = False) -> str:
         if explain:
             out.append(_table(["node", "op", "reason"], [[d.name, d.op, d.reason] for d in plan.declined], "lll"))
         else:
-            reasons: dict[str, int] = {}
-            for d in plan.declined:
-                reasons[d.reason] = reasons.get(d.reason, 0) + 1
-            out += [f"  {n} x {r}" for r, n in reasons.items()]
+            out += [f"  {n} x {r}" for r, n in Counter(d.reason for d in plan.declined).items()]
             out.append("  (--explain lists each one)")
     return "\n".join(out)
 
@@ -86,10 +84,7 @@ def format_summary(report: dict) -> str:
                         f"(+{s['dualscale_extra_flop_pct']:.1f}% GEMM FLOPs"
                         + (f", layer gain {min(gains):.1f} to {max(gains):.1f} dB)" if gains else ")"))
     if report["declined"]:
-        reasons: dict[str, int] = {}
-        for d in report["declined"]:
-            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
-        lines += [f"  skipped {n} x {r}" for r, n in reasons.items()]
+        lines += [f"  skipped {n} x {r}" for r, n in Counter(d["reason"] for d in report["declined"]).items()]
     fb = report.get("fallback")
     if fb:
         lines.append(f"fallback: {len(fb['sites'])} sites kept in float, held-back output SQNR "
@@ -150,7 +145,6 @@ def _fmt(v, digits=2) -> str:
 
 def format_markdown(report: dict) -> str:
     """The report as Markdown: summary, every site with the decisions taken and its errors."""
-    s = report["summary"]
     dual = {d["site"]: d for d in report.get("dualscale", [])}
     layer = {e["layer"]: e["sqnr_db"] for e in report.get("layer_error", [])}
     outliers = report.get("outliers", {}).get("sites", {})

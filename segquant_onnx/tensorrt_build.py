@@ -169,6 +169,17 @@ def _profile_shapes(network: Any, shapes: Mapping[str, tuple[int, ...]] | None) 
     return out
 
 
+def add_static_profile(builder, config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """One optimization profile with min = opt = max = `shapes` (nothing to add when empty).
+    Works with TensorRT-RTX's and TensorRT's builders alike."""
+    if not shapes:
+        return
+    profile = builder.create_optimization_profile()
+    for name, shape in shapes.items():
+        profile.set_shape(name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+
+
 def build_engine(
     onnx_path: str | Path,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -239,11 +250,7 @@ def build_engine(
         logger.captured = []
         try:
             config = builder.create_builder_config()
-            if profile_shapes:
-                profile = builder.create_optimization_profile()
-                for name, shape in profile_shapes.items():
-                    profile.set_shape(name, shape, shape, shape)
-                config.add_optimization_profile(profile)
+            add_static_profile(builder, config, profile_shapes)
             serialized = builder.build_serialized_network(network, config)
         except Exception as exc:
             serialized = None

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from segquant_onnx.tensorrt_build import _profile_shapes
+from segquant_onnx.tensorrt_build import _profile_shapes, add_static_profile
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,7 @@ def build(trt: Any, path: Path, shapes: Mapping[str, tuple[int, ...]] | None, fp
     config = builder.create_builder_config()
     if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    profile_shapes = _profile_shapes(network, shapes)
-    if profile_shapes:
-        profile = builder.create_optimization_profile()
-        for name, shape in profile_shapes.items():
-            profile.set_shape(name, shape, shape, shape)
-        config.add_optimization_profile(profile)
+    add_static_profile(builder, config, _profile_shapes(network, shapes))
     serialized = builder.build_serialized_network(network, config)
     note = "" if weak_fp16 or not fp16_baseline else "baseline built in the graph's own dtypes (no FP16 flag)"
     if serialized is None:
