@@ -49,6 +49,7 @@ def _config(args) -> QuantConfig:
         max_fallback_pct=getattr(args, "max_fallback", 10.0),
         outlier_channels=getattr(args, "outlier_channels", "off"),
         outlier_max_flop_pct=getattr(args, "outlier_flops", 2.0),
+        outlier_min_gain_db=getattr(args, "outlier_min_gain", 0.05),
     )
 
 
@@ -158,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
     q.add_argument("--outlier-channels", default="off", metavar="auto|off|N",
                    help="run up to N outlier input channels per linear (calibration abs-max > 8x the median "
-                        "channel's) in float beside the INT8 GEMM; auto picks N by held-back output SQNR "
-                        "(default: %(default)s)")
+                        "channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, by the "
+                        "output SQNR on held-back calibration feeds (default: %(default)s)")
+    q.add_argument("--outlier-min-gain", type=float, default=0.05, metavar="DB",
+                   help="with --outlier-channels auto: a site takes more outlier channels only if the held-back "
+                        "output SQNR gains more than DB (default: %(default)s)")
     q.add_argument("--outlier-flops", type=float, default=2.0, metavar="PERCENT",
                    help="at most this share of linear FLOPs in the float outlier branches (default: %(default)s)")
     q.add_argument("--target-sqnr", type=float, metavar="DB",

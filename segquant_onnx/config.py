@@ -46,7 +46,10 @@ class QuantConfig:
     outlier_channels: `off`; `N`: up to N input channels per MatMul/Gemm site whose calibration
         abs-max exceeds `outlier_ratio` x the median channel's run in float beside the INT8 GEMM;
         `auto`: N picked from `outlier_candidates` by the output SQNR on held-back feeds. The float
-        branches may take at most `outlier_max_flop_pct` percent of the linear FLOPs.
+        branches may take at most `outlier_max_flop_pct` percent of the linear FLOPs. After the
+        global cap, `auto` chooses each site's count at the model output (outlier_search): a site
+        keeps the fewest channels whose held-back output SQNR is within `outlier_min_gain_db` of
+        its best count's.
     """
 
     calib_method: str = "max"
@@ -75,6 +78,7 @@ class QuantConfig:
     outlier_ratio: float = 8.0
     outlier_max_flop_pct: float = 2.0
     outlier_candidates: tuple[int, ...] = (0, 2, 4, 8, 16)
+    outlier_min_gain_db: float = 0.05
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
@@ -93,6 +97,8 @@ class QuantConfig:
         if self.outlier_channels not in ("off", "auto") and not (
                 self.outlier_channels.isdigit() and int(self.outlier_channels) >= 0):
             raise UserError(f"--outlier-channels '{self.outlier_channels}' must be auto, off or a channel count.")
+        if self.outlier_min_gain_db < 0:
+            raise UserError(f"--outlier-min-gain {self.outlier_min_gain_db} must be at least 0 dB.")
         if not 0.0 <= self.max_fallback_pct <= 100.0:
             raise UserError(f"--max-fallback {self.max_fallback_pct} must be a percentage in [0, 100].")
         if self.holdout_every < 2 and (self.sensitivity or self.target_sqnr is not None

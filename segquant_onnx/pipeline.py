@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,12 @@ from segquant_onnx.evaluate import OutputError, compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.layer_error import per_layer_error
 from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
-from segquant_onnx.passes import (DualScaleActivations, QuantizeLinearInputs, SmoothActivations,
-                                  SplitLinearBySegment, SplitOutlierChannels)
+from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
+from segquant_onnx.rewrite import Quantization, apply_quantization
 from segquant_onnx.report import markdown_path, site_rows, write_json, write_markdown
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
+from segquant_onnx.outlier_search import per_site_outliers
 from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
 from segquant_onnx.solve import SiteParams, choose_outliers, site_input_channels, solve, solve_dual
 from segquant_onnx.trt_check import check_tensorrt
@@ -53,30 +54,6 @@ class _Source:
     uses_external_data: bool = False
 
 
-@dataclass
-class _Quantization:
-    """Everything solve decided: scales, DualScale sites, outlier channels, sites left in float."""
-
-    params: dict[str, SiteParams]
-    dual: dict
-    outliers: dict[str, np.ndarray]
-    decisions: list = field(default_factory=list)  # DualScale decisions, for the report
-    floating: frozenset = frozenset()
-
-
-def _apply(graph: gs.Graph, plan: QuantPlan, q: _Quantization, config: QuantConfig,
-           gates: dict[str, gs.Tensor] | None = None) -> None:
-    """The quantization rewrites in their order: outlier split -> smoothing -> DualScale -> Q/DQ."""
-    sites = [s for s in plan.sites if s.name not in q.floating]
-    sites = SplitOutlierChannels().rewrite(graph, sites, q.outliers)
-    sites = SmoothActivations().rewrite(graph, sites, q.params)
-    by_name = {s.name: s for s in sites}
-    DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in q.dual and d.site in by_name],
-                                   by_name, q.dual, gates=gates)
-    QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in sites if s.name not in q.dual], q.params,
-                                                 gates=gates)
-
-
 class _HeldBack:
     """Output SQNR of candidate quantized graphs on held-back calibration feeds."""
 
@@ -94,20 +71,20 @@ class _HeldBack:
         return err.sqnr
 
 
-def _solve_all(graph, plan, cal, weight, config, outliers) -> _Quantization:
+def _solve_all(graph, plan, cal, weight, config, outliers) -> Quantization:
     """Decide (method, alpha, DualScale) on the fit statistics, scored on held-back rows."""
     params = solve(plan, cal.fit_stats, weight, config, cal.samples, outliers)
     dual, decisions = solve_dual(plan, cal.fit_stats, cal.samples, params, weight, config, outliers)
-    return _Quantization(params, dual, outliers, decisions)
+    return Quantization(params, dual, outliers, decisions)
 
 
-def _final(plan, cal, weight, config, q: _Quantization) -> _Quantization:
+def _final(plan, cal, weight, config, q: Quantization) -> Quantization:
     """The same decisions, with scales from every calibration feed (held-back ones included)."""
     if cal.fit_stats is cal.stats:
         return q
     params = solve(plan, cal.stats, weight, config, cal.samples, q.outliers, chosen=q.params)
     dual, _ = solve_dual(plan, cal.stats, cal.samples, params, weight, config, q.outliers, decided=q.decisions)
-    return _Quantization(params, dual, q.outliers, q.decisions, q.floating)
+    return Quantization(params, dual, q.outliers, q.decisions, q.floating)
 
 
 def _channel_axes(plan: QuantPlan) -> dict[str, int]:
@@ -118,11 +95,12 @@ def _channel_axes(plan: QuantPlan) -> dict[str, int]:
     return {name: 1 for name, ops in readers.items() if ops == {"Conv"}}
 
 
-def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) -> tuple[_Quantization, list]:
+def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress):
     """Per-site decisions (solve), then the global choices checked at the model output on held-back
     feeds: the outlier-channel cap (`auto`), whether SmoothQuant's per-site choices (`auto`, scored on
     layer error, which can mislead) beat no smoothing at all, and whether DualScale's (`auto`) pay for
-    their second GEMMs: they must beat the best variant without them by `dualscale_min_output_gain_db`."""
+    their second GEMMs: they must beat the best variant without them by `dualscale_min_output_gain_db`.
+    With `--outlier-channels auto`, each site's outlier count is then chosen at the output too."""
     pick = lambda cap: choose_outliers(plan, cal.fit_stats, cap, config.outlier_ratio, config.outlier_max_flop_pct)  # noqa: E731
     caps = (config.outlier_candidates if config.outlier_channels == "auto" else
             (0,) if config.outlier_channels == "off" else (int(config.outlier_channels),))
@@ -132,7 +110,7 @@ def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) 
     if config.dualscale == "auto" and plan.dual:
         variants += [replace(v, dualscale="off") for v in variants]
     if held is None or (len(caps) == 1 and len(variants) == 1):
-        return _solve_all(graph, plan, cal, weight, config, pick(caps[0])), []
+        return _solve_all(graph, plan, cal, weight, config, pick(caps[0])), [], None
     trials, scored, seen = [], [], set()
     for cap in tqdm(caps, desc="checking choices", disable=None if progress else True, leave=False):
         outliers = pick(cap)
@@ -143,27 +121,59 @@ def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress) 
         for variant in variants:
             q = _solve_all(graph, plan, cal, weight, variant, outliers)
             candidate = graph.copy()
-            _apply(candidate, plan, q, variant)
+            apply_quantization(candidate, plan, q, variant)
             score = held.sqnr(candidate)
             trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
                            "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
                            "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
-            scored.append((score, q))
+            scored.append((score, q, variant))
     best = max(scored, key=lambda t: t[0])
     single = [t for t in scored if not t[1].dual]
     if best[1].dual and single:
         plain = max(single, key=lambda t: t[0])
         if best[0] - plain[0] < config.dualscale_min_output_gain_db:
             best = plain  # DualScale's extra GEMMs do not pay at the output
-    return best[1], trials
+    search = None
+    if config.outlier_channels == "auto":
+        best, search = _outliers_per_site(graph, plan, cal, weight, held, caps, best, trials, progress)
+    return best[1], trials, search
 
 
-def _analyse(graph, plan, q: _Quantization, held_back, config, src, providers, tmp, progress):
+def _outliers_per_site(graph, plan, cal, weight, held: _HeldBack, caps, best, trials, progress):
+    """Refine the best global-cap trial: each site's outlier count chosen at the model output
+    (outlier_search), kept if the real quantized graph scores at least as well on the held-back feeds."""
+    score, q, variant = best
+    by_cap = {cap: choose_outliers(plan, cal.fit_stats, cap, variant.outlier_ratio, 100.0) for cap in caps}
+    solve_for = lambda outliers: _solve_all(graph, plan, cal, weight, variant, outliers)  # noqa: E731
+    open_session = lambda model: make_session(model, held.src.source_dir, held.providers, held.tmp)  # noqa: E731
+    search = per_site_outliers(graph, plan, variant, held.feeds, held.reference, by_cap, solve_for, q.outliers,
+                               open_session, progress)
+    if search is None:
+        return best, None
+    refined = solve_for(search.outliers)
+    candidate = graph.copy()
+    apply_quantization(candidate, plan, refined, variant)
+    refined_score = held.sqnr(candidate)
+    channels = lambda outliers: sum(map(len, outliers.values()))  # noqa: E731
+    trials.append({"outlier_cap": "per-site", "outlier_channels": channels(search.outliers),
+                   "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
+                   "dual_sites": len(refined.dual), "heldback_sqnr_db": round(refined_score, 3),
+                   "analysis_sqnr_db": round(search.heldback_sqnr_db, 3)})
+    log.info("per-site outlier channels: %.2f dB on the held-back feeds (analysis graph %.2f dB), global cap %.2f dB",
+             refined_score, search.heldback_sqnr_db, score)
+    # as within a site: fewer float channels win when they cost less than outlier_min_gain_db
+    fewer = channels(search.outliers) < channels(q.outliers)
+    if refined_score >= score or (fewer and refined_score >= score - variant.outlier_min_gain_db):
+        return (refined_score, refined, variant), search
+    return best, search
+
+
+def _analyse(graph, plan, q: Quantization, held_back, config, src, providers, tmp, progress):
     """Sensitivity ranking and (with a target) the fallback set, at the model output on held-back feeds."""
     analysis = graph.copy()
     gates = {s.name: gs.Variable(gate_name(s.name), np.float32, shape=[]) for s in plan.sites}
     analysis.inputs.extend(gates.values())
-    _apply(analysis, plan, q, config, gates=gates)
+    apply_quantization(analysis, plan, q, config, gates=gates)
     session = make_session(export_model(analysis.cleanup().toposort()), src.source_dir, providers, tmp)
     model = GatedModel(session, held_back, list(plan.sites))
     ranking = rank_sensitivity(model, progress)
@@ -222,7 +232,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
 
     with temporary_directory() as tmp:
-        q, ranking, fallback, trials = _Quantization({}, {}, {}), [], None, []
+        q, ranking, fallback, trials, search = Quantization({}, {}, {}), [], None, [], None
         if not config.dry_rewrite:
             sites = {s.name: s for s in plan.sites}
             searching = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
@@ -249,7 +259,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
             held = _HeldBack(fp_model, cal.held_back, src, providers, tmp) if analysing else None
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
-            q, trials = _decide(graph, plan, cal, weight, config, held, progress)
+            q, trials, search = _decide(graph, plan, cal, weight, config, held, progress)
             if config.sensitivity or config.target_sqnr is not None:
                 ranking, fallback = _analyse(graph, plan, q, cal.held_back, config, src, providers, tmp, progress)
                 if fallback:
@@ -257,7 +267,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                     q.outliers = {k: v for k, v in q.outliers.items() if k not in q.floating}
             q = _final(plan, cal, weight, config, q)
             q.dual = {k: v for k, v in q.dual.items() if k not in q.floating}
-            _apply(graph, plan, q, config)
+            apply_quantization(graph, plan, q, config)
         quantized = finalize(graph)
         trt_violations = check_tensorrt(quantized, src.source_dir)
 
@@ -297,6 +307,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         "heldback_trials": trials,
         "outliers": {
                      "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
+                     "per_site_search": search.trials if search else [],
                      "ranges": outlier_ranges,
                      "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / site_input_channels(by_name[n])
                                                        for n, i in q.outliers.items()) / max(plan.total_flops, 1), 3)},

@@ -167,6 +167,13 @@ def format_markdown(report: dict) -> str:
     if report.get("segments"):
         out += ["## SegLinear", "", _md_table(["linear", "kind", "via", "sizes"],
                 [[m["linear"], m["kind"], m["via"], "+".join(map(str, m["sizes"]))] for m in report["segments"]]), ""]
+    search = report.get("outliers", {}).get("per_site_search")
+    if search:
+        out += ["## Outlier channels per site (held-back output SQNR for each count, the others fixed)", "",
+                _md_table(["site", "chosen", "channels: SQNR dB"],
+                          [[t["site"], t["chosen_channels"],
+                            ", ".join(f"{lv['channels']}: {lv['heldback_sqnr_db']:.2f}" for lv in t["levels"])]
+                           for t in search]), ""]
     if report.get("sensitivity"):
         out += ["## Sensitivity (each site quantized alone, held-back feeds)", "",
                 _md_table(["site", "output SQNR dB"], [[r["site"], _fmt(r["output_sqnr_db"])]

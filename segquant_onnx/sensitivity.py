@@ -44,25 +44,40 @@ class Fallback:
     reached: bool
 
 
-class GatedModel:
-    """Evaluates the analysis session for a set of quantized sites against the float reference."""
+class GatedSession:
+    """An analysis session and the float reference on the held-back feeds: the output SQNR for any
+    set of gates switched to 1. The reference is the session with every gate 0 unless given (when
+    gates 0 is not the float model)."""
 
-    def __init__(self, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]], sites: list[LinearSite]):
-        self.session, self.feeds, self.sites = session, feeds, sites
+    def __init__(self, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]], gates: list[str],
+                 reference: list[list[np.ndarray]] | None = None):
+        self.session, self.feeds, self.gates = session, feeds, gates
         self.outputs = [o.name for o in session.get_outputs()]
-        self.reference = [self._run(feed, set()) for feed in feeds]
+        self.reference = reference if reference is not None else [self._run(feed, set()) for feed in feeds]
 
-    def _run(self, feed, quantized: set[str]) -> list[np.ndarray]:
-        gates = {gate_name(s.name): np.array(1.0 if s.name in quantized else 0.0, np.float32) for s in self.sites}
+    def _run(self, feed, on: set[str]) -> list[np.ndarray]:
+        gates = {g: np.array(1.0 if g in on else 0.0, np.float32) for g in self.gates}
         return self.session.run(self.outputs, {**feed, **gates})
 
-    def sqnr(self, quantized: set[str]) -> float:
-        """Output SQNR (dB) over all outputs and held-back feeds with `quantized` sites quantized."""
+    def sqnr_on(self, on: set[str]) -> float:
+        """Output SQNR (dB) over all outputs and held-back feeds with the gates `on` at 1."""
         err = OutputError()
         for feed, ref in zip(self.feeds, self.reference):
-            for r, got in zip(ref, self._run(feed, quantized)):
+            for r, got in zip(ref, self._run(feed, on)):
                 err.update(r, got)
         return err.sqnr
+
+
+class GatedModel(GatedSession):
+    """The analysis graph with one gate per site: output SQNR for a set of quantized sites."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]], sites: list[LinearSite]):
+        self.sites = sites
+        super().__init__(session, feeds, [gate_name(s.name) for s in sites])
+
+    def sqnr(self, quantized: set[str]) -> float:
+        """Output SQNR (dB) with `quantized` sites quantized, the others in float."""
+        return self.sqnr_on({gate_name(name) for name in quantized})
 
 
 def rank_sensitivity(model: GatedModel, progress: bool = True) -> list[SiteSensitivity]:

@@ -233,6 +233,7 @@ def test_output_directory_not_writable_is_reported_before_any_work(capsys, tmp_p
     (["--exclude", "("], "--exclude"),
     (["--batch-size", "0"], "--batch-size"),
     (["--providers", "NoSuchExecutionProvider"], "NoSuchExecutionProvider"),
+    (["--outlier-channels", "auto", "--outlier-min-gain", "-1"], "--outlier-min-gain"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, tmp_path, model, calib, argv, needle):
     code, _, err = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "q.onnx", "-q", *argv)
