@@ -1,6 +1,7 @@
 """Benchmark segquant-onnx against other INT8 post-training quantizers, side by side in one run.
 
-Models: the bundled example DiT (random weights), the bundled *trained* demo DiT (``demo``), and tiny
+Models: the bundled example DiT (random weights), the bundled *trained* demo DiT (``demo``; and
+``demo-dynamo``: its saved checkpoint re-exported with the dynamo exporter, same calib/eval data), and tiny
 SD3 / FLUX transformers exported with the TorchScript and the dynamo exporter. (``sd3-ts`` is still
 accepted by ``--models`` but is not run by default: it is the same model as ``example``.)
 
@@ -70,12 +71,13 @@ log = logging.getLogger("bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "segquant_onnx" / "data"
 EXPORT_SCRIPT = REPO_ROOT / "scripts" / "export_example.py"
+TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train_demo_dit.py"
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
 
 CALIB_SAMPLES, CALIB_SEED = 16, 1
 EVAL_SAMPLES, EVAL_SEED = 8, 2
 
-ALL_MODELS = ("example", "demo", "sd3-dynamo", "flux-ts", "flux-dynamo")
+ALL_MODELS = ("example", "demo", "demo-dynamo", "sd3-dynamo", "flux-ts", "flux-dynamo")
 # accepted by --models, not run by default: sd3-ts is the bundled example (same weights, same graph, same data)
 OPTIONAL_MODELS = ("sd3-ts",)
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
@@ -322,11 +324,23 @@ def git_description() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_export_module():
-    spec = importlib.util.spec_from_file_location("export_example", EXPORT_SCRIPT)
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def export_demo_dynamo(path: Path) -> dict:
+    """The trained demo DiT (its saved checkpoint) through the dynamo exporter, as train_demo_dit.py does."""
+    from diffusers import SD3Transformer2DModel
+
+    train = load_script(TRAIN_SCRIPT)
+    transformer = SD3Transformer2DModel.from_pretrained(train.CHECKPOINT_DIR).eval()
+    with np.load(DATA_DIR / "demo_dit_conds.npz") as npz:
+        conds = dict(npz)
+    with contextlib.redirect_stdout(sys.stderr):
+        return train.export(transformer, path, dynamo=True, conds=conds)
 
 
 def prepare_models(names: list[str], work_dir: Path) -> list[ModelCase]:
@@ -350,8 +364,17 @@ def prepare_models(names: list[str], work_dir: Path) -> list[ModelCase]:
                 "TorchScript exporter, opset 17) with its trajectory-captured calib (80 feeds) / eval (40 feeds, "
                 "another seed) npz"))
             continue
+        if name == "demo-dynamo":
+            onnx_path = model_dir / "demo-dynamo.onnx"
+            log.info("exporting the demo DiT checkpoint (dynamo) -> %s", onnx_path)
+            info = export_demo_dynamo(onnx_path)
+            cases.append(ModelCase(
+                name, onnx_path, DATA_DIR / "demo_dit_calib.npz", DATA_DIR / "demo_dit_eval.npz",
+                f"the same trained demo DiT exported by the dynamo exporter (opset 18, ORT vs torch relative "
+                f"error {info['rel_diff']:.1e}) with the demo's calib / eval npz"))
+            continue
         if exporter is None:
-            exporter = load_export_module()
+            exporter = load_script(EXPORT_SCRIPT)
         kind, which = name.split("-")
         dynamo = which == "dynamo"
         onnx_path = model_dir / f"{name}.onnx"
