@@ -112,6 +112,9 @@ OURS_MATRIX = (
     OursMethod("+SmoothQuant auto", "smoothquant-auto", {"smoothquant": "auto"}),
     OursMethod("+outliers auto", "outliers-auto", {"outlier_channels": "auto"}),
     OursMethod("default + target 40 dB", "target40", {"target_sqnr": 40.0, "max_fallback_pct": 10.0}),
+    OursMethod("default + target 40 dB, <=5% float", "target40-5pct", {"target_sqnr": 40.0, "max_fallback_pct": 5.0}),
+    OursMethod("+SmoothQuant auto + target 40 dB, <=5% float", "smoothquant-target40-5pct",
+               {"smoothquant": "auto", "target_sqnr": 40.0, "max_fallback_pct": 5.0}),
 )
 # (label suffix, calibrate_method, op types to quantize or None for ORT's default: every op it can)
 ORT_VARIANTS = (
@@ -1064,8 +1067,9 @@ def summary_table(rows: list[ResultRow]) -> str:
         mine = [r for r in rows if r.model == model]
         peers = [r for r in mine if r.family in ("ort", "modelopt") and ok(r)]
         buildable = [r for r in peers if r.trt == "built"]
+        # a 5% fallback budget can land on 95% exactly: compare with a rounding margin
         ours = [r for r in mine if r.family == "ours" and ok(r)
-                and (r.int8_flop_fraction or 0) * 100 - (r.outlier_float_flop_pct or 0) >= 95.0]
+                and (r.int8_flop_fraction or 0) * 100 - (r.outlier_float_flop_pct or 0) >= 95.0 - 1e-6]
         best_peer = max(peers, key=lambda r: r.sqnr_db, default=None)
         best_built = max(buildable, key=lambda r: r.sqnr_db, default=None)
         best_ours = max(ours, key=lambda r: r.sqnr_db, default=None)
