@@ -1,7 +1,8 @@
 """Pattern-matching graph passes, one idea per file (installed as `segquant_onnx.passes`).
 
 Each pass detects (pure: returns plan data and reasons for declined matches) and rewrites (the only
-code that mutates the graph). Only the pipeline imports passes; the core never does.
+code that mutates the graph). Only the pipeline stages import passes (pipeline, rewrite); the
+other core modules never do.
 """
 
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations

@@ -2,13 +2,23 @@
 
     output: Split(MatMul(X, W) [+ b], sizes)        -> MatMul(X, W[:, seg_i]) [+ b[seg_i]]   for each i
             Slice_i(Gemm(X, W, C), a_i, b_i), ...   -> Gemm(X, W[seg_i], C[seg_i])           for each i
+            Split(Reshape(Y, [..., n, D]) [(+|*) c], axis=-2), one or more such Reshapes of Y = linear(X)
+                                                    -> Y := Concat([linear_i(X) for each i], -1)
     input:  MatMul(Concat([A, B], -1), W) [+ b]     -> Add(MatMul(A, W[:ka]), MatMul(B, W[ka:])) [+ b]
             Gemm(Concat([A, B], -1), W, C)          -> Add(Gemm(A, W_a, C), Gemm(B, W_b))
+            MatMul(Reshape(Concat([Unsqueeze(p_i, -2)...], -2) -> [..., n*D]), W)   (torch.stack(dim=-2))
+                                                    -> sum_i MatMul(p_i, W[i*D:(i+1)*D])
+            MatMul(Reshape(Concat([Unsqueeze(p_i, -1)...], -1) -> [..., D*n]), W)   (torch.stack(dim=-1))
+                                                    -> sum_i MatMul(p_i, W[i::n])   (interleaved rows)
 
 Each segment then becomes a linear site of its own, so quantization gives every input segment its own
 activation scale (and, with SmoothQuant, every output segment its own smoothing and scale). The
 rewrite is exact in float (up to summation order), so it runs before calibration: calibration then
 observes exactly the tensors the final sites quantize.
+
+The reshaped output cut is PixArt's adaLN-single: one `linear` (inner -> 6 inner) whose output every
+block reshapes to [B, 6, inner], adds its `scale_shift_table` to and chunks on axis 1. The segments
+are Concat'ed back into Y, so the per-block Reshapes, Adds and cuts stay as they are.
 
 heads (opt-in, `head_segments`): MatMul(Reshape(X[..., H, D] -> [..., H*D]), W)
             -> sum_h MatMul(Gather(X, h, axis=-2), W[h*D:(h+1)*D])
@@ -16,9 +26,11 @@ heads (opt-in, `head_segments`): MatMul(Reshape(X[..., H, D] -> [..., H*D]), W)
             off by default (TensorRT runs one K = H*D INT8 GEMM faster than H narrow ones).
 
 Preconditions: canonicalized graph (constant chunk bounds, shapes inferred); the weight is a 2-D
-constant; the cut is on the last axis. Output cuts need the linear's output (after an optional
-bias Add) to feed only the Split or the Slices, and the Slices to partition it. A float->float Cast
-between Concat and linear is looked through. Segment sizes may be unequal.
+constant; the cut is on the last axis (on the segment axis n of [..., n, D] after a Reshape). Output
+cuts need the linear's output (after an optional bias Add) to feed only the Split or the Slices, and
+the Slices to partition it; reshaped, it must feed only Reshapes with the same n whose copies (through
+elementwise ops with a constant) are all cut the same way. A float->float Cast between Concat (or the
+stack's Reshape) and linear is looked through. Segment sizes may be unequal.
 Runs first in the rewrite order, before DualScale and Q/DQ insertion.
 """
 
@@ -30,62 +42,9 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.graph_io import constant_values
 from segquant_onnx.naming import Namer
 from segquant_onnx.plan import DeclinedSite, SegmentMatch
-
-_INT64_MAX = np.iinfo(np.int64).max
-
-
-def _is_linear(node: gs.Node) -> bool:
-    return (node.op in ("MatMul", "Gemm") and len(node.inputs) >= 2 and isinstance(node.inputs[1], gs.Constant)
-            and not isinstance(node.inputs[0], gs.Constant) and len(node.inputs[1].shape) == 2)
-
-
-def _n_out(node: gs.Node) -> int:
-    w = node.inputs[1].shape
-    return w[0] if node.op == "Gemm" and node.attrs.get("transB", 0) else w[1]
-
-
-def _last_axis(axis: int, rank: int | None) -> bool:
-    return axis == -1 or (rank is not None and axis == rank - 1)
-
-
-def _bias_add(node: gs.Node) -> gs.Node | None:
-    """The `Add(y, b)` right after a MatMul when b is a constant vector over the output channels."""
-    y = node.outputs[0]
-    if node.op != "MatMul" or len(y.outputs) != 1 or y.outputs[0].op != "Add":
-        return None
-    add = y.outputs[0]
-    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-    if isinstance(other, gs.Constant) and other.shape is not None and tuple(other.shape) in ((_n_out(node),), (1,)):
-        return add
-    return None
-
-
-def _const_ints(t) -> list[int] | None:
-    return [int(v) for v in np.ravel(t.values)] if isinstance(t, gs.Constant) else None
-
-
-def _split_sizes(split: gs.Node, n: int) -> list[int] | None:
-    if len(split.inputs) > 1 and split.inputs[1].name:
-        return _const_ints(split.inputs[1])
-    if "split" in split.attrs:
-        return list(split.attrs["split"])
-    k = split.attrs.get("num_outputs", len(split.outputs))
-    step = -(-n // k)
-    return [min(step, n - i * step) for i in range(k)]
-
-
-def _slice_bounds(sl: gs.Node, n: int, rank: int | None) -> tuple[int, int] | str:
-    starts, ends = _const_ints(sl.inputs[1]), _const_ints(sl.inputs[2])
-    axes = _const_ints(sl.inputs[3]) if len(sl.inputs) > 3 and sl.inputs[3].name else None
-    steps = _const_ints(sl.inputs[4]) if len(sl.inputs) > 4 and sl.inputs[4].name else [1]
-    if starts is None or ends is None or (len(sl.inputs) > 3 and axes is None):
-        return "Slice bounds are not constant"
-    if len(starts) != 1 or steps != [1]:
-        return "Slice cuts more than one axis or has a step"
-    if axes is None or not _last_axis(axes[0], rank):
-        return "Slice is not on the last axis"
-    clamp = lambda v: max(0, min(n, v + n if v < 0 else v))
-    return clamp(starts[0]), clamp(ends[0])
+from segquant_onnx.passes.segment_patterns import (CUTS, bias_add, const_ints, float_source, is_linear, k_in,
+                                                   last_axis, layout_users, n_out, partition, splits_last_axis,
+                                                   trans_b, variable_bias)
 
 
 class SplitLinearBySegment:
@@ -97,65 +56,104 @@ class SplitLinearBySegment:
 
     # -- match + check --------------------------------------------------------------------------
     def check_output(self, node: gs.Node) -> tuple[SegmentMatch, list[gs.Node], gs.Node | None] | str | None:
-        """(match, cutting nodes in segment order, bias Add) or a reason, or None if no cut follows."""
-        add = _bias_add(node)
+        """(match, cutting nodes in segment order, bias Add) or a reason, or None if no cut follows.
+        Reshaped cuts have no cutting nodes to rewire: the segments are concatenated back."""
+        add = bias_add(node)
         y = (add or node).outputs[0]
-        cuts = [c for c in y.outputs if c.op in ("Split", "Slice")]
+        cuts = [c for c in y.outputs if c.op in CUTS]
         if not cuts:
-            return None
+            return self._check_reshaped_output(node, y, add)
         if len(cuts) != len(y.outputs):
             others = sorted({c.op for c in y.outputs if c not in cuts})
             return f"output also feeds {', '.join(others)}"
-        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name \
-                and not isinstance(node.inputs[2], gs.Constant):
+        if variable_bias(node):
             return "Gemm bias is not a constant"
-        n, rank = _n_out(node), len(y.shape) if y.shape is not None else None
-        if cuts[0].op == "Split":
-            split = cuts[0]
-            if len(cuts) > 1:
-                return "output feeds several Splits"
-            if not _last_axis(int(split.attrs.get("axis", 0)), rank):
-                return "Split is not on the last axis"
-            sizes = _split_sizes(split, n)
-            if sizes is None or sum(sizes) != n:
-                return "Split sizes are not constant or do not cover the output"
-            return SegmentMatch(node.name, "output", tuple(sizes), "Split"), [split], add
-        if len(cuts) < 2 or any(c.op != "Slice" for c in cuts):
-            return "output is cut by a single Slice or by mixed ops"
-        bounds = []
-        for sl in cuts:
-            b = _slice_bounds(sl, n, rank)
-            if isinstance(b, str):
-                return b
-            bounds.append((b, sl))
-        bounds.sort(key=lambda item: item[0])
-        edges = [b for b, _ in bounds]
-        if edges[0][0] != 0 or edges[-1][1] != n or any(a[1] != b[0] for a, b in zip(edges, edges[1:])):
-            return f"Slices {edges} do not partition the {n} output channels"
-        sizes = tuple(e - s for s, e in edges)
-        return SegmentMatch(node.name, "output", sizes, "Slice"), [sl for _, sl in bounds], add
+        found = partition(cuts, n_out(node), len(y.shape) if y.shape is not None else None)
+        if isinstance(found, str):
+            return found
+        sizes, via, ordered = found
+        return SegmentMatch(node.name, "output", sizes, via), ordered, add
+
+    def _check_reshaped_output(self, node: gs.Node, y: gs.Tensor, add: gs.Node | None):
+        reshapes = [c for c in y.outputs if c.op == "Reshape" and splits_last_axis(y, c)]
+        chains = [(r, layout_users(r.outputs[0])) for r in reshapes]
+        if not any(c.op in CUTS for _, users in chains for _, nodes in users for c in nodes):
+            return None  # nothing cuts the segment axis (e.g. heads: Reshape -> Transpose)
+        others = sorted({c.op for c in y.outputs if c not in reshapes})
+        if others:
+            return f"output also feeds {', '.join(others)}"
+        if len({r.outputs[0].shape[-2] for r in reshapes}) > 1:
+            return "Reshapes split the output into different numbers of segments"
+        if variable_bias(node):
+            return "Gemm bias is not a constant"
+        pieces, vias = set(), set()
+        for r, users in chains:
+            shape = r.outputs[0].shape
+            for t, nodes in users:
+                if not nodes or any(c.op not in CUTS for c in nodes):
+                    what = sorted({c.op for c in nodes if c.op not in CUTS}) or ["the graph output"]
+                    return f"reshaped output also feeds {', '.join(what)}"
+                found = partition(nodes, shape[-2], len(shape), -2, "the segment axis")
+                if isinstance(found, str):
+                    return found
+                pieces.add(found[0])
+                vias.add(found[1])
+        if len(pieces) > 1:
+            return f"the segment axis is cut differently by different consumers: {sorted(pieces)}"
+        d = reshapes[0].outputs[0].shape[-1]
+        sizes = tuple(k * d for k in pieces.pop())
+        return SegmentMatch(node.name, "output", sizes, "Reshape-" + "+".join(sorted(vias))), [], add
 
     def check_input(self, node: gs.Node) -> tuple[SegmentMatch, list[gs.Tensor]] | str | None:
-        x = node.inputs[0]
-        producer = x.inputs[0] if x.inputs else None
-        if producer is not None and producer.op == "Cast" and producer.attrs.get("to") == 1 \
-                and producer.inputs[0].dtype == np.float32:
-            x, producer = producer.inputs[0], (producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None)
+        x, producer = float_source(node.inputs[0])
         if producer is None or producer.op != "Concat":
             return None
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             return "Gemm with transA=1 reads its input transposed"
         rank = len(x.shape) if x.shape is not None else None
-        if not _last_axis(int(producer.attrs["axis"]), rank):
+        if not last_axis(int(producer.attrs["axis"]), rank):
             return "Concat is not on the last axis"
         parts = list(producer.inputs)
         sizes = [p.shape[-1] if p.shape else None for p in parts]
         if any(not isinstance(s, int) for s in sizes):
             return "Concat input widths are unknown"
-        k = node.inputs[1].shape[1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0]
-        if sum(sizes) != k or len(parts) < 2:
+        if sum(sizes) != k_in(node) or len(parts) < 2:
             return "Concat widths do not match the weight"
         return SegmentMatch(node.name, "input", tuple(sizes), "Concat"), parts
+
+    def check_stack(self, node: gs.Node) -> tuple[SegmentMatch, list[gs.Tensor]] | str | None:
+        """torch.stack(parts, dim=-2 or -1) merged by a Reshape into the linear's K axis:
+        Reshape(Concat([Unsqueeze(p_i, a)...], a) -> [..., n*D]), a one of the two merged axes."""
+        x, producer = float_source(node.inputs[0])
+        if producer is None or producer.op != "Reshape":
+            return None
+        stacked = producer.inputs[0]
+        concat = stacked.inputs[0] if stacked.inputs else None
+        if concat is None or concat.op != "Concat":
+            return None
+        unsqueezes = [p.inputs[0] if p.inputs else None for p in concat.inputs]
+        if len(unsqueezes) < 2 or any(u is None or u.op != "Unsqueeze" for u in unsqueezes):
+            return None  # not a stack
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return "Gemm with transA=1 reads its input transposed"
+        if stacked.shape is None or x.shape is None or len(stacked.shape) < 2 \
+                or not all(isinstance(v, int) for v in stacked.shape[-2:]):
+            return "stacked shapes are unknown"
+        rank, n = len(stacked.shape), len(unsqueezes)
+        axis = int(concat.attrs["axis"]) % rank
+        for u in unsqueezes:
+            axes = const_ints(u.inputs[1]) if len(u.inputs) > 1 else list(u.attrs.get("axes", []))
+            if axes is None or [a % rank for a in axes] != [axis]:
+                return "Concat is not on the axis its inputs were stacked on"
+        lead, last = stacked.shape[:-2], stacked.shape[-2] * stacked.shape[-1]
+        if len(x.shape) != rank - 1 or x.shape[-1] != last \
+                or any(a != b for a, b in zip(x.shape[:-1], lead) if isinstance(a, int) and isinstance(b, int)):
+            return "Reshape does not merge exactly the last two axes"
+        if axis < rank - 2:
+            return "stack is not on one of the two axes the Reshape merges"
+        d = last // n
+        via = "Stack" if axis == rank - 2 else "Stack-interleaved"
+        return SegmentMatch(node.name, "input", (d,) * n, via), [u.inputs[0] for u in unsqueezes]
 
     def check_heads(self, node: gs.Node) -> tuple[SegmentMatch, gs.Tensor] | str | None:
         """Heads merged before the linear: Reshape([..., H, D] -> [..., H*D]), possibly followed by
@@ -172,9 +170,9 @@ class SplitLinearBySegment:
                 t = producer.inputs[0]
                 continue
             if producer.op == "Slice":
-                axes = _const_ints(producer.inputs[3]) if len(producer.inputs) > 3 and producer.inputs[3].name else None
+                axes = const_ints(producer.inputs[3]) if len(producer.inputs) > 3 and producer.inputs[3].name else None
                 rank = len(t.shape) if t.shape is not None else None
-                if axes is None or rank is None or any(_last_axis(a, rank) for a in axes):
+                if axes is None or rank is None or any(last_axis(a, rank) for a in axes):
                     return None
                 t = producer.inputs[0]
                 continue
@@ -195,10 +193,10 @@ class SplitLinearBySegment:
         """Matches with the nodes/tensors the rewrite needs, and declined near-matches."""
         matches, declined = [], []
         for node in graph.nodes:
-            if not _is_linear(node):
+            if not is_linear(node):
                 continue
             for enabled, check in ((self.output_segments, self.check_output), (self.input_segments, self.check_input),
-                                   (self.head_segments, self.check_heads)):
+                                   (self.input_segments, self.check_stack), (self.head_segments, self.check_heads)):
                 result = check(node) if enabled else None
                 if isinstance(result, str):
                     declined.append(DeclinedSite(node.name, node.op, f"SegLinear: {result}"))
@@ -213,8 +211,19 @@ class SplitLinearBySegment:
         done = []
         for node, found in matches:
             match = found[0]
-            if match.kind == "output":
-                self._rewrite_output(graph, namer, node, *found)
+            if match.kind == "output" and match.via.startswith("Reshape-"):  # concatenate back into Y
+                add = found[2]
+                y = (add or node).outputs[0]
+                outs = self._rewrite_output(graph, namer, node, match, [None] * len(match.sizes), add)
+                (add or node).outputs.clear()
+                graph.nodes.append(gs.Node("Concat", namer(node.name, "seg_concat"), {"axis": -1},
+                                           inputs=outs, outputs=[y]))
+            elif match.kind == "output":
+                cuts = found[1]
+                targets = cuts[0].outputs if match.via == "Split" else [c.outputs[0] for c in cuts]
+                self._rewrite_output(graph, namer, node, match, list(targets), found[2])
+                for cut in cuts:
+                    cut.outputs.clear()
             elif match.via == "Reshape":  # one part per head: Gather(Reshape(X, [..., H, D]), h, axis=-2)
                 x, heads = found[1], len(match.sizes)
                 src = gs.Variable(namer(node.name, "heads"), dtype=x.dtype)
@@ -237,19 +246,21 @@ class SplitLinearBySegment:
         return done
 
     @staticmethod
-    def _weight_slice(node: gs.Node, w: np.ndarray, lo: int, hi: int, output: bool) -> np.ndarray:
-        trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)
-        cut_rows = trans_b if output else not trans_b  # W is [K, N], or [N, K] when transB=1
-        return np.ascontiguousarray(w[lo:hi] if cut_rows else w[:, lo:hi])
+    def _weight_slice(node: gs.Node, w: np.ndarray, cut: slice, output: bool) -> np.ndarray:
+        cut_rows = trans_b(node) if output else not trans_b(node)  # W is [K, N], or [N, K] when transB=1
+        return np.ascontiguousarray(w[cut] if cut_rows else w[:, cut])
 
-    def _rewrite_output(self, graph, namer, node, match, cuts, add):
+    def _rewrite_output(self, graph, namer, node, match, targets, add) -> list[gs.Variable]:
+        """One linear (+ bias Add) per segment, writing targets[i] (a new tensor where it is None)."""
         w = constant_values(node.inputs[1])
         x = node.inputs[0]
-        targets = cuts[0].outputs if match.via == "Split" else [c.outputs[0] for c in cuts]
-        lo = 0
+        dtype = (add or node).outputs[0].dtype
+        lo, written = 0, []
         for i, (size, target) in enumerate(zip(match.sizes, targets)):
             hi, layer = lo + size, namer(node.name, f"seg{i}")
-            w_i = gs.Constant(namer(layer, "weight"), self._weight_slice(node, w, lo, hi, output=True))
+            if target is None:
+                target = gs.Variable(namer(layer, "segment"), dtype=dtype)
+            w_i = gs.Constant(namer(layer, "weight"), self._weight_slice(node, w, slice(lo, hi), output=True))
             inputs = [x, w_i]
             if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
                 c = node.inputs[2]
@@ -265,9 +276,9 @@ class SplitLinearBySegment:
                 bv = constant_values(b)  # a [1] bias broadcasts: every segment gets it whole
                 b_i = b if bv.size == 1 else gs.Constant(namer(layer, "bias"), np.ascontiguousarray(bv[lo:hi]))
                 graph.nodes.append(gs.Node("Add", namer(layer, "bias_add"), inputs=[out, b_i], outputs=[target]))
+            written.append(target)
             lo = hi
-        for cut in cuts:
-            cut.outputs.clear()
+        return written
 
     def _rewrite_input(self, graph, namer, node, match, parts):
         w = constant_values(node.inputs[1])
@@ -276,7 +287,9 @@ class SplitLinearBySegment:
         lo = 0
         for i, (size, part) in enumerate(zip(match.sizes, parts)):
             hi, layer = lo + size, namer(node.name, f"seg{i}")
-            w_i = gs.Constant(namer(layer, "weight"), self._weight_slice(node, w, lo, hi, output=False))
+            # interleaved stack: merged channel j*n + i is part i's channel j, so part i reads rows i::n
+            cut = slice(i, None, len(parts)) if match.via == "Stack-interleaved" else slice(lo, hi)
+            w_i = gs.Constant(namer(layer, "weight"), self._weight_slice(node, w, cut, output=False))
             inputs = [part, w_i] + (list(node.inputs[2:]) if i == 0 else [])  # bias once
             out = gs.Variable(namer(layer, "output"), dtype=y.dtype)
             graph.nodes.append(gs.Node(node.op, layer, dict(node.attrs), inputs=inputs, outputs=[out]))

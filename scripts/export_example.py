@@ -1,19 +1,22 @@
-"""Export tiny diffusers transformers (SD3, FLUX) to ONNX, with calibration data.
+"""Export tiny diffusers transformers (SD3, FLUX, PixArt) to ONNX, with calibration data.
 
 The models are built from a fixed seed with random weights (nothing is downloaded), small enough that
 the ONNX file is a few hundred kB and export plus an ONNX Runtime check take seconds on a laptop CPU,
 yet they keep the structure the quantizer looks for: AdaLayerNorm ``Linear -> chunk``, GELU/SiLU
-before linears, sinusoidal timestep embedders, joint attention, and (FLUX) single blocks whose
-``proj_out`` reads ``Concat([attn, mlp])``.
+before linears, sinusoidal timestep embedders, joint attention, (FLUX) single blocks whose
+``proj_out`` reads ``Concat([attn, mlp])``, and (PixArt) adaLN-single: one ``Linear(inner, 6 inner)``
+whose output every block reshapes to [B, 6, inner], adds its own table to and chunks on axis 1.
 
-Every exported graph has static shapes (batch ``batch``, 1 by default), one output named ``out`` and
-the inputs ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep``. After
-export the graph is run with ONNX Runtime (CPU) and compared to PyTorch.
+Every exported graph has static shapes (batch ``batch``, 1 by default) and one output named ``out``.
+SD3 and FLUX take ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep``;
+PixArt takes ``hidden_states``, ``encoder_hidden_states``, ``timestep`` and, with its size conditions
+(``use_additional_conditions``, on in ``PIXART_TINY_CONFIG``), ``resolution`` and ``aspect_ratio``.
+After export the graph is run with ONNX Runtime (CPU) and compared to PyTorch.
 
 Usage::
 
     python scripts/export_example.py                      # regenerate segquant_onnx/data/example_dit*
-    python scripts/export_example.py --out-dir DIR [--model sd3|flux] [--dynamo] [--calib-samples 16]
+    python scripts/export_example.py --out-dir DIR [--model sd3|flux|pixart] [--dynamo] [--calib-samples 16]
 
 Importing this file needs only numpy; torch, diffusers, onnx and onnxruntime are imported inside the
 functions that use them.
@@ -37,6 +40,7 @@ BUNDLED_DIR = REPO_ROOT / "segquant_onnx" / "data"
 BUNDLED_NAME = "example_dit"
 
 INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+PIXART_INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "timestep", "resolution", "aspect_ratio")
 OUTPUT_NAME = "out"
 
 #: TorchScript exporter opset; the dynamo exporter writes opset 18 (its lowest native opset).
@@ -79,9 +83,29 @@ FLUX_TINY_CONFIG: dict[str, Any] = {
 FLUX_LATENT_SIZE = 16  # latent height = width before 2x2 packing -> 8 x 8 = 64 image tokens
 FLUX_TEXT_LEN = 16
 
+#: Tiny PixArt-alpha: inner dim 3 * 16 = 48. With ``use_additional_conditions`` the resolution (2 values)
+#: and aspect-ratio (1 value) embeddings, inner // 3 wide each, are concatenated to the timestep
+#: embedding, so the inner dim must be divisible by 3.
+PIXART_TINY_CONFIG: dict[str, Any] = {
+    "sample_size": 8,  # latent 8 x 8, patch 2 -> 16 image tokens
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 8,  # learned sigma: 2 x in_channels, as in PixArt-alpha
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 3,
+    "cross_attention_dim": 48,  # the inner dim: captions are projected to it
+    "caption_channels": 32,  # T5 width (4096 in the real model)
+    "norm_type": "ada_norm_single",
+    "use_additional_conditions": True,  # PixArt-alpha 1024: resolution and aspect-ratio embedders
+}
+PIXART_TEXT_LEN = 16
+PIXART_VAE_SCALE = 8  # pixels per latent: the resolution condition is the image size in pixels
+
 
 def input_shapes(model_kind: str, batch: int = 1) -> dict[str, tuple[int, ...]]:
-    """Shapes of the graph inputs of the tiny ``model_kind`` ("sd3" or "flux") at batch ``batch``."""
+    """Shapes of the graph inputs of the tiny ``model_kind`` ("sd3", "flux", "pixart") at batch ``batch``
+    (PixArt: with its size conditions; a model exported without them ignores the last two)."""
     if model_kind == "sd3":
         cfg = SD3_TINY_CONFIG
         size = cfg["sample_size"]
@@ -100,28 +124,46 @@ def input_shapes(model_kind: str, batch: int = 1) -> dict[str, tuple[int, ...]]:
             "pooled_projections": (batch, cfg["pooled_projection_dim"]),
             "timestep": (batch,),
         }
-    raise ValueError(f"unknown model kind {model_kind!r}; expected 'sd3' or 'flux'")
+    if model_kind == "pixart":
+        cfg = PIXART_TINY_CONFIG
+        size = cfg["sample_size"]
+        return {
+            "hidden_states": (batch, cfg["in_channels"], size, size),
+            "encoder_hidden_states": (batch, PIXART_TEXT_LEN, cfg["caption_channels"]),
+            "timestep": (batch,),
+            "resolution": (batch, 2),
+            "aspect_ratio": (batch, 1),
+        }
+    raise ValueError(f"unknown model kind {model_kind!r}; expected 'sd3', 'flux' or 'pixart'")
 
 
 def make_calibration(model_kind: str, n_samples: int, seed: int) -> dict[str, np.ndarray]:
     """Random but realistically distributed inputs, one array per graph input, axis 0 = samples.
 
     Latents, text embeddings and pooled embeddings are N(0, 1). The timestep follows each model's own
-    convention: SD3 takes the scheduler timestep, uniform in [0, 1000); FLUX takes sigma, uniform in
-    [0, 1) (the model multiplies it by 1000 itself). Each sample has batch 1, so the arrays have the
-    graph input shapes with the batch dimension replaced by ``n_samples``.
+    convention: SD3 and PixArt take the scheduler timestep, uniform in [0, 1000); FLUX takes sigma,
+    uniform in [0, 1) (the model multiplies it by 1000 itself). PixArt's size conditions are what its
+    pipeline passes for the one latent size the graph has: resolution (height, width) in pixels and
+    aspect ratio height / width = 1. Each sample has batch 1, so the arrays have the graph input shapes
+    with the batch dimension replaced by ``n_samples``.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     rng = np.random.default_rng(seed)
     shapes = input_shapes(model_kind, batch=n_samples)
-    t_max = 1000.0 if model_kind == "sd3" else 1.0
-    return {
+    t_max = 1.0 if model_kind == "flux" else 1000.0
+    data = {
         "hidden_states": rng.standard_normal(shapes["hidden_states"], dtype=np.float32),
         "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
-        "pooled_projections": rng.standard_normal(shapes["pooled_projections"], dtype=np.float32),
-        "timestep": rng.uniform(0.0, t_max, size=shapes["timestep"]).astype(np.float32),
     }
+    if "pooled_projections" in shapes:
+        data["pooled_projections"] = rng.standard_normal(shapes["pooled_projections"], dtype=np.float32)
+    data["timestep"] = rng.uniform(0.0, t_max, size=shapes["timestep"]).astype(np.float32)
+    if model_kind == "pixart":
+        pixels = PIXART_TINY_CONFIG["sample_size"] * PIXART_VAE_SCALE
+        data["resolution"] = np.full(shapes["resolution"], pixels, np.float32)
+        data["aspect_ratio"] = np.ones(shapes["aspect_ratio"], np.float32)
+    return data
 
 
 def _build_sd3(seed: int):
@@ -209,19 +251,75 @@ def _build_flux(seed: int, decompose_rms_norm: bool = False):
     return FluxWrapper(model).eval()
 
 
+def _build_pixart(seed: int, config: dict[str, Any]):
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**config).eval()
+    conditions = bool(config["use_additional_conditions"])
+
+    class PixArtWrapper(torch.nn.Module):
+        """Positional inputs (the size conditions only when the model uses them), one tensor output."""
+
+        input_names = PIXART_INPUT_NAMES if conditions else PIXART_INPUT_NAMES[:3]
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, timestep, resolution=None, aspect_ratio=None):
+            added = {"resolution": resolution, "aspect_ratio": aspect_ratio} if conditions else None
+            return self.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep=timestep,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+
+    return PixArtWrapper(model).eval()
+
+
+def _squeeze_dim_translation():
+    """``aten::squeeze.dim`` for the dynamo exporter: Identity where the static size of ``dim`` is not 1.
+
+    torch's ``squeeze(dim)`` is a no-op when that size is not 1, but torch 2.13's dynamo exporter
+    (onnxscript's torchlib ``aten_squeeze_dim``) always writes ``Squeeze(axes=[dim])``, which ONNX
+    rejects: PixArt's ``proj_out(...).squeeze(1)`` on [B, tokens, C] gives a model that ONNX Runtime
+    refuses to load ("Dimension of input 1 must be 1 instead of 16").
+    """
+    from onnxscript import opset18 as op
+
+    def squeeze_dim(self, dim: int):
+        size = self.shape[dim] if self.shape is not None else None
+        if isinstance(size, int) and size != 1:
+            return op.Identity(self)
+        return op.Squeeze(self, op.Constant(value_ints=[dim]))
+
+    return squeeze_dim
+
+
 def _export_and_verify(
-    wrapper, model_kind: str, config: dict[str, Any], out_path, dynamo: bool, seed: int, batch: int
+    wrapper, model_kind: str, config: dict[str, Any], out_path, dynamo: bool, seed: int, batch: int,
+    translations: dict | None = None,
 ) -> dict[str, Any]:
-    """Export ``wrapper`` to ``out_path``, check it with ONNX Runtime, return a summary dict."""
+    """Export ``wrapper`` to ``out_path``, check it with ONNX Runtime, return a summary dict.
+
+    The graph inputs are ``wrapper.input_names`` (default ``INPUT_NAMES``); ``translations`` is the
+    dynamo exporter's ``custom_translation_table``.
+    """
     import onnx
     import onnxruntime as ort
     import torch
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    names = tuple(getattr(wrapper, "input_names", INPUT_NAMES))
     # Verification inputs come from a seed distinct from the weights' and the calibration sets'.
     feeds = make_calibration(model_kind, n_samples=batch, seed=seed + 1000)
-    args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
+    feeds = {name: feeds[name] for name in names}
+    args = tuple(torch.from_numpy(feeds[name]) for name in names)
 
     with torch.no_grad():
         reference = wrapper(*args).numpy()
@@ -236,11 +334,12 @@ def _export_and_verify(
                 args,
                 f=str(out_path),
                 dynamo=True,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
                 opset_version=opset,
                 external_data=False,
                 optimize=True,
+                custom_translation_table=translations,
             )
         else:
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -250,7 +349,7 @@ def _export_and_verify(
                 args,
                 f=str(out_path),
                 dynamo=False,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
                 opset_version=opset,
                 do_constant_folding=True,
@@ -265,7 +364,7 @@ def _export_and_verify(
     onnx.checker.check_model(proto)
     graph_inputs = [i.name for i in proto.graph.input]
     graph_outputs = [o.name for o in proto.graph.output]
-    if graph_inputs != list(INPUT_NAMES) or graph_outputs != [OUTPUT_NAME]:
+    if graph_inputs != list(names) or graph_outputs != [OUTPUT_NAME]:
         raise RuntimeError(f"unexpected graph I/O: inputs {graph_inputs}, outputs {graph_outputs}")
 
     session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
@@ -286,7 +385,7 @@ def _export_and_verify(
         "seed": seed,
         "batch": batch,
         "config": dict(config),
-        "input_shapes": {name: tuple(feeds[name].shape) for name in INPUT_NAMES},
+        "input_shapes": {name: tuple(feeds[name].shape) for name in names},
         "output_shape": tuple(result.shape),
         "export_seconds": export_seconds,
         "max_abs_diff": max_abs,
@@ -307,7 +406,24 @@ def export_flux_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1) -> d
     return _export_and_verify(wrapper, "flux", FLUX_TINY_CONFIG, out_path, dynamo, seed, batch)
 
 
-EXPORTERS = {"sd3": export_sd3_tiny, "flux": export_flux_tiny}
+def export_pixart_tiny(
+    out_path, dynamo: bool, seed: int = 0, batch: int = 1, use_additional_conditions: bool | None = None
+) -> dict[str, Any]:
+    """Build the tiny PixArt-alpha transformer from ``seed``, export it to ``out_path`` and verify it.
+
+    ``use_additional_conditions`` overrides the config's (False: PixArt-Sigma style, no size inputs).
+    """
+    import torch
+
+    config = dict(PIXART_TINY_CONFIG)
+    if use_additional_conditions is not None:
+        config["use_additional_conditions"] = use_additional_conditions
+    wrapper = _build_pixart(seed, config)
+    translations = {torch.ops.aten.squeeze.dim: _squeeze_dim_translation()} if dynamo else None
+    return _export_and_verify(wrapper, "pixart", config, out_path, dynamo, seed, batch, translations)
+
+
+EXPORTERS = {"sd3": export_sd3_tiny, "flux": export_flux_tiny, "pixart": export_pixart_tiny}
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -335,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
 
     if args.out_dir is None and (args.model != "sd3" or args.dynamo):
-        parser.error("--out-dir is required with --model flux or --dynamo (the bundled example is SD3)")
+        parser.error("--out-dir is required with --model flux/pixart or --dynamo (the bundled example is SD3)")
     out_dir = args.out_dir if args.out_dir is not None else BUNDLED_DIR
     if args.name is not None:
         name = args.name

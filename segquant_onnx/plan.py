@@ -47,7 +47,10 @@ class SegmentMatch:
     """A linear whose output is cut (`output`) or whose input is glued (`input`) into segments.
 
     `sizes` are the segment widths along the last axis (output: of N; input: of K), in order;
-    `via` names the ops that expressed the cut (`Split`, `Slice`, `Concat`).
+    `via` names the ops that expressed the cut: `Split`, `Slice`, `Reshape-Split`/`Reshape-Slice`
+    (cut on the n axis of a [..., n, D] Reshape of the output), `Concat`, `Reshape` (heads), `Stack`
+    (torch.stack(dim=-2) merged by a Reshape: contiguous) and `Stack-interleaved` (stack(dim=-1):
+    segment i holds K channels i, i + n, i + 2n, ...).
     """
 
     linear: str

@@ -3,13 +3,17 @@
 - Property tests (hypothesis) over random rows, K, 2..6 unequal segments and 2-D/3-D activations:
   output cuts (Split with sizes, opset-18 `num_outputs`, opset-11 `split` attribute, Slice sets) after
   MatMul, MatMul + bias Add and Gemm; input cuts (Concat on the last axis, also through a float Cast)
-  before MatMul (+ bias) and Gemm. Each checks the match, the rewritten structure and that ONNX Runtime
-  gives the same numbers. Tolerance: float32 rounding of the accumulation, 1e-5 x max(|X| |W| + |b|)
-  (the bound on any partial sum; ~K * 2^-24 relative, with K <= 40 far below 1e-5).
+  before MatMul (+ bias) and Gemm; torch.stack(dim=-2 | -1) merged by a Reshape (contiguous or
+  interleaved weight rows, also through a Cast); linear outputs reshaped to [..., n, D] by one or more
+  consumers, optionally through an Add/Mul with a constant table, then cut on the n axis (PixArt's
+  adaLN-single). Each checks the match, the rewritten structure and that ONNX Runtime gives the same
+  numbers. Tolerance: float32 rounding of the accumulation, 1e-5 x max(|X| |W| + |b|) (the bound on any
+  partial sum; ~K * 2^-24 relative, with K <= 40 far below 1e-5), times max |table| after a Mul.
+- Stacks as both torch exporters write them (Unsqueeze + Concat + Reshape) are found and split exactly.
 - Declines with their reasons; the declined graph still computes the same thing.
-- Counts on tiny diffusers SD3 / FLUX exports from both exporters, derived from the model configs;
-  exactness of the dry rewrite there (SQNR > 100 dB: float rounding only, ~136 dB measured), Q/DQ on
-  every segment after quantization, and a TensorRT-RTX build.
+- Counts on tiny diffusers SD3 / FLUX / PixArt exports from both exporters, derived from the model
+  configs and diffusers' source; exactness of the dry rewrite there (SQNR > 100 dB: float rounding
+  only, 134-137 dB measured), Q/DQ on every segment after quantization, and a TensorRT-RTX build.
 
 The export fixtures live here rather than in `tests/passes/conftest.py`: a second conftest module
 would shadow `tests/conftest.py` for the sibling tests that `from conftest import ...`.
@@ -370,6 +374,203 @@ def test_switches_turn_each_pattern_off():
     assert rewrite(model, output_segments=False, input_segments=False)[1] == []
 
 
+# == 1c. input segments: torch.stack merged by a Reshape ==============================================
+def stack_case(draw, rng, form: str, d: int, count: int, interleaved: bool, batched: bool, cast: bool,
+               other_consumer: bool):
+    """parts X_i [..., d] -> Unsqueeze(axis) -> Concat(axis) -> Reshape [..., count*d] [-> Cast] -> linear."""
+    lead = draw(lead_dims(batched and form.startswith("matmul")))
+    rank = len(lead) + 2  # of the stacked tensor
+    axis = rank - 1 if interleaved else rank - 2
+    parts = [f"X{i}" for i in range(count)]
+    inits = {"axes": np.array([draw(st.sampled_from([axis, axis - rank]))], np.int64),
+             "shape": np.array(draw(st.sampled_from([lead + [count * d], [0] * len(lead) + [-1]])), np.int64)}
+    nodes = [helper.make_node("Unsqueeze", [p, "axes"], [f"u{i}"], name=f"unsqueeze{i}") for i, p in enumerate(parts)]
+    nodes += [helper.make_node("Concat", [f"u{i}" for i in range(count)], ["stacked"], name="stack",
+                               axis=draw(st.sampled_from([axis, axis - rank]))),
+              helper.make_node("Reshape", ["stacked", "shape"], ["merged"], name="merge")]
+    x = "merged"
+    if cast:
+        nodes.append(helper.make_node("Cast", ["merged"], ["merged_f"], name="cast", to=TensorProto.FLOAT))
+        x = "merged_f"
+    lin, lin_inits, w_kn, bias = linear_nodes(form, x, "y", count * d, draw(st.integers(1, 12)), rng, draw,
+                                              rows=lead[0], c_forms=("N", "MxN", None))
+    nodes += lin
+    inits.update(lin_inits)
+    outputs = [fvi("y")]
+    if other_consumer:
+        nodes.append(helper.make_node("Relu", ["merged"], ["extra"], name="relu"))
+        outputs.append(fvi("extra"))
+    model = make_model(nodes, [fvi(p, lead + [d]) for p in parts], outputs, inits, draw(st.sampled_from([13, 17, 18])))
+    feeds = {p: rng.standard_normal(lead + [d]).astype(np.float32) for p in parts}
+    merged = np.stack([feeds[p] for p in parts], axis=axis).reshape(lead + [count * d])
+    return model, feeds, inits, magnitude({"x": merged}, w_kn, bias)
+
+
+@pytest.mark.parametrize("form", LINEAR_FORMS)
+@PROPERTY
+@given(data=st.data(), d=st.integers(1, 8), count=st.integers(2, 5), interleaved=st.booleans(),
+       batched=st.booleans(), cast=st.booleans(), other_consumer=st.booleans())
+def test_stacked_input_segments_are_split_exactly(form, data, d, count, interleaved, batched, cast, other_consumer):
+    """stack(dim=-2): part i reads W rows [i*D, (i+1)*D); stack(dim=-1) interleaves: part i reads rows i::n."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    model, feeds, inits, mag = stack_case(data.draw, rng, form, d, count, interleaved, batched, cast, other_consumer)
+
+    graph, matches, declined, rewritten = rewrite(model)
+    assert declined == []
+    assert matches == [SegmentMatch(LINEAR, "input", (d,) * count, "Stack-interleaved" if interleaved else "Stack")]
+    for op, left in (("Concat", 1), ("Reshape", 1), ("Unsqueeze", count), ("Cast", 0)):
+        assert len(nodes_by_op(graph, op)) == left * int(other_consumer and op != "Cast"), op
+    segs = {n.name: n for n in graph.nodes if n.op in ("MatMul", "Gemm")}
+    assert sorted(segs) == sorted(f"{LINEAR}/seg{i}" for i in range(count))
+    for i in range(count):
+        seg = segs[f"{LINEAR}/seg{i}"]
+        assert seg.inputs[0].name == f"X{i}"  # reads its part directly
+        rows = slice(i, None, count) if interleaved else slice(i * d, (i + 1) * d)
+        w = inits["W"]  # [K, N], or [N, K] for Gemm transB=1
+        np.testing.assert_array_equal(const(seg.inputs[1]), w[:, rows] if form == "gemm_t1" else w[rows])
+        if form.startswith("gemm"):
+            assert gemm_attrs(seg) == gemm_attrs(original_linear(model))
+    assert len([n for n in nodes_by_op(graph, "Add") if n.name.startswith(f"{LINEAR}/seg_sum")]) == count - 1
+    assert_same_outputs(model, rewritten, feeds, mag)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_stacks_written_by_both_exporters_are_found_and_split_exactly(dynamo, tmp_path):
+    """`torch.stack(dim=-1).flatten(-2) -> Linear` and `torch.stack(dim=-2).reshape -> Linear`, as exported."""
+    torch = pytest.importorskip("torch")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    d, count, n_interleaved, n_contiguous = 8, 3, 5, 6  # the output widths tell the two linears apart
+
+    class Stacks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.interleaved = torch.nn.Linear(count * d, n_interleaved)
+            self.contiguous = torch.nn.Linear(count * d, n_contiguous, bias=False)
+
+        def forward(self, a, b, c):
+            y1 = self.interleaved(torch.stack([a, b, c], dim=-1).flatten(-2))
+            y2 = self.contiguous(torch.stack([a, b, c], dim=-2).reshape(a.shape[0], a.shape[1], count * d))
+            return y1, y2
+
+    torch.manual_seed(0)
+    module = Stacks().eval()
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal((2, 4, d)).astype(np.float32) for k in "abc"}
+    path = tmp_path / "stacks.onnx"
+    with torch.no_grad():
+        kwargs = {"external_data": False} if dynamo else {"do_constant_folding": True}
+        torch.onnx.export(module, tuple(torch.from_numpy(v) for v in feeds.values()), str(path), dynamo=dynamo,
+                          opset_version=18 if dynamo else 17, input_names=list(feeds),
+                          output_names=["interleaved", "contiguous"], **kwargs)
+    model = onnx.load(str(path))
+    graph = canonicalize(gs.import_onnx(model))
+    widths = {n.name: set(n.inputs[1].shape) - {count * d} for n in graph.nodes if n.op in ("MatMul", "Gemm")}
+    seg = SplitLinearBySegment()
+    found, declined = seg.detect(graph)
+    assert declined == []
+    assert sorted((m.via, m.sizes, widths[m.linear].pop()) for _, (m, *_) in found) == [
+        ("Stack", (d,) * count, n_contiguous), ("Stack-interleaved", (d,) * count, n_interleaved)]
+    seg.rewrite(graph, found)
+    stacked = np.stack(list(feeds.values()), axis=-1).reshape(2, 4, count * d)  # either order: same magnitudes
+    w = max(float(p.detach().abs().max()) for p in module.parameters())
+    assert_same_outputs(model, export_model(graph), feeds, float(np.abs(stacked).sum(-1).max()) * w + w)
+
+
+# == 1d. output segments cut after a Reshape (PixArt's adaLN-single) =================================
+@st.composite
+def compositions(draw, n: int):
+    """n split into 2..n consecutive pieces of random sizes."""
+    inner = sorted(draw(st.sets(st.integers(1, n - 1), min_size=1, max_size=n - 1)))
+    edges = [0, *inner, n]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+def axis_cut(cut: str, src: str, pieces, axis: int, prefix: str, draw, inits: dict) -> tuple[list, list[str]]:
+    """Nodes cutting `src` along `axis` into `pieces` (Split with sizes, or shuffled Slices); their outputs."""
+    outs = [f"{prefix}_out{j}" for j in range(len(pieces))]
+    if cut == "split":
+        inits[f"{prefix}_sizes"] = np.array(pieces, np.int64)
+        return [helper.make_node("Split", [src, f"{prefix}_sizes"], outs, name=f"{prefix}_split", axis=axis)], outs
+    nodes = []
+    for j, (lo, hi) in enumerate(bounds(pieces)):
+        inits.update({f"{prefix}_s{j}": np.array([lo]), f"{prefix}_e{j}": np.array([hi]),
+                      f"{prefix}_a{j}": np.array([axis])})
+        nodes.append(helper.make_node("Slice", [src, f"{prefix}_s{j}", f"{prefix}_e{j}", f"{prefix}_a{j}"],
+                                      [outs[j]], name=f"{prefix}_slice{j}"))
+    return [nodes[i] for i in draw(st.permutations(range(len(nodes))))], outs
+
+
+@pytest.mark.parametrize("cut", ["split", "slices"])
+@pytest.mark.parametrize("form", LINEAR_FORMS)
+@PROPERTY
+@given(data=st.data(), n=st.integers(2, 6), d=st.integers(1, 6), consumers=st.integers(1, 3), batched=st.booleans())
+def test_reshaped_output_segments_are_split_exactly(form, cut, data, n, d, consumers, batched):
+    """Y = linear(X); every consumer: Reshape(Y, [..., n, d]) [-> Add/Mul with a constant table] -> cut on
+    the n axis. The segments are concatenated back into Y; Reshapes, tables and cuts stay as they are."""
+    draw = data.draw
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    lead = draw(lead_dims(batched and form.startswith("matmul")))
+    rank = len(lead) + 2  # of the reshaped tensor
+    k = draw(st.integers(1, 16))
+    nodes, inits, w_kn, bias = linear_nodes(form, "X", "y", k, n * d, rng, draw, rows=lead[0],
+                                            c_forms=("N", "1xN", "1", "MxN", None))
+    pieces = draw(compositions(n))
+    outputs, scale, tables = [], 1.0, 0
+    for c in range(consumers):
+        inits[f"shape{c}"] = np.array(draw(st.sampled_from([lead + [n, d], [0] * len(lead) + [n, -1]])), np.int64)
+        nodes.append(helper.make_node("Reshape", ["y", f"shape{c}"], [f"r{c}"], name=f"reshape{c}"))
+        src = f"r{c}"
+        op = draw(st.sampled_from([None, "Add", "Mul"]))
+        if op is not None:  # PixArt: scale_shift_table[None] + timestep.reshape(B, 6, -1)
+            table = rng.standard_normal(draw(st.sampled_from([[n, d], [1] * len(lead) + [n, d], [n, 1], [d]])))
+            inits[f"table{c}"] = table.astype(np.float32)
+            ins = [src, f"table{c}"] if draw(st.booleans()) else [f"table{c}", src]
+            nodes.append(helper.make_node(op, ins, [f"t{c}"], name=f"table{c}"))
+            src, tables = f"t{c}", tables + 1
+            scale = max(scale, float(np.abs(table).max())) if op == "Mul" else scale
+        cut_nodes_c, outs = axis_cut(cut, src, pieces, draw(st.sampled_from([-2, rank - 2])), f"c{c}", draw, inits)
+        nodes += cut_nodes_c
+        outputs += outs
+    model = make_model(nodes, [fvi("X", lead + [k])], [fvi(o) for o in outputs], inits,
+                       draw(st.sampled_from([13, 17, 18])))
+    feeds = {"X": rng.standard_normal(lead + [k]).astype(np.float32)}
+
+    graph, matches, declined, rewritten = rewrite(model)
+    assert declined == []
+    sizes = tuple(p * d for p in pieces)
+    assert matches == [SegmentMatch(LINEAR, "output", sizes, f"Reshape-{'Split' if cut == 'split' else 'Slice'}")]
+    segs = check_segment_weights(graph, sizes, inits["W"], form, output=True)
+    (concat,) = nodes_by_op(graph, "Concat")
+    assert concat.name == f"{LINEAR}/seg_concat" and concat.attrs["axis"] == -1 and concat.outputs[0].name == "y"
+    for seg, t in zip(segs, concat.inputs):  # segment i (after its bias Add) is the Concat's i-th input
+        producer = t.inputs[0]
+        assert producer is seg or (producer.op == "Add" and producer.inputs[0] is seg.outputs[0])
+        if form.startswith("gemm"):
+            assert gemm_attrs(seg) == gemm_attrs(original_linear(model))
+    # downstream untouched: every Reshape, table op and cut is still there, in the same number
+    assert len(nodes_by_op(graph, "Reshape")) == consumers
+    assert len([n for n in graph.nodes if n.name.startswith("table")]) == tables
+    assert len(nodes_by_op(graph, "Split" if cut == "split" else "Slice")) == consumers * (
+        1 if cut == "split" else len(pieces))
+    assert_same_outputs(model, rewritten, feeds, magnitude(feeds, w_kn, bias) * scale)
+
+
+def test_reshape_without_a_cut_is_neither_a_match_nor_a_decline():
+    """Heads (Reshape -> Transpose) and a cut behind a non-constant Add are not segments of the linear."""
+    rng = np.random.default_rng(5)
+    inits = {"W": rng.standard_normal((8, 12)).astype(np.float32), "heads": np.array([2, 3, 4], np.int64),
+             "sizes": np.array([1, 2], np.int64)}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["y"], name=LINEAR),
+             helper.make_node("Reshape", ["y", "heads"], ["r"], name="split_heads"),
+             helper.make_node("Transpose", ["r"], ["t"], name="transpose", perm=[1, 0, 2]),
+             helper.make_node("Add", ["r", "Z"], ["z"], name="add_input"),
+             helper.make_node("Split", ["z", "sizes"], ["o0", "o1"], name="cut", axis=1)]
+    model = make_model(nodes, [fvi("X", [2, 8]), fvi("Z", [2, 3, 4])], [fvi("t"), fvi("o0"), fvi("o1")], inits)
+    _, matches, declined, _ = rewrite(model)
+    assert matches == [] and declined == []
+
+
 # == 2. declines ======================================================================================
 def _output_model(cuts, extra_nodes=(), extra_outputs=(), shape=(4, 8), n=12, bias: np.ndarray | None = None):
     rng = np.random.default_rng(3)
@@ -486,6 +687,101 @@ DECLINES = {
 }
 
 
+def _stack_model(part_shape, unsqueeze_axis: int, concat_axis: int, merged_shape, n: int = 5, count: int = 2,
+                 gemm_trans_a: bool = False):
+    """Parts [part_shape] -> Unsqueeze -> Concat -> Reshape(merged_shape) -> MatMul (or Gemm transA=1)."""
+    rng = np.random.default_rng(7)
+    feeds = {f"P{i}": rng.standard_normal(part_shape).astype(np.float32) for i in range(count)}
+    k = merged_shape[0] if gemm_trans_a else merged_shape[-1]
+    inits = {"W": rng.standard_normal((k, n)).astype(np.float32), "axes": np.array([unsqueeze_axis]),
+             "shape": np.array(merged_shape)}
+    nodes = [helper.make_node("Unsqueeze", [p, "axes"], [f"u{i}"], name=f"unsqueeze{i}") for i, p in enumerate(feeds)]
+    nodes += [helper.make_node("Concat", [f"u{i}" for i in range(count)], ["stacked"], name="stack", axis=concat_axis),
+              helper.make_node("Reshape", ["stacked", "shape"], ["merged"], name="merge"),
+              helper.make_node("Gemm", ["merged", "W"], ["y"], name=LINEAR, transA=1) if gemm_trans_a
+              else helper.make_node("MatMul", ["merged", "W"], ["y"], name=LINEAR)]
+    return nodes, feeds, inits
+
+
+def _stack_decline(*args, dims=None, **kwargs):
+    nodes, feeds, inits = _stack_model(*args, **kwargs)
+    return _small_model(nodes, feeds, {"y": None}, inits, dims=dims)
+
+
+def _reshaped_model(cuts, extra_nodes=(), extra_outputs=()):
+    """y = MatMul(X[4, 8], W[8, 12]); per cut (n, split sizes, axis): Reshape(y, [4, n, 12 / n]) -> Split."""
+    rng = np.random.default_rng(8)
+    inits = {"W": rng.standard_normal((8, 12)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["y"], name=LINEAR)]
+    outs = []
+    for c, (n, sizes, axis) in enumerate(cuts):
+        inits.update({f"shape{c}": np.array([4, n, 12 // n]), f"sizes{c}": np.array(sizes)})
+        names = [f"o{c}_{j}" for j in range(len(sizes))]
+        nodes += [helper.make_node("Reshape", ["y", f"shape{c}"], [f"r{c}"], name=f"reshape{c}"),
+                  helper.make_node("Split", [f"r{c}", f"sizes{c}"], names, name=f"cut{c}", axis=axis)]
+        outs += names
+    return _small_model(nodes + list(extra_nodes), {"X": _x(4, 8)}, {o: None for o in outs + list(extra_outputs)},
+                        inits)
+
+
+def _reshaped_slices(bounds_on_n):
+    rng = np.random.default_rng(9)
+    inits = {"W": rng.standard_normal((8, 12)).astype(np.float32), "shape": np.array([4, 3, 4]), "a": np.array([-2])}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["y"], name=LINEAR),
+             helper.make_node("Reshape", ["y", "shape"], ["r"], name="reshape")]
+    for j, (lo, hi) in enumerate(bounds_on_n):
+        inits.update({f"s{j}": np.array([lo]), f"e{j}": np.array([hi])})
+        nodes.append(helper.make_node("Slice", ["r", f"s{j}", f"e{j}", "a"], [f"o{j}"], name=f"slice{j}"))
+    return _small_model(nodes, {"X": _x(4, 8)}, {f"o{j}": None for j in range(len(bounds_on_n))}, inits)
+
+
+DECLINES.update({
+    # torch.stack merged by a Reshape: near-misses
+    "stack: Concat on another axis than the Unsqueeze": (
+        lambda: _stack_decline((2, 4), -2, -1, [2, 8]), "SegLinear: Concat is not on the axis its inputs were stacked on"),
+    "stack: Reshape merges three axes": (
+        lambda: _stack_decline((2, 3, 4), -2, -2, [2, 24]), "SegLinear: Reshape does not merge exactly the last two axes"),
+    "stack: Reshape to another split of the axes": (
+        lambda: _stack_decline((2, 4), -2, -2, [4, 4]), "SegLinear: Reshape does not merge exactly the last two axes"),
+    "stack: on axis 0": (
+        lambda: _stack_decline((2, 4), 0, 0, [3, 8], count=3),
+        "SegLinear: stack is not on one of the two axes the Reshape merges"),
+    "stack: unknown part widths": (
+        lambda: _stack_decline((2, 4), -1, -1, [2, 8], dims={"P0": [2, "a"], "P1": [2, "a"]}),
+        "SegLinear: stacked shapes are unknown"),
+    "stack: Gemm transA=1": (
+        lambda: _stack_decline((3, 2), -2, -2, [3, 4], gemm_trans_a=True),
+        "SegLinear: Gemm with transA=1 reads its input transposed"),
+    # linear -> Reshape [..., n, D] -> cut on the n axis: near-misses
+    "reshaped: output also feeds another op": (
+        lambda: _reshaped_model([(3, [1, 1, 1], -2)], [helper.make_node("Relu", ["y"], ["relu"], name="relu")],
+                                ["relu"]), "SegLinear: output also feeds Relu"),
+    "reshaped: copy also feeds another op": (
+        lambda: _reshaped_model([(3, [1, 1, 1], 1)], [helper.make_node("Relu", ["r0"], ["relu"], name="relu")],
+                                ["relu"]), "SegLinear: reshaped output also feeds Relu"),
+    "reshaped: different segment counts": (
+        lambda: _reshaped_model([(3, [1, 1, 1], -2), (2, [1, 1], -2)]),
+        "SegLinear: Reshapes split the output into different numbers of segments"),
+    "reshaped: cut differently": (
+        lambda: _reshaped_model([(3, [1, 1, 1], -2), (3, [2, 1], -2)]),
+        "SegLinear: the segment axis is cut differently by different consumers: [(1, 1, 1), (2, 1)]"),
+    "reshaped: Split on the last axis": (
+        lambda: _reshaped_model([(3, [2, 2], -1)]), "SegLinear: Split is not on the segment axis"),
+    "reshaped: a copy is a graph output": (
+        lambda: _reshaped_model([(3, [1, 1, 1], -2)], [helper.make_node("Reshape", ["y", "shape0"], ["kept"],
+                                                                         name="reshape_kept")], ["kept"]),
+        "SegLinear: reshaped output also feeds the graph output"),
+    "reshaped: Gemm bias not constant": (
+        lambda: _small_model([helper.make_node("Gemm", ["X", "W", "C"], ["y"], name=LINEAR),
+                              helper.make_node("Reshape", ["y", "shape"], ["r"], name="reshape"),
+                              helper.make_node("Split", ["r", "sizes"], ["o0", "o1"], name="cut", axis=1)],
+                             {"X": _x(2, 8), "C": _x(12)}, {"o0": None, "o1": None},
+                             {"W": _W, "shape": np.array([2, 2, 6]), "sizes": np.array([1, 1])}),
+        "SegLinear: Gemm bias is not a constant"),
+    "reshaped: Slices leave a gap": (
+        lambda: _reshaped_slices([(0, 1), (2, 3)]), "SegLinear: Slices [(0, 1), (2, 3)] do not partition the 3 segments"),
+})
+
 @pytest.mark.parametrize("case", list(DECLINES))
 def test_declines_with_a_reason_and_leaves_the_graph_exact(case):
     build, reason = DECLINES[case]
@@ -549,7 +845,7 @@ def _export_script():
     return module
 
 
-EXPORTS = [("sd3", False), ("sd3", True), ("flux", False), ("flux", True)]
+EXPORTS = [("sd3", False), ("sd3", True), ("flux", False), ("flux", True), ("pixart", False), ("pixart", True)]
 
 
 @pytest.fixture(scope="module", params=EXPORTS, ids=[f"{k}-{'dynamo' if d else 'torchscript'}" for k, d in EXPORTS])
@@ -574,8 +870,29 @@ def tiny_dit(request, tmp_path_factory):
 TIMESTEP_HALVES = (128, 128)
 
 
+def pixart_segments(cfg: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """PixArtTransformer2DModel (norm_type "ada_norm_single"), from diffusers' source."""
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    # AdaLayerNormSingle.linear = Linear(inner, 6 inner), computed once and shared: every
+    # BasicTransformerBlock does (scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1),
+    # so one linear with 6 segments of inner, however many blocks read it
+    out = {"/adaln_single/linear/": (inner,) * 6}
+    # PixArtAlphaCombinedTimestepSizeEmbeddings: time_proj = Timesteps(256) -> timestep_embedder.linear_1
+    inputs = {"/timestep_embedder/linear_1/": TIMESTEP_HALVES}
+    if cfg["use_additional_conditions"]:
+        # additional_condition_proj = Timesteps(256) too, read by both size embedders' linear_1
+        inputs["/resolution_embedder/linear_1/"] = TIMESTEP_HALVES
+        inputs["/aspect_ratio_embedder/linear_1/"] = TIMESTEP_HALVES
+    # no more: the output layer's (scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
+    # broadcasts one embedding over 2 rows (no linear output is cut); the caption projection, attention
+    # and "gelu-approximate" feed-forward linears are not cut
+    return {"output": out, "input": inputs}
+
+
 def expected_segments(kind: str, script) -> dict[str, dict[str, tuple[int, ...]]]:
     """Segment sizes the architecture has, keyed by a substring of the TorchScript node name."""
+    if kind == "pixart":
+        return pixart_segments(script.PIXART_TINY_CONFIG)
     if kind == "sd3":
         cfg = script.SD3_TINY_CONFIG
         inner, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_layers"]
@@ -621,7 +938,8 @@ def test_counts_and_sizes_on_real_exports(tiny_dit, dry_dit):
     for seg_kind in ("output", "input"):
         found = [m for m in plan.segments if m.kind == seg_kind]
         assert sorted(m.sizes for m in found) == sorted(expected[seg_kind].values()), seg_kind
-        assert {m.via for m in found} == ({"Concat"} if seg_kind == "input" else {"Split" if dynamo else "Slice"})
+        cut = ("Reshape-" if kind == "pixart" else "") + ("Split" if dynamo else "Slice")  # PixArt: adaLN-single
+        assert {m.via for m in found} == ({"Concat"} if seg_kind == "input" else {cut})
         if not dynamo:  # TorchScript node names carry the module path: check each site by name
             for m in found:
                 (key,) = [k for k in expected[seg_kind] if k in m.linear]
@@ -638,6 +956,24 @@ def test_dry_rewrite_is_exact_on_real_exports(tiny_dit, dry_dit):
         assert m.linear not in names and {f"{m.linear}/seg{i}" for i in range(len(m.sizes))} <= names
     sqnr = dry_dit.report["output_error"]["out"]["sqnr_db"]
     assert sqnr > 100, f"dry rewrite changed the output: {sqnr:.1f} dB"
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_pixart_without_size_conditions(dynamo, tmp_path):
+    """PixArt-Sigma style (use_additional_conditions=False): no size embedders, the rest as in PixArt-alpha."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    script = _export_script()
+    path = tmp_path / "pixart_sigma.onnx"
+    script.export_pixart_tiny(path, dynamo=dynamo, use_additional_conditions=False)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == list(script.PIXART_INPUT_NAMES[:3])
+    plan = inspect_model(path)
+    expected = pixart_segments({**script.PIXART_TINY_CONFIG, "use_additional_conditions": False})
+    assert [d for d in plan.declined if d.reason.startswith("SegLinear:")] == []
+    for seg_kind in ("output", "input"):
+        assert sorted(m.sizes for m in plan.segments if m.kind == seg_kind) == sorted(expected[seg_kind].values())
 
 
 @pytest.fixture(scope="module")
@@ -689,8 +1025,8 @@ def test_every_segment_gets_its_own_qdq_and_int8_weight(quantized_dit):
 
 def test_tensorrt_rtx_parses_and_builds_segments(quantized_dit):
     _, out, dynamo, kind = quantized_dit
-    if (kind, dynamo) not in {("sd3", False), ("flux", True)}:
-        pytest.skip("one export per exporter is enough")
+    if (kind, dynamo) not in {("sd3", False), ("flux", True), ("pixart", False), ("pixart", True)}:
+        pytest.skip("one export per exporter is enough (PixArt: both, for the segments concatenated back)")
     pytest.importorskip("tensorrt_rtx_bindings")
     from segquant_onnx.tensorrt_build import build_engine
 
