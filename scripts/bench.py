@@ -2,8 +2,9 @@
 
 Models: the bundled example DiT (random weights), the bundled *trained* demo DiT (``demo``; and
 ``demo-dynamo``: its saved checkpoint re-exported with the dynamo exporter, same calib/eval data), and tiny
-SD3 / FLUX transformers exported with the TorchScript and the dynamo exporter. (``sd3-ts`` is still
-accepted by ``--models`` but is not run by default: it is the same model as ``example``.)
+SD3 / FLUX transformers exported with the TorchScript and the dynamo exporter, and a tiny PixArt-alpha
+(dynamo; ``pixart-ts`` on request). (``sd3-ts`` is still accepted by ``--models`` but is not run by
+default: it is the same model as ``example``.)
 
 Methods: the FP32 reference; segquant-onnx as a feature matrix (naive INT8, each feature alone on top of
 it, the shipped default, and the default plus SmoothQuant / outlier channels / a 40 dB target; every row
@@ -25,7 +26,7 @@ and entropy calibration. For every (model, method) this script records:
   whether TensorRT-RTX parses the model and builds an engine (``segquant_onnx.tensorrt_build``).
 
 Then, on the models that have them: per-layer SQNR with and without SegLinear (example, demo,
-flux-dynamo); ONNX Runtime CPU latency of FP32 / naive INT8 / default / +DualScale all in one process
+flux-dynamo, pixart-dynamo); ONNX Runtime CPU latency of FP32 / naive INT8 / default / +DualScale all in one process
 (demo, flux-dynamo); image PSNR/SSIM of sampled digits vs FP32 (demo).
 
 It prints Markdown tables and writes them, with the machine, versions and the command, to
@@ -77,9 +78,9 @@ DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
 CALIB_SAMPLES, CALIB_SEED = 16, 1
 EVAL_SAMPLES, EVAL_SEED = 8, 2
 
-ALL_MODELS = ("example", "demo", "demo-dynamo", "sd3-dynamo", "flux-ts", "flux-dynamo")
+ALL_MODELS = ("example", "demo", "demo-dynamo", "sd3-dynamo", "flux-ts", "flux-dynamo", "pixart-dynamo")
 # accepted by --models, not run by default: sd3-ts is the bundled example (same weights, same graph, same data)
-OPTIONAL_MODELS = ("sd3-ts",)
+OPTIONAL_MODELS = ("sd3-ts", "pixart-ts")
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # ops that only move or relabel a weight between its DequantizeLinear and the linear op reading it
@@ -124,7 +125,7 @@ ORT_VARIANTS = (
 )
 MODELOPT_METHODS = ("max", "entropy")
 
-PER_LAYER_MODELS = ("example", "demo", "flux-dynamo")  # per-layer SQNR, naive INT8 vs +SegLinear
+PER_LAYER_MODELS = ("example", "demo", "flux-dynamo", "pixart-dynamo")  # per-layer SQNR, naive INT8 vs +SegLinear
 LATENCY_MODELS = ("demo", "flux-dynamo")
 LATENCY_METHODS = ("FP32 reference", "naive INT8", "default", "+DualScale all")
 LATENCY_RUNS, LATENCY_WARMUP = 30, 5
@@ -381,7 +382,7 @@ def prepare_models(names: list[str], work_dir: Path) -> list[ModelCase]:
         kind, which = name.split("-")
         dynamo = which == "dynamo"
         onnx_path = model_dir / f"{name}.onnx"
-        export = exporter.export_sd3_tiny if kind == "sd3" else exporter.export_flux_tiny
+        export = getattr(exporter, f"export_{kind}_tiny")
         log.info("exporting %s (dynamo=%s) -> %s", kind, dynamo, onnx_path)
         with contextlib.redirect_stdout(sys.stderr):  # torch.onnx's progress lines are not the report
             info = export(onnx_path, dynamo=dynamo)
@@ -1118,7 +1119,7 @@ def ratio_table(rows: list[ResultRow]) -> str:
 
 def per_layer_tables(entries: list[dict]) -> str:
     if not entries:
-        return "(not run: none of the models example, demo, flux-dynamo was selected)"
+        return f"(not run: none of the models {', '.join(PER_LAYER_MODELS)} was selected)"
     lines = ["| model | method | layers | min dB | median dB | mean dB | output SQNR dB |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
