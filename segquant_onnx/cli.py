@@ -50,6 +50,7 @@ def _config(args) -> QuantConfig:
         outlier_channels=getattr(args, "outlier_channels", "off"),
         outlier_max_flop_pct=getattr(args, "outlier_flops", 2.0),
         outlier_min_gain_db=getattr(args, "outlier_min_gain", 0.05),
+        outlier_ratio=getattr(args, "outlier_ratio", 8.0),
     )
 
 
@@ -158,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant per site: auto searches alpha in {0.25, 0.5, 0.75} or none by layer error on a "
                         "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
     q.add_argument("--outlier-channels", default="off", metavar="auto|off|N",
-                   help="run up to N outlier input channels per linear (calibration abs-max > 8x the median "
-                        "channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, by the "
+                   help="run up to N outlier input channels per linear (calibration abs-max > --outlier-ratio x "
+                        "the median channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, by the "
                         "output SQNR on held-back calibration feeds (default: %(default)s)")
+    q.add_argument("--outlier-ratio", type=float, default=8.0, metavar="X",
+                   help="an outlier channel's calibration abs-max exceeds X times the median channel's "
+                        "(default: %(default)s)")
     q.add_argument("--outlier-min-gain", type=float, default=0.05, metavar="DB",
                    help="with --outlier-channels auto: a site takes more outlier channels only if the held-back "
                         "output SQNR gains more than DB (default: %(default)s)")

@@ -97,6 +97,9 @@ class QuantConfig:
         if self.outlier_channels not in ("off", "auto") and not (
                 self.outlier_channels.isdigit() and int(self.outlier_channels) >= 0):
             raise UserError(f"--outlier-channels '{self.outlier_channels}' must be auto, off or a channel count.")
+        if not self.outlier_ratio > 1.0:
+            raise UserError(f"--outlier-ratio {self.outlier_ratio} must be greater than 1 (a multiple of the median "
+                            "channel's abs-max).")
         if self.outlier_min_gain_db < 0:
             raise UserError(f"--outlier-min-gain {self.outlier_min_gain_db} must be at least 0 dB.")
         if not 0.0 <= self.max_fallback_pct <= 100.0:

@@ -234,6 +234,7 @@ def test_output_directory_not_writable_is_reported_before_any_work(capsys, tmp_p
     (["--batch-size", "0"], "--batch-size"),
     (["--providers", "NoSuchExecutionProvider"], "NoSuchExecutionProvider"),
     (["--outlier-channels", "auto", "--outlier-min-gain", "-1"], "--outlier-min-gain"),
+    (["--outlier-channels", "4", "--outlier-ratio", "0.5"], "--outlier-ratio"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, tmp_path, model, calib, argv, needle):
     code, _, err = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "q.onnx", "-q", *argv)
