@@ -413,13 +413,15 @@ def iter_samples(npz_path: Path):
 
 
 def run_ours(case: ModelCase, method: OursMethod, out_dir: Path, timeout_s: float) -> QuantRun:
-    """segquant-onnx's Python API with ``QuantConfig(**method.fields)``, in this script's worker. Its run
-    includes its own output-error evaluation on the eval set."""
+    """segquant-onnx's Python API with ``QuantConfig(**method.fields)``, in this script's worker. The timed
+    rows skip its own output-error measurement (as the peers do not measure); the others run it on the
+    eval set, as a cross-check of the benchmark's SQNR."""
     out = out_dir / f"ours-{method.slug}.onnx"
     report = out_dir / f"ours-{method.slug}.json"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_ours-worker", str(case.onnx_path),
-           str(case.calib_path), str(case.eval_path), str(out), str(report), json.dumps(method.fields)]
+           str(case.calib_path), "-" if method.timed else str(case.eval_path), str(out), str(report),
+           json.dumps(method.fields)]
     run = _finish(cmd, out, out_dir / f"ours-{method.slug}.log", timeout_s)
     if run.error is None and report.is_file():
         run.report = json.loads(report.read_text())
@@ -433,8 +435,9 @@ def ours_worker(model: str, calib: str, eval_data: str, out: str, report: str, f
     """Runs inside the measured subprocess: segquant-onnx with the given QuantConfig fields."""
     from segquant_onnx import QuantConfig, quantize
 
-    quantize(model, calib, QuantConfig(**json.loads(fields)), output=out, force=True, eval_data=eval_data,
-             report_path=report, progress=False)
+    skip = eval_data == "-"
+    quantize(model, calib, QuantConfig(**json.loads(fields)), output=out, force=True,
+             eval_data=None if skip else eval_data, report_path=report, progress=False, evaluate=not skip)
     return 0
 
 
@@ -1263,9 +1266,10 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
         " (via `os.wait4`) of the quantizer's own process, interpreter start-up and imports included (each is"
         " started by a minimal `python -S` launcher that forks it and reads its rusage, since on Linux a child"
         " started straight from the benchmark process would inherit the benchmark's own peak RSS)."
-        " segquant-onnx runs `segquant_onnx.quantize(model, calib, QuantConfig(...), eval_data=eval)` in a"
-        " worker process; that includes its built-in output-error evaluation on the eval set (FP + quantized"
-        " model), which cannot be skipped.",
+        " segquant-onnx runs `segquant_onnx.quantize(model, calib, QuantConfig(...), ...)` in a worker process:"
+        " the timed rows (naive INT8, default) with `evaluate=False` (`--no-eval`: like the peers, no"
+        " output-error measurement), the other rows with `eval_data=eval` (their time includes that"
+        " measurement, and they fill the **tool's own SQNR** column).",
         "- **size KiB**: output .onnx (plus external data, if any). **Q/DQ nodes**: QuantizeLinear +"
         " DequantizeLinear. **quantized weights**: MatMul/Gemm/Conv nodes reading a constant weight through"
         " a DequantizeLinear / all MatMul/Gemm/Conv nodes with a constant weight, both counted in that"

@@ -86,8 +86,12 @@ def _cmd_quantize(args) -> int:
             raise UserError("--plot needs matplotlib: pip install 'segquant-onnx[demo]'.")
         check_output_path(args.plot, None, args.force)
         args.per_layer = True
+    if args.no_eval:
+        if args.eval:
+            raise UserError("--no-eval and --eval contradict each other: pass one of them.")
+        eval_data = None
     result = quantize(model, calib, _config(args), output=output, force=args.force, eval_data=eval_data,
-                      report_path=args.report, progress=not args.quiet)
+                      report_path=args.report, progress=not args.quiet, evaluate=not args.no_eval)
     print(format_summary(result.report))
     if args.plot:
         if not result.report["layer_error"]:
@@ -143,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (must differ from MODEL)")
     q.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
     q.add_argument("--eval", metavar="DATA", help="held-out data for the output-error summary (default: the calibration data)")
+    q.add_argument("--no-eval", action="store_true",
+                   help="skip the output-error measurement (no float and quantized evaluation sessions: "
+                        "less time and peak memory)")
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="max", help="activation clipping; auto picks per site by layer error on calibration rows held back "
                         "from the statistics (default: %(default)s)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default: %(default)s)")

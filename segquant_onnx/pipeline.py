@@ -209,17 +209,20 @@ def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
 
 
 def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, force: bool = False,
-             eval_data=None, report_path=None, progress: bool = True) -> Result:
+             eval_data=None, report_path=None, progress: bool = True, evaluate: bool = True) -> Result:
     """Quantize `model` (path or ModelProto) with calibration data `calib` (see calib_data).
 
     Writes `output` (atomically) when given. Output error is measured against the floating-point
-    graph on `eval_data`, or on the calibration data when it can be read twice.
+    graph on `eval_data`, or on the calibration data when it can be read twice; `evaluate=False`
+    skips that measurement (no float and quantized evaluation sessions: less time and memory).
     """
     started = time.perf_counter()
     providers = check_providers(config.providers)
     src = _open(model)
     if output is not None:
         check_output_path(output, src.path, force)
+    if not evaluate and (eval_data is not None or config.per_layer):
+        raise UserError("--no-eval skips the output-error measurement: drop --eval/--per-layer/--plot, or --no-eval.")
     if report_path is not None:
         check_output_path(report_path, src.path, force)
         check_output_path(markdown_path(report_path), src.path, force)
@@ -271,7 +274,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
         quantized = finalize(graph)
         trt_violations = check_tensorrt(quantized, src.source_dir)
 
-        if evaluation is None and data.num_feeds is not None:
+        if evaluation is None and data.num_feeds is not None and evaluate:
             evaluation = data
         errors, layers = {}, {}
         if evaluation is not None:

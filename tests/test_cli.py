@@ -262,3 +262,29 @@ def test_report_stays_strict_json_when_the_output_is_exact(capsys, model, calib,
     assert code == 0, err
     data = _strict_json(report.read_text())
     assert data["summary"]["sites_quantized"] == 0
+
+
+def test_no_eval_writes_the_same_model_without_measuring(capsys, tmp_path, model, calib, monkeypatch):
+    from segquant_onnx import pipeline
+
+    code, out, _ = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "with.onnx", "-q")
+    assert code == 0 and "SQNR" in out
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("--no-eval must not open evaluation sessions")
+
+    monkeypatch.setattr(pipeline, "compare_outputs", no_measuring)
+    code, out, _ = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "without.onnx", "-q",
+                       "--no-eval", "--report", tmp_path / "r.json")
+    assert code == 0 and "SQNR" not in out
+    assert json.loads((tmp_path / "r.json").read_text())["output_error"] == {}
+    assert (tmp_path / "with.onnx").read_bytes() == (tmp_path / "without.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("extra", [["--eval", "CALIB"], ["--per-layer"]])
+def test_no_eval_contradicting_flags_are_one_line_errors(capsys, tmp_path, model, calib, extra):
+    extra = [calib if a == "CALIB" else a for a in extra]
+    code, _, err = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "q.onnx", "-q", "--no-eval",
+                       *extra)
+    assert_one_line_error(code, err, "--no-eval")
+    assert not (tmp_path / "q.onnx").exists()
