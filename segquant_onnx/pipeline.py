@@ -62,6 +62,12 @@ class _HeldBack:
         session = make_session(fp_model, src.source_dir, providers, tmp)
         self.reference = [session.run(None, f) for f in feeds]
 
+    def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization, config: QuantConfig) -> float:
+        """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""
+        candidate = graph.copy()
+        apply_quantization(candidate, plan, q, config)
+        return self.sqnr(candidate)
+
     def sqnr(self, graph: gs.Graph) -> float:
         session = make_session(export_model(graph.cleanup().toposort()), self.src.source_dir, self.providers, self.tmp)
         err = OutputError()
@@ -120,9 +126,7 @@ def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress):
         seen.add(key)
         for variant in variants:
             q = _solve_all(graph, plan, cal, weight, variant, outliers)
-            candidate = graph.copy()
-            apply_quantization(candidate, plan, q, variant)
-            score = held.sqnr(candidate)
+            score = held.score(graph, plan, q, variant)
             trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
                            "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
                            "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
@@ -151,9 +155,7 @@ def _outliers_per_site(graph, plan, cal, weight, held: _HeldBack, caps, best, tr
     if search is None:
         return best, None
     refined = solve_for(search.outliers)
-    candidate = graph.copy()
-    apply_quantization(candidate, plan, refined, variant)
-    refined_score = held.sqnr(candidate)
+    refined_score = held.score(graph, plan, refined, variant)
     channels = lambda outliers: sum(map(len, outliers.values()))  # noqa: E731
     trials.append({"outlier_cap": "per-site", "outlier_channels": channels(search.outliers),
                    "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
