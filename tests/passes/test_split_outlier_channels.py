@@ -160,6 +160,8 @@ def test_conv_outlier_channels_pay_and_build(tmp_path):
     on = quantize(tmp_path / "conv.onnx", tmp_path / "c.npz", QuantConfig(outlier_channels="auto",
                   outlier_max_flop_pct=20), output=tmp_path / "q.onnx", eval_data=tmp_path / "e.npz", progress=False)
     assert on.report["outliers"]["sites"] == {"conv": [2, 9]}
+    (per_site,) = [t for t in on.report["heldback_trials"] if t["outlier_cap"] == "per-site"]
+    assert per_site["analysis_sqnr_db"] == pytest.approx(per_site["heldback_sqnr_db"], abs=0.01)  # Conv copies too
     assert on.report["outliers"]["ranges"]["conv"]["bulk_amax"] < 10 < min(on.report["outliers"]["ranges"]["conv"]["channel_amax"])
     # measured: 32.4 -> 64.1 dB
     assert on.report["output_error"]["Y"]["sqnr_db"] > off.report["output_error"]["Y"]["sqnr_db"] + 25
