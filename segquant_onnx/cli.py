@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
                        help="split linears by the segments their output/input is cut into (default: on)")
         p.add_argument("--seg-patterns", type=_patterns, default=("output", "input"), metavar="LIST",
-                       help="SegLinear patterns to apply: output (Linear->chunk/split), input (Concat->Linear), "
-                            "heads (Reshape merging attention heads->Linear, H narrow GEMMs); default: output,input")
+                       help="SegLinear patterns to apply: output (Linear->chunk/split, also through a Reshape), "
+                            "input (Concat or stack->Linear), heads (Reshape merging attention heads->Linear, "
+                            "H narrow GEMMs); default: output,input")
         p.add_argument("--dualscale", choices=DUALSCALE_MODES, default="auto",
                        help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
                             "GEMMs: auto (where the measured layer gain pays), all, off (default: auto)")
