@@ -124,8 +124,12 @@ def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress):
         if key in seen:
             continue  # the same channels as a smaller cap
         seen.add(key)
+        applied_none = {}  # smoothquant setting -> its DualScale-auto variant applied no DualScale site
         for variant in variants:
+            if variant.dualscale == "off" and applied_none.get(variant.smoothquant):
+                continue  # the same quantization as that variant: nothing to score twice
             q = _solve_all(graph, plan, cal, weight, variant, outliers)
+            applied_none[variant.smoothquant] = not q.dual
             score = held.score(graph, plan, q, variant)
             trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
                            "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,

@@ -352,3 +352,14 @@ def test_the_report_counts_only_dual_scale_sites_that_are_in_the_graph(write_cal
     assert result.report["fallback"]["sites"] and result.report["fallback"]["reached"]
     in_graph = sum(1 for n in result.model.graph.node if n.name.endswith("/dual_add"))
     assert result.report["summary"]["dualscale_applied"] == in_graph
+
+
+@pytest.mark.parametrize("min_gain_db, scored", [(1000.0, 1), (-1000.0, 2)])
+def test_dualscale_auto_is_checked_at_the_output_only_when_it_applied_a_site(write_calib, min_gain_db, scored):
+    """With DualScale auto choosing no site per layer, the `off` variant is the same quantization: one
+    held-back trial, not two. When it chooses sites, both are scored and compared."""
+    config = QuantConfig(dualscale="auto", dualscale_min_gain_db=min_gain_db)
+    result = quantize(build_linear_model("matmul"), write_calib("matmul", n=8), config, progress=False)
+    trials = result.report["heldback_trials"]
+    assert len(trials) == scored
+    assert trials[0]["dualscale"] == "auto" and trials[0]["dual_sites"] == (0 if scored == 1 else 1)
