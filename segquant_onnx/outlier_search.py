@@ -38,6 +38,8 @@ from segquant_onnx.solve import site_input_channels
 
 log = logging.getLogger(__name__)
 
+COPY_BUDGET_BYTES = 1 << 30  # level copies may always take this much, or as much as the linear weights
+
 
 @dataclass(frozen=True)
 class SiteLevels:
@@ -65,6 +67,12 @@ def site_levels(plan: QuantPlan, by_cap: dict[int, dict[str, np.ndarray]]) -> di
             levels[site.name] = SiteLevels(site.name, tuple(caps), tuple(sets),
                                            tuple(site.flops * len(s) / k for s in sets))
     return levels
+
+
+def copies_bytes(plan: QuantPlan, levels: dict[str, SiteLevels]) -> int:
+    """Float32 weight bytes the analysis graph adds: one weight per candidate site and level > 0."""
+    shapes = {s.name: s.weight_shape for s in plan.sites}
+    return sum(4 * int(np.prod(shapes[n])) * (len(lv.channels) - 1) for n, lv in levels.items())
 
 
 def level_gate(site: str, level: int) -> str:
@@ -157,12 +165,20 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: QuantConfig, hel
                       solve_for: Callable[[dict], Quantization], start: dict[str, np.ndarray],
                       make_session: Callable, progress: bool = True
                       ) -> SearchResult | None:
-    """Choose each site's outlier channels at the model output (None: no site has a choice).
+    """Choose each site's outlier channels at the model output (None: no site has a choice, or the
+    level copies would hold more weight bytes than the model's linear weights and COPY_BUDGET_BYTES:
+    then the global cap stays).
 
     `reference`: the float model's outputs on `held_back`; `by_cap`: cap -> outlier channels per site without a FLOP budget; `solve_for(outliers)` gives the
     quantization (scales, DualScale) for an outlier assignment; `start`: the global-cap choice."""
     levels = site_levels(plan, by_cap)
     if not levels:
+        return None
+    extra = copies_bytes(plan, levels)
+    limit = max(sum(4 * int(np.prod(s.weight_shape)) for s in plan.sites), COPY_BUDGET_BYTES)
+    if extra > limit:
+        log.warning("per-site outlier search skipped: its copies would hold %.0f MB of weights, more than the "
+                    "model's linear weights (%.0f MB); keeping the global cap", extra / 1e6, limit / 1e6)
         return None
     caps = sorted({c for lv in levels.values() for c in lv.caps})
     quants = {cap: solve_for({n: lv.channels[lv.caps.index(cap)] for n, lv in levels.items() if cap in lv.caps})

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from segquant_onnx import QuantConfig
-from segquant_onnx.outlier_search import SiteLevels, level_gate, search_levels, site_levels
+from segquant_onnx.outlier_search import SiteLevels, copies_bytes, level_gate, search_levels, site_levels
 from segquant_onnx.pipeline import quantize
 from segquant_onnx.plan import LinearSite, QuantPlan
 
@@ -163,3 +163,25 @@ def test_site_levels_are_distinct_sets_and_skip_sites_without_outliers():
     assert list(levels) == ["p"]
     assert levels["p"].caps == (0, 2, 8) and [c.tolist() for c in levels["p"].channels] == [[], [3, 5], [1, 3, 5]]
     assert levels["p"].float_flops == pytest.approx((0.0, 1000 * 2 / K, 1000 * 3 / K))
+
+
+def test_search_is_skipped_when_the_copies_would_outgrow_the_model(tmp_path, caplog, monkeypatch):
+    """Both sites have 4 distinct outlier sets (2, 4, 8, 16 channels): 8 weight copies against 2 weights
+    (over the model's linear weights once the fixed allowance is 0)."""
+    from segquant_onnx import outlier_search
+
+    monkeypatch.setattr(outlier_search, "COPY_BUDGET_BYTES", 0)
+    path, calib, held, _ = _two_site_model(tmp_path)
+    with caplog.at_level("WARNING", logger="segquant_onnx.outlier_search"):
+        report = quantize(path, calib, QuantConfig(outlier_channels="auto", dualscale="off", **BASE), eval_data=held,
+                          progress=False).report
+    assert "per-site outlier search skipped" in caplog.text
+    assert report["outliers"]["per_site_search"] == []
+    assert [t for t in report["heldback_trials"] if t["outlier_cap"] == "per-site"] == []
+    assert report["outliers"]["sites"]  # the global cap still applies
+
+
+def test_copies_bytes_counts_one_weight_per_extra_level():
+    sites = (LinearSite("p", "MatMul", "p_x", "p_w", (K, N), 1, 1000), LinearSite("q", "MatMul", "q_x", "q_w", (K, 8), 1, 10))
+    levels = {"p": _levels("p", (0, 2, 4)), "q": _levels("q", (0, 2))}
+    assert copies_bytes(QuantPlan(sites=sites), levels) == 4 * K * N * 2 + 4 * K * 8
