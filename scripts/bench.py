@@ -26,8 +26,9 @@ and entropy calibration. For every (model, method) this script records:
   whether TensorRT-RTX parses the model and builds an engine (``segquant_onnx.tensorrt_build``).
 
 Then, on the models that have them: per-layer SQNR with and without SegLinear (example, demo,
-flux-dynamo, pixart-dynamo); ONNX Runtime CPU latency of FP32 / naive INT8 / default / +DualScale all in one process
-(demo, flux-dynamo); image PSNR/SSIM of sampled digits vs FP32 (demo).
+flux-dynamo, pixart-dynamo); ONNX Runtime CPU latency of FP32 / naive INT8 / default / +DualScale all /
++outliers auto / SmoothQuant auto + target 40 dB in one process (demo, flux-dynamo); image PSNR/SSIM of
+sampled digits vs FP32 (demo).
 
 It prints Markdown tables and writes them, with the machine, versions and the command, to
 ``BENCHMARKS.md`` at the repository root (the full numbers also go to ``<work-dir>/bench_results.json``).
@@ -127,7 +128,8 @@ MODELOPT_METHODS = ("max", "entropy")
 
 PER_LAYER_MODELS = ("example", "demo", "flux-dynamo", "pixart-dynamo")  # per-layer SQNR, naive INT8 vs +SegLinear
 LATENCY_MODELS = ("demo", "flux-dynamo")
-LATENCY_METHODS = ("FP32 reference", "naive INT8", "default", "+DualScale all")
+LATENCY_METHODS = ("FP32 reference", "naive INT8", "default", "+DualScale all", "+outliers auto",
+                   "+SmoothQuant auto + target 40 dB, <=5% float")
 LATENCY_RUNS, LATENCY_WARMUP = 30, 5
 IMAGE_METHODS = ("naive INT8", "default", "+SmoothQuant auto")  # demo DiT images vs FP32
 IMAGE_SEEDS, IMAGE_STEPS = (0, 1), 20
@@ -891,7 +893,7 @@ def per_layer_section(case: ModelCase, state: BenchState) -> None:
 
 
 def latency_section(case: ModelCase, state: BenchState) -> None:
-    """ONNX Runtime CPU latency of FP32 / naive INT8 / default / +DualScale all, in this one process:
+    """ONNX Runtime CPU latency of the LATENCY_METHODS rows, in this one process:
     one feed (the first eval sample), every session warmed up, then LATENCY_RUNS rounds that run every
     model once each in turn (so load changes hit all of them alike); the median per model."""
     import onnxruntime as ort
@@ -922,7 +924,10 @@ def latency_section(case: ModelCase, state: BenchState) -> None:
     median = {m: float(np.median(t)) * 1e3 for m, t in times.items()}
     spread = {m: (float(np.percentile(t, 25)) * 1e3, float(np.percentile(t, 75)) * 1e3) for m, t in times.items()}
     state.latency.append({"model": case.name, "median_ms": median, "iqr_ms": spread,
-                          "dualscale_extra_flop_pct": {r.method: r.dualscale_extra_flop_pct for r in rows}})
+                          "dualscale_extra_flop_pct": {r.method: r.dualscale_extra_flop_pct for r in rows},
+                          "outlier_float_flop_pct": {r.method: r.outlier_float_flop_pct for r in rows},
+                          "int8_flop_pct": {r.method: None if r.int8_flop_fraction is None else
+                                            100 * r.int8_flop_fraction for r in rows}})
 
 
 def image_section(case: ModelCase, state: BenchState) -> None:
@@ -1147,15 +1152,17 @@ def per_layer_tables(entries: list[dict]) -> str:
 def latency_table(entries: list[dict]) -> str:
     if not entries:
         return "(not run: neither demo nor flux-dynamo was selected)"
-    lines = ["| model | method | median ms | IQR ms | / naive INT8 | / FP32 | DualScale extra FLOPs % |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | median ms | IQR ms | / naive INT8 | / FP32 | DualScale extra FLOPs % "
+             "| outlier float FLOPs % | INT8 FLOPs % |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         med = e["median_ms"]
         base, fp = med.get("naive INT8"), med.get("FP32 reference")
         for method, ms in med.items():
             lo, hi = e["iqr_ms"][method]
             lines.append(f"| {e['model']} | {method} | {ms:.3f} | {lo:.3f}-{hi:.3f} | {fmt(ms / base if base else None, '.2f')} "
-                         f"| {fmt(ms / fp if fp else None, '.2f')} | {fmt(e['dualscale_extra_flop_pct'].get(method), '.1f')} |")
+                         f"| {fmt(ms / fp if fp else None, '.2f')} | {fmt(e['dualscale_extra_flop_pct'].get(method), '.1f')} "
+                         f"| {fmt(e.get('outlier_float_flop_pct', {}).get(method), '.3f')} "
+                         f"| {fmt(e.get('int8_flop_pct', {}).get(method), '.1f')} |")
     return "\n".join(lines)
 
 
