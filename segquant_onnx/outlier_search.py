@@ -14,8 +14,9 @@ outputs are blended by one-hot gates:
 
 so any assignment of levels to sites is one run per held-back feed, with nothing rebuilt. The search
 is one sweep of coordinate descent from the configuration the global-cap trials chose: each site in
-turn (largest outlier ratio first) takes, with the others fixed, the fewest channels whose output
-SQNR is within `outlier_min_gain_db` of its best level's, within the FLOP budget of the float branches.
+turn (the sites with the most candidate channels first) takes, with the others fixed, the fewest
+channels whose output SQNR is within `outlier_min_gain_db` of its best level's, within the FLOP budget
+of the float branches.
 """
 
 from __future__ import annotations
