@@ -169,3 +169,19 @@ def run_model(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray])
 def dir_listing(path: Path) -> list[str]:
     """Every entry under `path` (hidden ones included), relative, sorted."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def export_script(dynamo: bool = False):
+    """scripts/export_example.py as a module (tiny diffusers exports), skipping the test when torch,
+    diffusers or (for the dynamo exporter) onnxscript is missing."""
+    import importlib.util
+
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    spec = importlib.util.spec_from_file_location("export_example", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "export_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,36 +7,24 @@ misplaced Q/DQ, wrong weight axis or wrong scale (those measured below 15 dB in 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from conftest import export_script
 from segquant_onnx import QuantConfig
 from segquant_onnx.pipeline import quantize
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parents[1]
 MIN_OUTPUT_SQNR_DB = 30.0
-
-
-def _export_script():
-    spec = importlib.util.spec_from_file_location("export_example", ROOT / "scripts" / "export_example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["torchscript", "dynamo"])
 def sd3_export(request, tmp_path_factory):
-    if request.param:
-        pytest.importorskip("onnxscript")
-    script = _export_script()
+    script = export_script(request.param)
     out = tmp_path_factory.mktemp("sd3") / "sd3.onnx"
     script.export_sd3_tiny(out, dynamo=request.param)
     calib, held_out = out.with_name("calib.npz"), out.with_name("eval.npz")

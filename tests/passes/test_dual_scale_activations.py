@@ -7,9 +7,7 @@ the tests choose the pre-activation distribution directly.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import export_script
 from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.finalize import assert_dedicated_dq
 from segquant_onnx.graph_io import constant_values, export_model
@@ -30,7 +29,6 @@ from segquant_onnx.quant_math import dequantize, quantize_int8, scale_from_amax,
 from segquant_onnx.solve import SiteParams
 from segquant_onnx.tensorrt_build import build_engine, tensorrt_rtx_available
 
-ROOT = Path(__file__).resolve().parents[2]
 SITE = "site"  # the consumer node under test
 
 # -- activation forms: (nodes reading "H" and writing "act", constants, kind, numpy reference) ----------
@@ -205,7 +203,6 @@ def dual_rewrite(graph: gs.Graph, calib: np.ndarray) -> tuple[dict[str, LinearSi
         params[s.name] = dual_params(a.max(), -a.min(), constant_values(weights[s.weight]), s.weight_axis)
     assert DualScaleActivations().rewrite(graph, duals, by_name, params) == len(duals)
     return by_name, params
-
 
 
 # -- detection ------------------------------------------------------------------------------------
@@ -488,22 +485,11 @@ def test_tensorrt_rtx_parses_and_builds(consumer, tmp_path):
 EXPECTED = {"sd3": {"silu": 7, "gelu_tanh": 3}, "flux": {"silu": 9, "gelu_tanh": 4}}
 
 
-def _export_script():
-    spec = importlib.util.spec_from_file_location("export_example", ROOT / "scripts" / "export_example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=[("sd3", False), ("sd3", True), ("flux", False), ("flux", True)],
                 ids=["sd3-torchscript", "sd3-dynamo", "flux-torchscript", "flux-dynamo"])
 def real_export(request, tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
     kind, dynamo = request.param
-    if dynamo:
-        pytest.importorskip("onnxscript")
-    script = _export_script()
+    script = export_script(dynamo)
     path = tmp_path_factory.mktemp(kind) / f"{kind}{'_dynamo' if dynamo else ''}.onnx"
     script.EXPORTERS[kind](path, dynamo=dynamo)
     return kind, dynamo, path, script

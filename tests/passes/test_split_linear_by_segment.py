@@ -21,9 +21,6 @@ would shadow `tests/conftest.py` for the sibling tests that `from conftest impor
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -33,6 +30,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import export_script
 from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.graph_io import constant_values, export_model
@@ -40,7 +38,6 @@ from segquant_onnx.passes import SplitLinearBySegment
 from segquant_onnx.pipeline import inspect_model, quantize
 from segquant_onnx.plan import SegmentMatch
 
-ROOT = Path(__file__).resolve().parents[2]
 LINEAR = "fc"  # the linear under test in the tiny graphs
 RTOL = 1e-5
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -838,25 +835,14 @@ def test_segment_names_do_not_clash_with_existing_nodes():
 
 
 # == 3./4. real exports ===============================================================================
-def _export_script():
-    spec = importlib.util.spec_from_file_location("export_example", ROOT / "scripts" / "export_example.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 EXPORTS = [("sd3", False), ("sd3", True), ("flux", False), ("flux", True), ("pixart", False), ("pixart", True)]
 
 
 @pytest.fixture(scope="module", params=EXPORTS, ids=[f"{k}-{'dynamo' if d else 'torchscript'}" for k, d in EXPORTS])
 def tiny_dit(request, tmp_path_factory):
     """(kind, dynamo, model path, calib npz, eval npz, export script module) of a tiny diffusers export."""
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
     kind, dynamo = request.param
-    if dynamo:
-        pytest.importorskip("onnxscript")
-    script = _export_script()
+    script = export_script(dynamo)
     out = tmp_path_factory.mktemp(f"{kind}_{'dynamo' if dynamo else 'ts'}") / f"{kind}.onnx"
     getattr(script, f"export_{kind}_tiny")(out, dynamo=dynamo)
     calib, held_out = out.with_name("calib.npz"), out.with_name("eval.npz")
@@ -961,11 +947,7 @@ def test_dry_rewrite_is_exact_on_real_exports(tiny_dit, dry_dit):
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_pixart_without_size_conditions(dynamo, tmp_path):
     """PixArt-Sigma style (use_additional_conditions=False): no size embedders, the rest as in PixArt-alpha."""
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    if dynamo:
-        pytest.importorskip("onnxscript")
-    script = _export_script()
+    script = export_script(dynamo)
     path = tmp_path / "pixart_sigma.onnx"
     script.export_pixart_tiny(path, dynamo=dynamo, use_additional_conditions=False)
     assert [i.name for i in onnx.load(str(path)).graph.input] == list(script.PIXART_INPUT_NAMES[:3])
