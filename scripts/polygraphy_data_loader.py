@@ -23,4 +23,4 @@ def load_data():
     model = os.environ.get("SEGQUANT_MODEL") or example_path(EXAMPLE_MODEL)
     batch = os.environ.get("SEGQUANT_BATCH")
     inputs = model_inputs(load_model(model).graph)
-    yield from open_calibration(data, inputs, int(batch) if batch else None)
+    yield from open_calibration(data, inputs, int(batch) if batch else None, role="polygraphy")

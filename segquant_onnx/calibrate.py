@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -28,12 +28,14 @@ log = logging.getLogger(__name__)
 class Calibration:
     """What calibration gathered (see `calibrate`): statistics over every feed (for the final scales),
     row samples and feeds held back, and `fit_stats` over the other feeds, the statistics that
-    searches fit candidate scales to before scoring them on the held-back data."""
+    searches fit candidate scales to before scoring them on the held-back data. `feed_shapes`: the input
+    shapes of the first feed, which the quantized model records for TensorRT's optimization profile."""
 
     stats: Stats
     samples: dict[str, np.ndarray]
     held_back: list[dict[str, np.ndarray]]
     fit_stats: Stats
+    feed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -84,11 +86,13 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     samples = {name: RowSample(sample_rows) for name in sampled}
     held: list[dict[str, np.ndarray]] = []
     held_seen, rng = 0, np.random.default_rng(0)
-    batches = 0
+    batches, feed_shapes = 0, {}
     # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
     with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=None if progress else True,
               leave=False) as bar:
         for i, feed in enumerate(bar):
+            if i == 0:
+                feed_shapes = {name: tuple(int(d) for d in value.shape) for name, value in feed.items()}
             held_back = holdout_every > 0 and i % holdout_every == holdout_every - 1
             if held_back and keep_held_back:
                 # reservoir sampling: the kept feeds span the whole data set (captured trajectories are
@@ -112,6 +116,6 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     log.info("calibrated %d tensors on %d batches", len(observed), batches)
     rows = {name: s.rows for name, s in samples.items() if s.rows is not None}
     if holdout_every == 0:
-        return Calibration(stats, rows, held, stats)
+        return Calibration(stats, rows, held, stats, feed_shapes)
     everything = {name: copy.deepcopy(st).merge(held_stats[name]) for name, st in stats.items()}
-    return Calibration(everything, rows, held, stats)
+    return Calibration(everything, rows, held, stats, feed_shapes)

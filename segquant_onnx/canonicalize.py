@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -18,8 +19,10 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from segquant_onnx.errors import UserError
+from segquant_onnx.runtime import quiet_onnxruntime, third_party_verbose
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +69,55 @@ def _remove_identities(graph: gs.Graph) -> None:
     graph.cleanup()
 
 
+_SYMBOLIC_MODULE = "segquant_onnx._ort_symbolic_shape_infer"  # also the name its logger gets
+
+
+@contextlib.contextmanager
+def _third_party_quiet():
+    """Shape inference and constant folding with their own warnings only at -v (third_party_verbose):
+    ONNX Runtime's go through its default logger (folding opens sessions without options), onnx-graphsurgeon's
+    are printed to stdout (where `inspect --json -` writes), the symbolic shape inference's come under our
+    logger name (it is loaded as our module) and would pass our WARNING level."""
+    quiet_onnxruntime()
+    if third_party_verbose():
+        yield
+        return
+    symbolic = logging.getLogger(_SYMBOLIC_MODULE)
+    gs_severity, symbolic_level = G_LOGGER.severity, symbolic.level
+    G_LOGGER.severity = G_LOGGER.ERROR
+    symbolic.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = gs_severity
+        symbolic.setLevel(symbolic_level)
+
+
 @functools.cache
 def _symbolic_shape_inference():
     """ONNX Runtime's SymbolicShapeInference, loaded from its file: importing it as
     `onnxruntime.tools.symbolic_shape_infer` runs `onnxruntime/tools/__init__.py`, which imports torch
     whenever torch is installed (~220 MB and seconds, for nothing the quantizer uses)."""
     path = Path(importlib.util.find_spec("onnxruntime").origin).parent / "tools" / "symbolic_shape_infer.py"
-    spec = importlib.util.spec_from_file_location("segquant_onnx._ort_symbolic_shape_infer", path)
+    spec = importlib.util.spec_from_file_location(_SYMBOLIC_MODULE, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.SymbolicShapeInference
+
+
+def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`SymbolicShapeInference.infer_shapes(model, auto_merge=True)` without its last step: where
+    inference is incomplete (custom ops, say) it saves the model, weights included, as
+    `sym_shape_infer_temp.onnx` + external data into the current directory, i.e. the user's."""
+    inference = _symbolic_shape_inference()(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_rank, verbose
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("incomplete symbolic shape inference")
+    return inference.out_mp_
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
@@ -83,7 +125,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     Slice chains that onnx's own inference leaves unknown), falling back to onnx's."""
     model = gs.export_onnx(graph)
     try:
-        model = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
+        model = _symbolic_infer(model)
     except Exception as exc:  # best effort: ONNX Runtime still runs the graph without shapes
         log.info("symbolic shape inference failed (%s); using onnx shape inference", exc)
         try:
@@ -122,10 +164,11 @@ def canonicalize(graph: gs.Graph, source: str = "the model") -> gs.Graph:
     # opsets allow
     opsets = list(graph.import_domains or []) or [onnx.helper.make_opsetid("", graph.opset)]
     graph.ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
-    graph = infer_shapes(graph)  # shapes first: folding Shape -> Gather -> Div -> Slice needs them
-    graph.fold_constants(error_ok=True).cleanup()
-    _remove_identities(graph)
-    graph = infer_shapes(graph)
+    with _third_party_quiet():
+        graph = infer_shapes(graph)  # shapes first: folding Shape -> Gather -> Div -> Slice needs them
+        graph.fold_constants(error_ok=True).cleanup()
+        _remove_identities(graph)
+        graph = infer_shapes(graph)
     graph.toposort()
     _name_nodes(graph)
     log.info("canonicalized: %d nodes", len(graph.nodes))

@@ -24,8 +24,10 @@ import numpy as np
 
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.diffusion import initial_noise, onnx_transformer, rectified_flow_sample
+from segquant_onnx.cli_types import positive_int
 from segquant_onnx.errors import UserError
 from segquant_onnx.image_metrics import psnr, ssim
+from segquant_onnx.outputs import Output, check_outputs, write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ METHODS = {
     "SegQuant": QuantConfig(),
 }
 CELL = 4  # grid pixels per image pixel
+OUTPUT_FILES = ("demo_grid.png", "demo_step_error.png", "demo_metrics.json")
 
 
 def _data(name: str) -> Path:
@@ -104,7 +107,7 @@ def write_grid(path: Path, images: dict[str, np.ndarray], seeds: list[int], clas
                 grid.paste(tile.resize((cell_w, cell_h), Image.NEAREST), (label_w + j * (cell_w + pad), y))
             y += cell_h + pad
         y += 6
-    grid.save(path)
+    write_atomic(path, lambda tmp: grid.save(tmp))
 
 
 def write_step_plot(path: Path, results: dict, steps: int) -> bool:
@@ -127,13 +130,13 @@ def write_step_plot(path: Path, results: dict, steps: int) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
+    write_atomic(path, lambda tmp: fig.savefig(tmp, metadata={"Software": None}))
     plt.close(fig)
     return True
 
 
 def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, progress: bool = True,
-             save_models: bool = False) -> dict:
+             save_models: bool = False, force: bool = False) -> dict:
     """Quantize, sample, compare, write the files; returns the metrics (also in demo_metrics.json)."""
     try:
         import PIL  # noqa: F401
@@ -151,11 +154,14 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
     bad = [c for c in classes if not 0 <= c < n_classes]
     if bad or not seeds or not classes:
         raise UserError(f"--classes must be in 0..{n_classes - 1} and at least one class and seed are needed.")
+    if any(s < 0 for s in seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be at least 0.")
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the output folder {out_dir} ({exc.strerror}).") from None
+    names = [*(f"demo_dit_{name.split()[0].lower()}_int8.onnx" for name in METHODS if save_models),
+             *OUTPUT_FILES]
+    check_outputs([Output("-o", out_dir, "", tuple(out_dir / n for n in names))],
+                  [_data(n) for n in (DEMO_MODEL, DEMO_CALIB, DEMO_EVAL, DEMO_CONDS)], force)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     model, files = _data(DEMO_MODEL), []
     transformers, reports = {"FP32": onnx_transformer(model)}, {}
@@ -193,7 +199,7 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
     metrics["files"] = files + [str(out_dir / "demo_grid.png")]
     if write_step_plot(out_dir / "demo_step_error.png", results, steps):
         metrics["files"].append(str(out_dir / "demo_step_error.png"))
-    (out_dir / "demo_metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    write_text_atomic(out_dir / "demo_metrics.json", json.dumps(metrics, indent=1, default=float))
     metrics["files"].append(str(out_dir / "demo_metrics.json"))
     return metrics
 
@@ -213,7 +219,7 @@ def format_metrics(metrics: dict) -> str:
 
 def _cmd_demo(args) -> int:
     metrics = run_demo(Path(args.output_dir), args.steps, args.seeds, args.classes, progress=not args.quiet,
-                       save_models=args.save_models)
+                       save_models=args.save_models, force=args.force)
     print(format_metrics(metrics))
     return 0
 
@@ -222,11 +228,11 @@ def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="FP32 vs naive INT8 vs SegQuant images from the bundled trained demo DiT",
                        description="Quantize the bundled demo DiT naively and with SegQuant, sample the same seeds "
                                    "with all three through ONNX Runtime, write an image grid and a per-step error "
-                                   "plot, print PSNR/SSIM vs the FP32 images. Files in DIR are replaced.")
+                                   "plot, print PSNR/SSIM vs the FP32 images. Files in DIR are kept unless --force.")
     d.add_argument("-o", "--output-dir", default="segquant_demo", metavar="DIR", help="default: %(default)s")
-    d.add_argument("--steps", type=int, default=20, metavar="N", help="Euler steps (default: %(default)s)")
+    d.add_argument("--steps", type=positive_int, default=20, metavar="N", help="Euler steps (default: %(default)s)")
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds (default: 0 1 2)")
     d.add_argument("--classes", type=int, nargs="+", default=None, help="digit classes (default: all)")
     d.add_argument("--save-models", action="store_true", help="also write the two quantized .onnx files to DIR")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--force", action="store_true", help="replace the files of an earlier run in DIR")
     d.set_defaults(func=_cmd_demo)

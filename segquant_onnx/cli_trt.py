@@ -12,14 +12,18 @@ have no GPU: it is guarded by imports and has not been run.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from segquant_onnx.cli_types import positive_int
 from segquant_onnx.errors import UserError
 
 EXIT_OK, EXIT_FOUND = 0, 1
+
+log = logging.getLogger(__name__)
 
 
 def _model_path(text: str) -> Path:
@@ -74,14 +78,47 @@ def _first_feed(model: Path, data, batch_size: int | None) -> dict[str, np.ndarr
     return next(iter(open_calibration(data, model_inputs(load_model(model).graph), batch_size)))
 
 
+def _dynamic_dims_as_one(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """What trtexec does without shapes: every dynamic dimension 1, said once, naming the inputs and dims."""
+    initializers = {t.name for t in graph.initializer}
+    shapes, said = {}, []
+    for value in graph.input:
+        if value.name in initializers or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        fixed = [d.HasField("dim_value") and d.dim_value >= 0 for d in dims]
+        if all(fixed):
+            continue
+        shapes[value.name] = tuple(d.dim_value if f else 1 for d, f in zip(dims, fixed))
+        named = ", ".join(str(d.dim_value) if f else d.dim_param or "?" for d, f in zip(dims, fixed))
+        said.append(f"{value.name} ({named}) -> {'x'.join(map(str, shapes[value.name]))}")
+    if said:
+        log.warning("no --shapes, --calib or calibration shapes recorded in the model: dynamic dimensions set "
+                    "to 1, as trtexec does: %s", "; ".join(said))
+    return shapes
+
+
+def _default_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Without --shapes or --calib: the first calibration feed's shapes that `quantize` recorded in the
+    model's metadata, else every dynamic dimension 1."""
+    from segquant_onnx.finalize import CALIBRATION_SHAPES_KEY
+
+    model = onnx.load(str(path), load_external_data=False)
+    recorded = {p.key: p.value for p in model.metadata_props}.get(CALIBRATION_SHAPES_KEY)
+    if recorded:
+        log.info("shapes from the calibration data recorded in %s: %s", path, recorded)
+        return parse_shapes(recorded)
+    return _dynamic_dims_as_one(model.graph)
+
+
 def _cmd_build(args) -> int:
     from segquant_onnx.tensorrt_build import build_engine
     from segquant_onnx.tensorrt_gpu import full_tensorrt
 
     path = _model_path(args.model)
     feed = _first_feed(path, args.calib, args.batch_size) if args.calib else None
-    shapes = parse_shapes(args.shapes) if args.shapes else (
-        {k: tuple(v.shape) for k, v in feed.items()} if feed else None)
+    shapes = (parse_shapes(args.shapes) if args.shapes else
+              {k: tuple(v.shape) for k, v in feed.items()} if feed else _default_shapes(path))
     if args.benchmark and not args.baseline:
         raise UserError("--benchmark needs --baseline FP.onnx, the floating-point model to time against.")
     trt = full_tensorrt()
@@ -137,10 +174,15 @@ def _build_gpu(trt, args, path: Path, shapes, feed) -> int:
 
 def _cmd_compare(args) -> int:
     from segquant_onnx.compare import compare_models
+    from segquant_onnx.graph_io import model_files
+    from segquant_onnx.outputs import Output, check_outputs
     from segquant_onnx.report import _table, write_json
 
     if not args.data:
         raise UserError("compare needs --data EVAL.npz (held-out inputs, one array per model input).")
+    if args.json:
+        check_outputs([Output("--json", Path(args.json), ".json")],
+                      [*model_files(args.fp), *model_files(args.quantized), args.data], args.force)
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     result = compare_models(_model_path(args.fp), _model_path(args.quantized), args.data, per_layer=args.per_layer,
                             providers=providers, batch_size=args.batch_size, progress=not args.quiet)
@@ -155,6 +197,7 @@ def _cmd_compare(args) -> int:
         print(_table(["layer", "SQNR dB", "max |err|", "cosine"], rows, "lrrr"))
     if args.json:
         write_json(result, args.json)
+        print(f"wrote {args.json}")
     return EXIT_OK
 
 
@@ -170,13 +213,15 @@ def add_parser(sub) -> None:
                        description="Parse MODEL and build an engine with TensorRT-RTX on the CPU (or with "
                                    "TensorRT when it and a GPU are present). Exit 1 if it fails to parse or build.")
     b.add_argument("model", metavar="MODEL")
-    b.add_argument("--shapes", metavar="LIST", help="shapes of dynamic inputs: name:1x4x16x16,name2:1x16x32")
+    b.add_argument("--shapes", metavar="LIST", help="shapes of dynamic inputs: name:1x4x16x16,name2:1x16x32 (default: "
+                   "--calib's first feed, else the calibration shapes quantize recorded in MODEL, else every "
+                   "dynamic dimension 1, with a warning)")
     b.add_argument("--calib", metavar="DATA", help="take dynamic input shapes (and --benchmark inputs) from this data")
-    b.add_argument("--batch-size", type=int, help="batch for --calib when the model's batch is dynamic")
+    b.add_argument("--batch-size", type=positive_int, help="batch for --calib when the model's batch is dynamic")
     b.add_argument("--benchmark", action="store_true",
                    help="with TensorRT and a GPU: time the engine against an fp16 engine of --baseline")
     b.add_argument("--baseline", metavar="FP.onnx", help="the floating-point model for --benchmark")
-    b.add_argument("--runs", type=int, default=50, help="timed runs for --benchmark (default: %(default)s)")
+    b.add_argument("--runs", type=positive_int, default=50, help="timed runs for --benchmark (default: %(default)s)")
     b.set_defaults(func=_cmd_build)
 
     m = sub.add_parser("compare", help="output error of a quantized model against the float model",
@@ -186,8 +231,8 @@ def add_parser(sub) -> None:
     m.add_argument("quantized", metavar="QUANT.onnx")
     m.add_argument("--data", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory")
     m.add_argument("--per-layer", action="store_true", help="also each linear layer's output SQNR")
-    m.add_argument("--batch-size", type=int, help="batch when the model's batch is dynamic (default: 8)")
+    m.add_argument("--batch-size", type=positive_int, help="batch when the model's batch is dynamic (default: 8)")
     m.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers (default: %(default)s)")
-    m.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
-    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--json", metavar="PATH", help="also write the numbers as JSON (.json)")
+    m.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     m.set_defaults(func=_cmd_compare)

@@ -78,7 +78,7 @@ def compare_models(fp_path, q_path, data, *, per_layer: bool = False, providers=
     if q_inputs != {s.name for s in inputs}:
         raise UserError(f"{q_path} has inputs {sorted(q_inputs)}, {fp_path} has {sorted(s.name for s in inputs)}; "
                         "compare a model with the quantized model made from it.")
-    feeds = open_calibration(data, inputs, batch_size)
+    feeds = open_calibration(data, inputs, batch_size, role="compare")
     if per_layer and feeds.num_feeds is None:
         raise UserError("--per-layer reads the data twice; pass it as a .npz file or a directory of them.")
     errors = {name: TensorError() for name in fp_out}

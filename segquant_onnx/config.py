@@ -50,6 +50,8 @@ class QuantConfig:
         global cap, `auto` chooses each site's count at the model output (outlier_search): a site
         keeps the fewest channels whose held-back output SQNR is within `outlier_min_gain_db` of
         its best count's.
+    allow_unquantized: write the model even when no linear site can be quantized (otherwise that is
+        an error: an "output" identical to the input is rarely what the user wanted).
     """
 
     calib_method: str = "max"
@@ -79,6 +81,7 @@ class QuantConfig:
     outlier_max_flop_pct: float = 2.0
     outlier_candidates: tuple[int, ...] = (0, 2, 4, 8, 16)
     outlier_min_gain_db: float = 0.05
+    allow_unquantized: bool = False
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
@@ -97,11 +100,17 @@ class QuantConfig:
         if self.outlier_channels not in ("off", "auto") and not (
                 self.outlier_channels.isdigit() and int(self.outlier_channels) >= 0):
             raise UserError(f"--outlier-channels '{self.outlier_channels}' must be auto, off or a channel count.")
-        if not self.outlier_ratio > 1.0:
+        if not 1.0 < self.outlier_ratio < float("inf"):
             raise UserError(f"--outlier-ratio {self.outlier_ratio} must be greater than 1 (a multiple of the median "
                             "channel's abs-max).")
-        if self.outlier_min_gain_db < 0:
+        if not 0.0 <= self.outlier_min_gain_db < float("inf"):
             raise UserError(f"--outlier-min-gain {self.outlier_min_gain_db} must be at least 0 dB.")
+        if not 0.0 <= self.outlier_max_flop_pct <= 100.0:
+            raise UserError(f"--outlier-flops {self.outlier_max_flop_pct} must be a percentage in [0, 100].")
+        if not 0.0 <= self.dualscale_min_gain_db < float("inf"):
+            raise UserError(f"--dualscale-min-gain {self.dualscale_min_gain_db} must be a gain of at least 0 dB.")
+        if self.target_sqnr is not None and not 0.0 < self.target_sqnr < float("inf"):
+            raise UserError(f"--target-sqnr {self.target_sqnr} must be a positive number of dB (e.g. 40).")
         if not 0.0 <= self.max_fallback_pct <= 100.0:
             raise UserError(f"--max-fallback {self.max_fallback_pct} must be a percentage in [0, 100].")
         if self.holdout_every < 2 and (self.sensitivity or self.target_sqnr is not None

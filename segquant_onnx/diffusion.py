@@ -104,8 +104,10 @@ class OnnxTransformer:
         import onnx
         import onnxruntime as ort
 
+        from segquant_onnx.runtime import quiet_onnxruntime
+
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = quiet_onnxruntime()
         if threads is not None:  # one thread: deterministic, and fastest for small graphs
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -34,6 +34,7 @@ class LoadedModel:
     path: Path
     uses_external_data: bool
     size_bytes: int
+    files: tuple[Path, ...] = ()  # the model file and its external data files: inputs of the run
 
 
 class _ExternalValues(gs.ir.tensor.LazyValues):
@@ -68,6 +69,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     base_dir = str(path.parent)
     external = external_tensors(model)
     size = model.ByteSize()
+    files = [path]
     for tensor in external:
         info = ext.ExternalDataInfo(tensor)
         data_file = path.parent / info.location
@@ -77,6 +79,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                 "keep the .data file next to the model."
             )
         size += int(info.length) if info.length else data_file.stat().st_size
+        files += [data_file] if data_file not in files else []
 
     graph = gs.import_onnx(model)
     external_names = {t.name for t in external}
@@ -90,22 +93,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             else:  # gs loaded it eagerly: give it the real values
                 tensor.values = onnx.numpy_helper.to_array(tensor._values.tensor, base_dir=base_dir)
     log.info("loaded %s (%d nodes, %.1f MB)", path, len(graph.nodes), size / 1e6)
-    return LoadedModel(graph=graph, path=path, uses_external_data=bool(external), size_bytes=size)
-
-
-def check_output_path(out_path: str | os.PathLike, input_path: str | os.PathLike | None, force: bool) -> Path:
-    """Refuse paths that would overwrite the input, clobber a file, or cannot be written."""
-    out = Path(out_path)
-    if input_path is not None and out.resolve() == Path(input_path).resolve():
-        raise UserError(f"Output path {out} is the input model; choose a different -o path.")
-    if out.exists() and not force:
-        raise UserError(f"Output file {out} already exists; remove it or pass --force to replace it.")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"Output directory {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"Output directory {parent} is not writable; choose another -o path.")
-    return out
+    return LoadedModel(graph=graph, path=path, uses_external_data=bool(external), size_bytes=size, files=tuple(files))
 
 
 def constant_values(tensor: gs.Constant) -> np.ndarray:
@@ -170,3 +158,15 @@ def save_model(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("wrote %s%s", out, " (+ external data)" if external else "")
     return out
+
+
+def model_files(path) -> tuple[Path, ...]:
+    """The files a model is read from: the .onnx and its external data files (for the output checks;
+    a path that is not a readable model is just itself, and loading it later says what is wrong)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any unreadable file: load_model gives the one-line error
+        return (path,)
+    data = dict.fromkeys(path.parent / ext.ExternalDataInfo(t).location for t in external_tensors(model))
+    return (path, *data)

@@ -183,7 +183,8 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: QuantConfig, hel
         return None
     caps = sorted({c for lv in levels.values() for c in lv.caps})
     quants = {cap: solve_for({n: lv.channels[lv.caps.index(cap)] for n, lv in levels.items() if cap in lv.caps})
-              for cap in caps}
+              for cap in tqdm(caps, desc="outlier levels", unit="level", disable=None if progress else True,
+                              leave=False)}
     analysis = build_level_graph(graph, plan, levels, quants, config)
     session = make_session(export_model(analysis.cleanup().toposort()))
     model = GatedSession(session, held_back, [level_gate(n, l) for n, lv in levels.items()

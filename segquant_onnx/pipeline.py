@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,11 +22,12 @@ from segquant_onnx.errors import UserError
 from segquant_onnx.evaluate import OutputError, compare_outputs
 from segquant_onnx.finalize import finalize
 from segquant_onnx.layer_error import per_layer_error
-from segquant_onnx.graph_io import check_output_path, constant_values, export_model, load_model, model_size, save_model
+from segquant_onnx.graph_io import constant_values, export_model, load_model, model_size, save_model
 from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.rewrite import Quantization, apply_quantization
-from segquant_onnx.report import markdown_path, site_rows, write_json, write_markdown
+from segquant_onnx.outputs import check_outputs, markdown_path, model_output, report_output
+from segquant_onnx.report import site_rows, write_json, write_markdown
 from segquant_onnx.runtime import check_providers, make_session, temporary_directory
 from segquant_onnx.outlier_search import per_site_outliers
 from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
@@ -52,15 +54,22 @@ class _Source:
     size: int
     description: str
     uses_external_data: bool = False
+    files: tuple[Path, ...] = ()
+
+
+def _bar(items, desc: str, unit: str, progress: bool, total: int | None = None):
+    """A progress bar over `items`, cleared when done (on a terminal only)."""
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=None if progress else True, leave=False)
 
 
 class _HeldBack:
-    """Output SQNR of candidate quantized graphs on held-back calibration feeds."""
+    """Output SQNR of candidate quantized graphs on held-back calibration feeds (a bar per feed with
+    `progress`: each is one run of the whole model)."""
 
-    def __init__(self, fp_model, feeds, src, providers, tmp):
-        self.feeds, self.src, self.providers, self.tmp = feeds, src, providers, tmp
+    def __init__(self, fp_model, feeds, src, providers, tmp, progress: bool):
+        self.feeds, self.src, self.providers, self.tmp, self.progress = feeds, src, providers, tmp, progress
         session = make_session(fp_model, src.source_dir, providers, tmp)
-        self.reference = [session.run(None, f) for f in feeds]
+        self.reference = [session.run(None, f) for f in _bar(feeds, "held-back reference", "feed", progress)]
 
     def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization, config: QuantConfig) -> float:
         """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""
@@ -71,25 +80,26 @@ class _HeldBack:
     def sqnr(self, graph: gs.Graph) -> float:
         session = make_session(export_model(graph.cleanup().toposort()), self.src.source_dir, self.providers, self.tmp)
         err = OutputError()
-        for feed, ref in zip(self.feeds, self.reference):
+        for feed, ref in _bar(list(zip(self.feeds, self.reference)), "scoring held-back feeds", "feed", self.progress):
             for r, got in zip(ref, session.run(None, feed)):
                 err.update(r, got)
         return err.sqnr
 
 
-def _solve_all(graph, plan, cal, weight, config, outliers) -> Quantization:
+def _solve_all(graph, plan, cal, weight, config, outliers, progress: bool) -> Quantization:
     """Decide (method, alpha, DualScale) on the fit statistics, scored on held-back rows."""
-    params = solve(plan, cal.fit_stats, weight, config, cal.samples, outliers)
-    dual, decisions = solve_dual(plan, cal.fit_stats, cal.samples, params, weight, config, outliers)
+    params = solve(plan, cal.fit_stats, weight, config, cal.samples, outliers, progress=progress)
+    dual, decisions = solve_dual(plan, cal.fit_stats, cal.samples, params, weight, config, outliers, progress=progress)
     return Quantization(params, dual, outliers, decisions)
 
 
-def _final(plan, cal, weight, config, q: Quantization) -> Quantization:
+def _final(plan, cal, weight, config, q: Quantization, progress: bool) -> Quantization:
     """The same decisions, with scales from every calibration feed (held-back ones included)."""
     if cal.fit_stats is cal.stats:
         return q
-    params = solve(plan, cal.stats, weight, config, cal.samples, q.outliers, chosen=q.params)
-    dual, _ = solve_dual(plan, cal.stats, cal.samples, params, weight, config, q.outliers, decided=q.decisions)
+    params = solve(plan, cal.stats, weight, config, cal.samples, q.outliers, chosen=q.params, progress=progress)
+    dual, _ = solve_dual(plan, cal.stats, cal.samples, params, weight, config, q.outliers, decided=q.decisions,
+                         progress=progress)
     return Quantization(params, dual, q.outliers, q.decisions, q.floating)
 
 
@@ -116,25 +126,30 @@ def _decide(graph, plan, cal, weight, config, held: _HeldBack | None, progress):
     if config.dualscale == "auto" and plan.dual:
         variants += [replace(v, dualscale="off") for v in variants]
     if held is None or (len(caps) == 1 and len(variants) == 1):
-        return _solve_all(graph, plan, cal, weight, config, pick(caps[0])), [], None
+        return _solve_all(graph, plan, cal, weight, config, pick(caps[0]), progress), [], None
     trials, scored, seen = [], [], set()
-    for cap in tqdm(caps, desc="checking choices", disable=None if progress else True, leave=False):
-        outliers = pick(cap)
-        key = tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
-        if key in seen:
-            continue  # the same channels as a smaller cap
-        seen.add(key)
-        applied_none = {}  # smoothquant setting -> its DualScale-auto variant applied no DualScale site
-        for variant in variants:
-            if variant.dualscale == "off" and applied_none.get(variant.smoothquant):
-                continue  # the same quantization as that variant: nothing to score twice
-            q = _solve_all(graph, plan, cal, weight, variant, outliers)
-            applied_none[variant.smoothquant] = not q.dual
-            score = held.score(graph, plan, q, variant)
-            trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
-                           "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
-                           "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
-            scored.append((score, q, variant))
+    # a trial skipped as a repeat counts as done
+    with _bar(None, "checking choices", "trial", progress, total=len(caps) * len(variants)) as bar:
+        for cap in caps:
+            outliers = pick(cap)
+            key = tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
+            if key in seen:
+                bar.update(len(variants))
+                continue  # the same channels as a smaller cap
+            seen.add(key)
+            applied_none = {}  # smoothquant setting -> its DualScale-auto variant applied no DualScale site
+            for variant in variants:
+                if variant.dualscale == "off" and applied_none.get(variant.smoothquant):
+                    bar.update()
+                    continue  # the same quantization as that variant: nothing to score twice
+                q = _solve_all(graph, plan, cal, weight, variant, outliers, progress)
+                applied_none[variant.smoothquant] = not q.dual
+                score = held.score(graph, plan, q, variant)
+                trials.append({"outlier_cap": cap, "outlier_channels": sum(map(len, outliers.values())),
+                               "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
+                               "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
+                scored.append((score, q, variant))
+                bar.update()
     best = max(scored, key=lambda t: t[0])
     single = [t for t in scored if not t[1].dual]
     if best[1].dual and single:
@@ -152,7 +167,7 @@ def _outliers_per_site(graph, plan, cal, weight, held: _HeldBack, caps, best, tr
     (outlier_search), kept if the real quantized graph scores at least as well on the held-back feeds."""
     score, q, variant = best
     by_cap = {cap: choose_outliers(plan, cal.fit_stats, cap, variant.outlier_ratio, 100.0) for cap in caps}
-    solve_for = lambda outliers: _solve_all(graph, plan, cal, weight, variant, outliers)  # noqa: E731
+    solve_for = lambda outliers: _solve_all(graph, plan, cal, weight, variant, outliers, progress)  # noqa: E731
     open_session = lambda model: make_session(model, held.src.source_dir, held.providers, held.tmp)  # noqa: E731
     search = per_site_outliers(graph, plan, variant, held.feeds, held.reference, by_cap, solve_for, q.outliers,
                                open_session, progress)
@@ -194,7 +209,7 @@ def _open(model) -> _Source:
         return _Source(gs.import_onnx(model), None, None, model.ByteSize(), "the model")
     loaded = load_model(model)
     return _Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path),
-                   loaded.uses_external_data)
+                   loaded.uses_external_data, loaded.files)
 
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
@@ -225,20 +240,19 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     started = time.perf_counter()
     providers = check_providers(config.providers)
     src = _open(model)
-    if output is not None:
-        check_output_path(output, src.path, force)
+    check_outputs([o for o in (output and model_output(output), report_path and report_output(report_path)) if o],
+                  [*src.files, *(p for p in (calib, eval_data) if isinstance(p, (str, os.PathLike)))], force)
     if not evaluate and (eval_data is not None or config.per_layer):
         raise UserError("--no-eval skips the output-error measurement: drop --eval/--per-layer/--plot, or --no-eval.")
-    if report_path is not None:
-        check_output_path(report_path, src.path, force)
-        check_output_path(markdown_path(report_path), src.path, force)
 
     graph = canonicalize(src.graph, src.description)
     fp_model = export_model(graph)  # the reference: canonical, before any rewrite
     plan = build_plan(graph, config)
+    if not plan.sites and not config.dry_rewrite and not config.allow_unquantized:
+        raise UserError(plan.nothing_to_quantize(src.description))
     inputs = model_inputs(graph)
     data = open_calibration(calib, inputs, config.batch_size)
-    evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size)
+    evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size, role="eval")
 
     with temporary_directory() as tmp:
         q, ranking, fallback, trials, search = Quantization({}, {}, {}), [], None, [], None
@@ -265,7 +279,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                 raise UserError(f"Sensitivity, --target-sqnr and the auto choices hold back every "
                                 f"{config.holdout_every}th calibration feed; give at least {config.holdout_every} "
                                 "feeds in the calibration data.")
-            held = _HeldBack(fp_model, cal.held_back, src, providers, tmp) if analysing else None
+            held = _HeldBack(fp_model, cal.held_back, src, providers, tmp, progress) if analysing else None
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
             q, trials, search = _decide(graph, plan, cal, weight, config, held, progress)
@@ -274,10 +288,10 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                 if fallback:
                     q.floating = frozenset(fallback.sites)
                     q.outliers = {k: v for k, v in q.outliers.items() if k not in q.floating}
-            q = _final(plan, cal, weight, config, q)
+            q = _final(plan, cal, weight, config, q, progress)
             q.dual = {k: v for k, v in q.dual.items() if k not in q.floating}
             apply_quantization(graph, plan, q, config)
-        quantized = finalize(graph)
+        quantized = finalize(graph, calibration_shapes=None if config.dry_rewrite else cal.feed_shapes)
         trt_violations = check_tensorrt(quantized, src.source_dir)
 
         if evaluation is None and data.num_feeds is not None and evaluate:

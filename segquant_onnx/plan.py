@@ -7,6 +7,7 @@ numbers computed from data and no graph objects, so `inspect --json` can show it
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 
@@ -97,6 +98,15 @@ class QuantPlan:
     @property
     def total_flops(self) -> int:
         return sum(s.flops for s in self.sites)
+
+    def nothing_to_quantize(self, model: str) -> str:
+        """One sentence for a plan without sites: what was found, and what to do."""
+        reasons = Counter(d.reason for d in self.declined if d.op in ("MatMul", "Gemm", "Conv"))
+        found = ("no MatMul, Gemm or Conv with a constant weight" if not reasons else
+                 f"{sum(reasons.values())} linear node(s), none quantizable (most common reason: "
+                 f"{reasons.most_common(1)[0][0]})")
+        return (f"{model} has nothing to quantize: {found}; `segquant-onnx inspect --explain` lists every node, "
+                "and --allow-unquantized writes the model unchanged anyway.")
 
     def to_dict(self) -> dict:
         return {

@@ -6,9 +6,8 @@ import json
 from collections import Counter
 import math
 import os
-import tempfile
-from pathlib import Path
 
+from segquant_onnx.outputs import write_atomic, write_text_atomic
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.solve import SiteParams
 
@@ -122,16 +121,8 @@ def _strict(value):
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write strict JSON atomically: a temp file beside the target, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_strict(report), f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write strict JSON atomically."""
+    write_text_atomic(path, json.dumps(_strict(report), indent=2, allow_nan=False))
 
 
 def _md_table(headers: list[str], rows: list[list]) -> str:
@@ -184,22 +175,8 @@ def format_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def markdown_path(report_path: str | os.PathLike) -> Path:
-    """Where the Markdown report goes beside the JSON one: r.json -> r.md (else r.<ext>.md)."""
-    p = Path(report_path)
-    return p.with_suffix(".md") if p.suffix == ".json" else Path(f"{p}.md")
-
-
 def write_markdown(report: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(format_markdown(report))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, format_markdown(report))
 
 
 def plot_layer_error(report: dict, path: str | os.PathLike) -> None:
@@ -221,5 +198,5 @@ def plot_layer_error(report: dict, path: str | os.PathLike) -> None:
     ax.set_ylabel("output SQNR at layer (dB)")
     ax.set_title(f"per-layer error vs float ({report.get('eval_data')})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)

@@ -18,6 +18,23 @@ log = logging.getLogger(__name__)
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
+def third_party_verbose() -> bool:
+    """Whether the user asked for details (-v: INFO on the "segquant_onnx" logger): only then may ONNX
+    Runtime and the tools around it (constant folding, shape inference) print their own warnings, which
+    come by the dozen on some exports (UnsqueezeElimination on BERT) and say nothing actionable."""
+    return logging.getLogger("segquant_onnx").isEnabledFor(logging.INFO)
+
+
+def quiet_onnxruntime() -> int:
+    """Set ONNX Runtime's default logger to warnings with -v, errors otherwise, and return that severity.
+
+    Sessions we do not create (onnx-graphsurgeon's constant folding) log through the default logger, as
+    do some optimizer messages of our own sessions; there is no getter, so it is set, not restored."""
+    severity = 2 if third_party_verbose() else 3
+    ort.set_default_logger_severity(severity)
+    return severity
+
+
 def check_providers(providers: tuple[str, ...]) -> tuple[str, ...]:
     available = ort.get_available_providers()
     for p in providers:
@@ -34,7 +51,7 @@ def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAU
     (a temporary directory the caller owns) with external data first.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = quiet_onnxruntime()
     try:
         if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:  # external tensors stay where they are
             if source_dir:

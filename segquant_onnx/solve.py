@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+from tqdm import tqdm
 
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.observers import Stats, TensorStats
@@ -223,15 +224,16 @@ def _site_inputs(site, stats, samples, weight, outliers, search_rows):
 def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], config: QuantConfig,
           samples: dict[str, np.ndarray] | None = None,
           outliers: dict[str, np.ndarray] | None = None,
-          chosen: dict[str, SiteParams] | None = None) -> dict[str, SiteParams]:
+          chosen: dict[str, SiteParams] | None = None, progress: bool = False) -> dict[str, SiteParams]:
     """Scales per site. Where a row sample exists, `calib_method=auto` and `smoothquant=auto` pick,
     per site, the method and SmoothQuant alpha (or none) with the best layer output SQNR on it.
     Sites with `outliers` get the scales of their INT8 bulk. With `chosen` (params from an earlier
-    solve, e.g. on held-out-scored statistics), each site keeps that method and alpha: no search."""
+    solve, e.g. on held-out-scored statistics), each site keeps that method and alpha: no search.
+    `progress`: a bar per site (the search runs GEMMs per site and candidate: minutes on big models)."""
     samples, outliers = samples or {}, outliers or {}
     methods = ("max", "percentile", "mse", "entropy") if config.calib_method == "auto" else (config.calib_method,)
     params = {}
-    for site in plan.sites:
+    for site in tqdm(plan.sites, desc="solving sites", unit="site", disable=None if progress else True, leave=False):
         st, rows, w = _site_inputs(site, stats, samples, weight, outliers, config.search_rows)
         if chosen is not None:
             c = chosen[site.name]
@@ -263,16 +265,17 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
 def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], params: dict[str, SiteParams],
                weight: Callable[[str], np.ndarray], config: QuantConfig,
                outliers: dict[str, np.ndarray] | None = None,
-               decided: list[DualDecision] | None = None) -> tuple[dict[str, DualParams], list[DualDecision]]:
+               decided: list[DualDecision] | None = None,
+               progress: bool = False) -> tuple[dict[str, DualParams], list[DualDecision]]:
     """DualScale parameters for every candidate, and the policy's decision for each.
 
     `all` applies every candidate with a negative part; `auto` those whose layer-output gain reaches
-    `config.dualscale_min_gain_db`.
+    `config.dualscale_min_gain_db`. `progress`: a bar per candidate (each gain is measured with GEMMs).
     """
     sites = {s.name: s for s in plan.sites}
     dual, decisions = {}, []
     earlier = {d.site: d for d in decided} if decided is not None else None
-    for cand in plan.dual:
+    for cand in tqdm(plan.dual, desc="DualScale gains", unit="site", disable=None if progress else True, leave=False):
         site = sites[cand.site]
         if earlier is not None:  # decisions made before (on held-out-scored statistics): keep them
             st, _, w = _site_inputs(site, stats, {}, weight, outliers or {}, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,8 +73,110 @@ def test_wrong_static_dim_is_named(write_npz, shape):
 
 def test_inputs_disagreeing_on_sample_count(write_npz):
     path = write_npz(x=rand(4, 8, 16), t=np.arange(3, dtype=np.int64))
-    with pytest.raises(UserError, match="number of samples"):
+    with pytest.raises(UserError, match="number of samples") as exc:
         open_calibration(path, [X, T])
+    assert "('x': 4 samples, 't': 3 samples)" in str(exc.value)  # batch 1: samples are feeds
+
+
+def test_dynamic_batch_disagreement_counts_samples_and_batches(write_npz):
+    """16 and 24 samples cut into batches of 8 are 2 and 3 batches: the message says which is which."""
+    t_dyn = InputSpec("t", np.dtype(np.int64), ("batch",))
+    path = write_npz(x=rand(16, 8, 16), t=np.arange(24, dtype=np.int64))
+    with pytest.raises(UserError, match="number of samples") as exc:
+        open_calibration(path, [DYN, t_dyn])
+    assert "('x': 16 samples (2 batches of 8), 't': 24 samples (3 batches of 8))" in str(exc.value)
+
+
+def test_stacked_disagreement_counts_every_sample_of_each_feed(write_npz):
+    t_dyn = InputSpec("t", np.dtype(np.int64), ("batch",))
+    path = write_npz(x=rand(3, 4, 8, 16), t=np.arange(8, dtype=np.int64))  # 3 stacked feeds of 4; batch 4
+    with pytest.raises(UserError) as exc:
+        open_calibration(path, [DYN, t_dyn], batch_size=4)
+    assert "('x': 12 samples (3 batches of 4), 't': 8 samples (2 batches of 4))" in str(exc.value)
+
+
+def test_same_samples_cut_into_different_batches_is_a_batch_mismatch(write_npz):
+    t_dyn = InputSpec("t", np.dtype(np.int64), ("batch",))
+    path = write_npz(x=rand(4, 4, 8, 16), t=np.arange(16, dtype=np.int64))  # 4 feeds of 4 vs batches of 8
+    with pytest.raises(UserError) as exc:
+        open_calibration(path, [DYN, t_dyn])
+    assert ("disagree on the number of batches ('x': 16 samples (4 batches of 4), 't': 16 samples "
+            "(2 batches of 8))") in str(exc.value)
+
+
+# -- the data's role (calibration, eval, compare) names it and its flag ------------------------------
+ROLE_WORDS = [("calibration", "Calibration data", "--calib"), ("eval", "Eval data", "--eval"),
+              ("compare", "Compare data", "--data"), ("polygraphy", "Polygraphy data", "SEGQUANT_DATA")]
+
+
+@pytest.mark.parametrize("role, title, flag", ROLE_WORDS)
+def test_messages_name_the_role_and_its_flag(write_npz, role, title, flag):
+    path = write_npz("data.npz", x=rand(4, 8, 16))
+    with pytest.raises(UserError) as exc:
+        open_calibration(path, [X, T], role=role)
+    msg = str(exc.value)
+    assert msg.startswith(f"{title} file {path} ({flag}) has no array for model input 't'")
+    if role != "calibration":
+        assert "alibration" not in msg
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda w: w(x=rand(4, 8, 16, dtype=np.float64)), "array 'x'"),
+    (lambda w: w(x=rand(4, 8)), "array 'x'"),
+    (lambda w: w(x=rand(0, 8, 16)), "zero samples"),
+    (lambda w: Path("/nonexistent/eval.npz"), "does not exist"),
+])
+def test_every_file_message_says_eval(write_npz, make, needle):
+    with pytest.raises(UserError) as exc:
+        open_calibration(make(write_npz), [X], role="eval")
+    msg = str(exc.value)
+    assert msg.startswith("Eval data") and "(--eval)" in msg and needle in msg and "alibration" not in msg
+
+
+def test_nan_in_eval_data_says_eval(write_npz):
+    x = rand(2, 8, 16)
+    x[1, 0, 0] = np.nan
+    path = write_npz(x=x)
+    with pytest.raises(UserError, match=r"^Eval data input 'x' in .* \(--eval\), feed 1 contains NaN"):
+        list(open_calibration(path, [X], role="eval"))
+
+
+def test_python_feed_messages_say_eval():
+    with pytest.raises(UserError, match=r"^Eval data feed 0 has no value for model input 'x'"):
+        list(open_calibration([{}], [X], role="eval"))
+
+
+def test_an_unknown_role_is_a_programming_error(write_npz):
+    with pytest.raises(ValueError, match="role"):
+        open_calibration(write_npz(x=rand(2, 8, 16)), [X], role="evaluation")
+
+
+def test_quantize_names_a_bad_eval_file_as_eval_data(tmp_path, write_npz):
+    from conftest import build_linear_model, calib_inputs, save
+
+    from segquant_onnx.pipeline import quantize
+
+    model = save(build_linear_model("matmul"), tmp_path / "m.onnx")
+    calib = write_npz("calib.npz", X=calib_inputs("matmul", 2))
+    bad_eval = write_npz("eval.npz", Y=calib_inputs("matmul", 2))
+    with pytest.raises(UserError) as exc:
+        quantize(model, calib, eval_data=bad_eval, progress=False)
+    msg = str(exc.value)
+    assert msg.startswith(f"Eval data file {bad_eval} (--eval) has no array for model input 'X'")
+    assert "alibration" not in msg
+
+
+def test_compare_names_a_bad_data_file_as_compare_data(tmp_path, write_npz):
+    from conftest import build_linear_model, calib_inputs, save
+
+    from segquant_onnx.compare import compare_models
+
+    model = save(build_linear_model("matmul"), tmp_path / "m.onnx")
+    bad = write_npz("eval.npz", X=calib_inputs("matmul", 2).astype(np.float64))
+    with pytest.raises(UserError) as exc:
+        compare_models(model, model, bad, progress=False)
+    msg = str(exc.value)
+    assert msg.startswith(f"Compare data array 'X' in {bad} (--data) is float64") and "alibration" not in msg
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -94,13 +197,17 @@ def test_integer_inputs_skip_the_finite_check(write_npz):
     assert len(list(open_calibration(path, [X, T]))) == 2
 
 
-@pytest.mark.parametrize("n, spec", [(0, X), (DEFAULT_DYNAMIC_BATCH - 1, DYN)])
-def test_zero_samples(write_npz, n, spec):
+@pytest.mark.parametrize("n, spec, held", [
+    (0, X, "holds zero samples; it needs at least one full batch (1 sample)"),
+    (DEFAULT_DYNAMIC_BATCH - 1, DYN, "holds 7 samples, fewer than one batch of 8; it needs at least one full "
+                                     "batch (8 samples)"),
+])
+def test_zero_samples(write_npz, n, spec, held):
     """No samples at all, or fewer than one full batch of a dynamic-batch model."""
     path = write_npz(x=rand(n, 8, 16))
-    with pytest.raises(UserError, match="zero samples") as exc:
+    with pytest.raises(UserError) as exc:
         open_calibration(path, [spec])
-    assert str(path) in str(exc.value)
+    assert str(exc.value) == f"Calibration data {path} (--calib) {held}."
 
 
 @pytest.mark.parametrize("content", [b"not a zip at all", b"", b"PK\x03\x04garbage"])

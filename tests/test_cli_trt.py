@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from segquant_onnx.cli import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path, main
 from segquant_onnx.compare import TensorError
+from segquant_onnx.config import QuantConfig
 from segquant_onnx.tensorrt_build import tensorrt_rtx_available
 from segquant_onnx.tensorrt_gpu import full_tensorrt
 from segquant_onnx.trt_check import RULES
@@ -108,9 +110,35 @@ def test_build_trt_dynamic_batch_gets_a_profile(capsys, tmp_path, how):
 
 
 @needs_rtx
-def test_build_trt_dynamic_batch_without_shapes_is_a_user_error(capsys, tmp_path):
-    code, _, err = run(capsys, "build-trt", save(make_qdq_matmul(batch="N"), tmp_path / "dyn.onnx"))
-    assert_one_line_error(code, err, "'X'", "--shapes")
+def test_build_trt_dynamic_batch_without_shapes_sets_it_to_1_with_a_warning(capsys, caplog, tmp_path):
+    """As trtexec does: every dynamic dimension 1, said in one warning that names the input and dim."""
+    caplog.set_level(logging.WARNING, logger="segquant_onnx")
+    code, out, _ = run(capsys, "build-trt", save(make_qdq_matmul(batch="N"), tmp_path / "dyn.onnx"))
+    assert code == 0 and "built: yes" in out
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "X (N, 16, 64) -> 1x16x64" in warnings[0], warnings
+
+
+@needs_rtx
+def test_build_trt_takes_the_shapes_quantize_recorded(capsys, caplog, tmp_path):
+    """quantize records the first calibration feed's shapes in the model; build-trt's profile uses them."""
+    from conftest import build_linear_model, calib_inputs
+    from segquant_onnx.finalize import CALIBRATION_SHAPES_KEY
+    from segquant_onnx.pipeline import quantize
+
+    model = build_linear_model("matmul")
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    np.savez(tmp_path / "calib.npz", X=calib_inputs("matmul", n=6))
+    out = tmp_path / "q.onnx"
+    quantize(model, tmp_path / "calib.npz", QuantConfig(batch_size=2), output=out, progress=False, evaluate=False)
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props[CALIBRATION_SHAPES_KEY] == "X:2x8x16"
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="segquant_onnx")
+    code, text, _ = run(capsys, "build-trt", out)
+    assert code == 0 and "built: yes" in text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no fallback to 1
 
 
 @pytest.mark.parametrize("shapes", ["X", "X:2xfoo", ":2x16"])

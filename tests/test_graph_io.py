@@ -13,7 +13,7 @@ from conftest import build_linear_model, calib_inputs, dir_listing, linear_weigh
 from segquant_onnx.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.errors import UserError
-from segquant_onnx.graph_io import check_output_path, load_model, save_model
+from segquant_onnx.graph_io import load_model, save_model
 from segquant_onnx.pipeline import quantize
 
 
@@ -161,32 +161,6 @@ def test_save_external_when_the_cwd_holds_a_file_named_like_the_data_file(tmp_pa
     (tmp_path / "m.onnx.data").write_bytes(b"unrelated")
     save_model(build_linear_model(), tmp_path / "out" / "m.onnx", source_dir=None, external=True)
     assert dir_listing(tmp_path / "out") == ["m.onnx", "m.onnx.data"]
-
-
-# -- output path checks ----------------------------------------------------------------------------
-def test_output_equal_to_input_is_refused(tmp_path, monkeypatch):
-    src = save(build_linear_model(), tmp_path / "m.onnx")
-    with pytest.raises(UserError, match="is the input model"):
-        check_output_path(src, src, force=True)
-    (tmp_path / "sub").mkdir()
-    monkeypatch.chdir(tmp_path)  # the same file spelled differently
-    with pytest.raises(UserError, match="is the input model"):
-        check_output_path("./sub/../m.onnx", src, force=True)
-
-
-def test_existing_output_needs_force(tmp_path):
-    src = save(build_linear_model(), tmp_path / "m.onnx")
-    out = tmp_path / "q.onnx"
-    out.write_bytes(b"old")
-    with pytest.raises(UserError, match="already exists.*--force") as exc:
-        check_output_path(out, src, force=False)
-    assert str(out) in str(exc.value)
-    assert check_output_path(out, src, force=True) == out
-
-
-def test_output_in_a_missing_directory(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        check_output_path(tmp_path / "nope" / "q.onnx", None, force=False)
 
 
 # -- the input is never modified ------------------------------------------------------------------

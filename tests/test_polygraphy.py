@@ -1,6 +1,7 @@
 """The Polygraphy commands the README shows work on our output (subprocess; skipped without the CLI).
 
-They run in tmp_path, as a user would in the folder holding the quantized model.
+They run in tmp_path, as a user would in the folder holding the quantized model; the files Polygraphy
+saves go to a scratch folder (the README's `D=$(mktemp -d)`), and nothing else is written.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import dir_listing
+
 from segquant_onnx.cli import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
 
 LOADER = Path(__file__).resolve().parents[1] / "scripts" / "polygraphy_data_loader.py"
-pytestmark = pytest.mark.skipif(shutil.which("polygraphy") is None, reason="polygraphy CLI not installed")
+needs_polygraphy = pytest.mark.skipif(shutil.which("polygraphy") is None, reason="polygraphy CLI not installed")
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,16 @@ def workdir(tmp_path_factory):
     return d
 
 
+WORKDIR_FILES = ["eval.npz", "example_dit.onnx", "example_dit_int8.onnx"]
+
+
 def polygraphy(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["polygraphy", *args], cwd=cwd, env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=300)
+    # no __pycache__ next to the loader script in the checkout
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env}
+    return subprocess.run(["polygraphy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@needs_polygraphy
 def test_inspect_model(workdir):
     r = polygraphy(workdir, "inspect", "model", "example_dit_int8.onnx")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -45,6 +53,7 @@ def test_inspect_model(workdir):
     assert r.returncode == 0 and "DequantizeLinear" in r.stdout
 
 
+@needs_polygraphy
 def test_run_with_the_data_loader_script(workdir):
     r = polygraphy(workdir, "run", "example_dit_int8.onnx", "--onnxrt", "--data-loader-script", str(LOADER),
                    SEGQUANT_DATA="eval.npz", SEGQUANT_MODEL="example_dit_int8.onnx")
@@ -55,22 +64,38 @@ def test_run_with_the_data_loader_script(workdir):
     assert "PASSED" in out
 
 
-def test_compare_against_the_float_model(workdir):
+@needs_polygraphy
+def test_compare_against_the_float_model(workdir, tmp_path):
+    scratch = tmp_path / "scratch"  # the README's D=$(mktemp -d)
+    scratch.mkdir()
+    inputs, fp_outputs = str(scratch / "inputs.json"), str(scratch / "fp_outputs.json")
     r = polygraphy(workdir, "run", "example_dit.onnx", "--onnxrt", "--data-loader-script", str(LOADER),
-                   "--save-inputs", "inputs.json", "--save-outputs", "fp_outputs.json",
+                   "--save-inputs", inputs, "--save-outputs", fp_outputs,
                    SEGQUANT_DATA="eval.npz", SEGQUANT_MODEL="example_dit.onnx")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = polygraphy(workdir, "run", "example_dit_int8.onnx", "--onnxrt", "--load-inputs", "inputs.json")
+    r = polygraphy(workdir, "run", "example_dit_int8.onnx", "--onnxrt", "--load-inputs", inputs)
     assert r.returncode == 0 and f"Iteration: {_num_feeds(workdir / 'eval.npz') - 1}" in r.stdout + r.stderr, \
         r.stdout + r.stderr
-    compare = ["run", "example_dit_int8.onnx", "--onnxrt", "--load-inputs", "inputs.json",
-               "--load-outputs", "fp_outputs.json", "--rtol", "0"]
+    compare = ["run", "example_dit_int8.onnx", "--onnxrt", "--load-inputs", inputs,
+               "--load-outputs", fp_outputs, "--rtol", "0"]
     r = polygraphy(workdir, *compare, "--atol", "1")  # the demo DiT's INT8 outputs differ by up to ~0.4
     assert r.returncode == 0, r.stdout + r.stderr
     n = _num_feeds(workdir / "eval.npz")
     assert f"Passed: {n}/{n} iterations" in r.stdout + r.stderr
     r = polygraphy(workdir, *compare, "--atol", "1e-4")  # INT8 error is above that: the comparison is real
     assert r.returncode != 0
+    assert dir_listing(scratch) == ["fp_outputs.json", "inputs.json"]
+    assert dir_listing(workdir) == WORKDIR_FILES  # the saved files went to the scratch folder only
+
+
+def test_the_readme_saves_polygraphy_files_in_a_scratch_folder():
+    """The README's commands are the ones above: its --save/--load files live under $D, not the checkout."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Check with TensorRT and Polygraphy", 1)[1].split("\n## ", 1)[0]
+    assert "D=$(mktemp -d)" in section
+    for flag in ("--save-inputs", "--save-outputs", "--load-inputs", "--load-outputs"):
+        targets = [line.split(flag, 1)[1].split()[0] for line in section.splitlines() if flag in line]
+        assert targets and all(t.startswith("$D/") for t in targets), (flag, targets)
 
 
 def _num_feeds(npz) -> int:
