@@ -28,12 +28,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.graph_io import constant_values
-from segquant_onnx.naming import Namer
+from segquant_onnx.ir.graph_io import constant_values
+from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite
-from segquant_onnx.solve import DualParams, dual_params  # noqa: F401  (dual_params re-exported for tests)
-from segquant_onnx.qdq import site_node, dequantized_weight_input, quantize_activation_input
-from segquant_onnx.quant_math import quantize_int8
+from segquant_onnx.solve.solver import DualParams, dual_params  # noqa: F401  (dual_params re-exported for tests)
+from segquant_onnx.ir.qdq import site_node, dequantized_weight_input, quantize_activation_input
+from segquant_onnx.solve.quant_math import quantize_int8
 
 QUICK_GELU_BETA = 1.702
 # ops that move or relabel values without changing them (Cast only between float types)

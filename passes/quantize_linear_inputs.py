@@ -17,12 +17,12 @@ import re
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.graph_io import constant_values
-from segquant_onnx.naming import Namer
+from segquant_onnx.ir.graph_io import constant_values
+from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import DeclinedSite, LinearSite
-from segquant_onnx.quant_math import quantize_int8
-from segquant_onnx.qdq import site_node, dequantized_weight_input, quantize_activation_input
-from segquant_onnx.solve import SiteParams
+from segquant_onnx.solve.quant_math import quantize_int8
+from segquant_onnx.ir.qdq import site_node, dequantized_weight_input, quantize_activation_input
+from segquant_onnx.solve.solver import SiteParams
 
 
 def _volume(shape) -> int:

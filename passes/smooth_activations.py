@@ -20,11 +20,11 @@ from dataclasses import replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.graph_io import constant_values
-from segquant_onnx.naming import Namer
-from segquant_onnx.qdq import site_node
+from segquant_onnx.ir.graph_io import constant_values
+from segquant_onnx.ir.naming import Namer
+from segquant_onnx.ir.qdq import site_node
 from segquant_onnx.plan import LinearSite
-from segquant_onnx.solve import SiteParams, smoothed_weight
+from segquant_onnx.solve.solver import SiteParams, smoothed_weight
 
 
 class SmoothActivations:

@@ -39,8 +39,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.graph_io import constant_values
-from segquant_onnx.naming import Namer
+from segquant_onnx.ir.graph_io import constant_values
+from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import DeclinedSite, SegmentMatch
 from segquant_onnx.passes.segment_patterns import (CUTS, bias_add, const_ints, float_source, is_linear, k_in,
                                                    last_axis, layout_users, n_out, partition, splits_last_axis,

@@ -22,8 +22,8 @@ and entropy calibration. For every (model, method) this script records:
   only for the rows whose cost is compared (naive INT8, default, the peers);
 - output model size, number of QuantizeLinear/DequantizeLinear nodes, and how many MatMul/Gemm/Conv
   nodes with a constant weight read that weight through a DequantizeLinear;
-- violations of TensorRT's explicit-quantization rules (``segquant_onnx.trt_check.check_tensorrt``) and
-  whether TensorRT-RTX parses the model and builds an engine (``segquant_onnx.tensorrt_build``).
+- violations of TensorRT's explicit-quantization rules (``segquant_onnx.tensorrt.check.check_tensorrt``) and
+  whether TensorRT-RTX parses the model and builds an engine (``segquant_onnx.tensorrt.build``).
 
 Then, on the models that have them: per-layer SQNR with and without SegLinear (example, demo,
 flux-dynamo, pixart-dynamo); ONNX Runtime CPU latency of FP32 / naive INT8 / default / +DualScale all /
@@ -184,7 +184,7 @@ class ResultRow:
     trt: str = "-"  # "built", "parse failed", "build failed", "n/a (...)"
     trt_error: str | None = None  # first error line, then the cause line TensorRT logged, if any
     trt_cause: str | None = None
-    trt_violations: int | None = None  # segquant_onnx.trt_check.check_tensorrt findings
+    trt_violations: int | None = None  # segquant_onnx.tensorrt.check.check_tensorrt findings
     trt_rules: dict | None = None  # rule -> count
     self_reported_sqnr: float | None = None
     int8_flop_fraction: float | None = None  # ours: report summary
@@ -515,7 +515,7 @@ def ort_worker(model: str, calib: str, out: str, method: str, op_types: str = ""
 
 def trt_worker(model: str) -> int:
     """Runs in a subprocess (a crash in TensorRT cannot take the benchmark down); prints JSON."""
-    from segquant_onnx.tensorrt_build import build_engine
+    from segquant_onnx.tensorrt.build import build_engine
 
     result = build_engine(model)
     print(json.dumps({"parsed": result.parsed, "built": result.built, "errors": list(result.errors)}))
@@ -702,7 +702,7 @@ def trt_check(path: Path, timeout_s: float) -> tuple[str, str | None, str | None
 def trt_rule_check(path: Path) -> tuple[int, dict]:
     """(violation count, rule -> count) from segquant-onnx's static TensorRT checker."""
     import onnx
-    from segquant_onnx.trt_check import check_tensorrt
+    from segquant_onnx.tensorrt.check import check_tensorrt
 
     violations = check_tensorrt(onnx.load(str(path), load_external_data=False), str(path.parent))
     rules: dict[str, int] = {}
@@ -862,9 +862,9 @@ def readable_names(onnx_path: Path) -> dict[str, str]:
 
 
 def per_layer_section(case: ModelCase, state: BenchState) -> None:
-    """Per-layer SQNR of naive INT8 and +SegLinear (``segquant_onnx.compare.compare_models(per_layer=True)``,
+    """Per-layer SQNR of naive INT8 and +SegLinear (``segquant_onnx.analysis.compare.compare_models(per_layer=True)``,
     i.e. ``layer_error.per_layer_error`` on the canonical float graph, as ``quantize --per-layer`` does)."""
-    from segquant_onnx.compare import compare_models
+    from segquant_onnx.analysis.compare import compare_models
 
     naive, seg = state.row(case.name, "naive INT8"), state.row(case.name, "+SegLinear")
     if naive is None or seg is None or naive.error or seg.error:
@@ -933,9 +933,9 @@ def latency_section(case: ModelCase, state: BenchState) -> None:
 def image_section(case: ModelCase, state: BenchState) -> None:
     """Demo DiT images: FP32 vs IMAGE_METHODS, sampled from the same noise (``segquant-onnx demo``'s
     functions: rectified-flow Euler through ONNX Runtime, one thread), PSNR/SSIM vs the FP32 images."""
-    from segquant_onnx.cli_demo import DEMO_CONDS, sample_all, to_unit
-    from segquant_onnx.diffusion import initial_noise, onnx_transformer
-    from segquant_onnx.image_metrics import psnr, ssim
+    from segquant_onnx.diffusion.demo import DEMO_CONDS, sample_all, to_unit
+    from segquant_onnx.diffusion.sampling import initial_noise, onnx_transformer
+    from segquant_onnx.diffusion.image_metrics import psnr, ssim
 
     rows = [state.row(case.name, m) for m in IMAGE_METHODS]
     rows = [r for r in rows if r is not None and r.error is None]
@@ -1282,9 +1282,9 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
         " a DequantizeLinear / all MatMul/Gemm/Conv nodes with a constant weight, both counted in that"
         " method's output graph (segquant-onnx splits some linears into per-segment linears, so its"
         " count can exceed the FP32 graph's).",
-        "- **check-trt violations**: `segquant_onnx.trt_check.check_tensorrt` on the output model (TensorRT's"
+        "- **check-trt violations**: `segquant_onnx.tensorrt.check.check_tensorrt` on the output model (TensorRT's"
         " explicit-quantization rules, checked statically; per-rule counts in the notes).",
-        "- **TensorRT-RTX**: `segquant_onnx.tensorrt_build.build_engine` (parse + strongly typed engine"
+        "- **TensorRT-RTX**: `segquant_onnx.tensorrt.build.build_engine` (parse + strongly typed engine"
         " build, no GPU needed); first error line when it fails.",
         "- **tool's own SQNR**: what segquant-onnx's report says on the same eval set (a cross-check).",
         "- Peers: ORT `quantize_static(quant_format=QDQ, per_channel=True, activation_type=QInt8,"
@@ -1328,7 +1328,7 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
               "Quantize wall time and peak RSS ratios; below 1 means segquant-onnx used less.", "",
               ratio_table(state.rows), "",
               "## Per-layer SQNR, naive INT8 vs +SegLinear", "",
-              "`segquant_onnx.compare.compare_models(fp, quantized, eval, per_layer=True)` (= `layer_error."
+              "`segquant_onnx.analysis.compare.compare_models(fp, quantized, eval, per_layer=True)` (= `layer_error."
               "per_layer_error` on the canonical float graph, as `quantize --per-layer`): every linear layer's"
               " output SQNR over the eval set, errors accumulating along the graph as at inference; a split"
               " layer is measured on its chunk outputs.", "",
@@ -1341,7 +1341,7 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
               " run as float ops.", "",
               latency_table(state.latency), "",
               "## Demo DiT images", "",
-              "`segquant-onnx demo`'s sampler and metrics (`segquant_onnx.cli_demo.sample_all`, `image_metrics."
+              "`segquant-onnx demo`'s sampler and metrics (`segquant_onnx.diffusion.demo.sample_all`, `image_metrics."
               "psnr` / `ssim`), on the models of the rows above: rectified-flow Euler through ONNX Runtime from"
               " the same noise as FP32; PSNR/SSIM of each image vs its FP32 image; per-step SQNR: transformer"
               " output on the FP32 trajectory's inputs.", "",

@@ -165,7 +165,7 @@ def prepare_model(name: str, workdir: Path) -> Input:
     """The model file and calibration data of `name` (bundled: read in place; tiny: exported into `workdir`)."""
     start = time.perf_counter()
     if name in BUNDLED:
-        from segquant_onnx.cli import example_path
+        from segquant_onnx.examples import example_path
 
         model, calib = (example_path(f) for f in BUNDLED[name])
     else:

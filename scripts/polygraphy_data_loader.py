@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
-from segquant_onnx.calib_data import model_inputs, open_calibration
-from segquant_onnx.cli import EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
-from segquant_onnx.graph_io import load_model
+from segquant_onnx.calib.data import model_inputs, open_calibration
+from segquant_onnx.examples import EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
+from segquant_onnx.ir.graph_io import load_model
 
 
 def load_data():

@@ -1,6 +1,6 @@
 """Regenerate the README's demo table and images from one run of `segquant-onnx demo`.
 
-Runs `segquant_onnx.cli_demo.run_demo` with the README's settings (20 Euler steps, seeds 0 1 2, all
+Runs `segquant_onnx.diffusion.demo.run_demo` with the README's settings (20 Euler steps, seeds 0 1 2, all
 classes) into a temporary directory, copies `demo_grid.png`, `demo_step_error.png` and
 `demo_metrics.json` into docs/demo/, and rewrites the README's table (and its "Measured (N s)") from
 the metrics the demo returned, rounded as `segquant-onnx demo` prints them.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segquant_onnx.cli_demo import format_metrics, run_demo
+from segquant_onnx.diffusion.demo import format_metrics, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 README, DOCS = ROOT / "README.md", ROOT / "docs" / "demo"

@@ -14,25 +14,25 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from segquant_onnx import __version__
-from segquant_onnx.calib_data import model_inputs, open_calibration
-from segquant_onnx.calibrate import calibrate
-from segquant_onnx.canonicalize import canonicalize
+from segquant_onnx.calib.data import model_inputs, open_calibration
+from segquant_onnx.calib.calibrate import calibrate
+from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.errors import UserError
-from segquant_onnx.evaluate import OutputError, compare_outputs
-from segquant_onnx.finalize import finalize
-from segquant_onnx.layer_error import per_layer_error
-from segquant_onnx.graph_io import constant_values, export_model, load_model, model_size, save_model
+from segquant_onnx.analysis.evaluate import OutputError, compare_outputs
+from segquant_onnx.ir.finalize import finalize
+from segquant_onnx.analysis.layer_error import per_layer_error
+from segquant_onnx.ir.graph_io import constant_values, export_model, load_model, model_size, save_model
 from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.rewrite import Quantization, apply_quantization
-from segquant_onnx.outputs import check_outputs, markdown_path, model_output, report_output
-from segquant_onnx.report import site_rows, write_json, write_markdown
-from segquant_onnx.runtime import check_providers, make_session, temporary_directory
-from segquant_onnx.outlier_search import per_site_outliers
-from segquant_onnx.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
-from segquant_onnx.solve import SiteParams, choose_outliers, site_input_channels, solve, solve_dual
-from segquant_onnx.trt_check import check_tensorrt
+from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
+from segquant_onnx.report.render import site_rows, write_json, write_markdown
+from segquant_onnx.ir.runtime import check_providers, make_session, temporary_directory
+from segquant_onnx.analysis.outlier_search import per_site_outliers
+from segquant_onnx.analysis.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
+from segquant_onnx.solve.solver import SiteParams, choose_outliers, site_input_channels, solve, solve_dual
+from segquant_onnx.tensorrt.check import check_tensorrt
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SmoothActivations, SplitOutlierChannels
 from segquant_onnx.plan import QuantPlan
-from segquant_onnx.solve import SiteParams
+from segquant_onnx.solve.solver import SiteParams
 
 
 @dataclass

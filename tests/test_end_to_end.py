@@ -90,7 +90,7 @@ def test_every_linear_site_has_qdq_with_right_axis(quantized):
 
 def test_tensorrt_rtx_parses_and_builds(quantized):
     pytest.importorskip("tensorrt_rtx_bindings")
-    from segquant_onnx.tensorrt_build import build_engine
+    from segquant_onnx.tensorrt.build import build_engine
 
     _, out, _ = quantized
     built = build_engine(out)

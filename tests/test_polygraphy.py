@@ -16,7 +16,7 @@ import pytest
 
 from conftest import dir_listing
 
-from segquant_onnx.cli import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
+from segquant_onnx.examples import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
 
 LOADER = Path(__file__).resolve().parents[1] / "scripts" / "polygraphy_data_loader.py"
 needs_polygraphy = pytest.mark.skipif(shutil.which("polygraphy") is None, reason="polygraphy CLI not installed")

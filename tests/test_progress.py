@@ -7,7 +7,9 @@ import re
 from tqdm import tqdm
 
 from conftest import build_linear_model
-from segquant_onnx import outlier_search, pipeline, solve
+from segquant_onnx import pipeline
+from segquant_onnx.analysis import outlier_search
+from segquant_onnx.solve import solver as solve
 from segquant_onnx.config import QuantConfig
 
 

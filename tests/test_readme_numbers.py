@@ -41,7 +41,7 @@ def measured_row(m: dict) -> list[float]:
 @pytest.fixture(scope="module")
 def metrics(tmp_path_factory):
     pytest.importorskip("PIL")
-    from segquant_onnx.cli_demo import run_demo
+    from segquant_onnx.diffusion.demo import run_demo
 
     # the README's settings: 20 Euler steps, seeds 0 1 2, all classes
     return run_demo(tmp_path_factory.mktemp("demo") / "out", steps=20, seeds=(0, 1, 2), classes=None,

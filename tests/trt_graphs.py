@@ -7,6 +7,7 @@ each builder varies one thing. `VIOLATING` maps a case to (builder, the rules it
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 F8 = TensorProto.FLOAT8E4M3FN
@@ -276,3 +277,67 @@ VIOLATING = {
     "output-residual-add": (v_output_residual, {"output-qdq"}),
     "output-bias-softmax": (v_output_bias_softmax, {"output-qdq"}),
 }
+
+
+def make_qdq_matmul(
+    batch: int | str = 1,
+    x_scale: float = 0.05,
+    w_scale: np.ndarray | None = None,
+    int32_bias: bool = False,
+    float_tail: bool = False,
+    fp16: bool = False,
+) -> onnx.ModelProto:
+    """X[b,16,64] -> Q/DQ (per-tensor) -> MatMul with INT8 weight [64,32] DQ (per-channel, axis 1).
+
+    int32_bias: add a bias through an INT32 DequantizeLinear, as onnxruntime's quantize_static
+    writes Gemm biases. float_tail: unquantized Relu + Softmax after the MatMul. fp16: fp16 graph
+    (opset 19, which QuantizeLinear needs for fp16 input), else fp32 at opset 17.
+    """
+    ftype = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    fnp = np.float16 if fp16 else np.float32
+    w_scale = np.full(32, 0.01, np.float32) if w_scale is None else np.asarray(w_scale, np.float32)
+    w_q = np.random.default_rng(0).integers(-127, 128, size=(64, 32), dtype=np.int8)
+    inits = [
+        numpy_helper.from_array(np.array(x_scale, fnp), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
+        numpy_helper.from_array(w_q, "W_q"),
+        numpy_helper.from_array(w_scale.astype(fnp), "w_scale"),
+        numpy_helper.from_array(np.zeros(32, np.int8), "w_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["X", "x_scale", "x_zp"], ["X_q"], name="q_x", axis=1),
+        helper.make_node("DequantizeLinear", ["X_q", "x_scale", "x_zp"], ["X_dq"], name="dq_x", axis=1),
+        helper.make_node("DequantizeLinear", ["W_q", "w_scale", "w_zp"], ["W_dq"], name="dq_w", axis=1),
+        helper.make_node("MatMul", ["X_dq", "W_dq"], ["mm"], name="matmul"),
+    ]
+    out = "mm"
+    if int32_bias:
+        inits += [
+            numpy_helper.from_array(np.arange(32, dtype=np.int32), "b_q"),
+            numpy_helper.from_array((w_scale * x_scale).astype(fnp), "b_scale"),
+            numpy_helper.from_array(np.zeros(32, np.int32), "b_zp"),
+        ]
+        nodes += [
+            helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["b"], name="dq_bias", axis=0),
+            helper.make_node("Add", [out, "b"], ["mm_b"], name="add_bias"),
+        ]
+        out = "mm_b"
+    if float_tail:
+        nodes += [
+            helper.make_node("Relu", [out], ["r"], name="relu"),
+            helper.make_node("Softmax", ["r"], ["s"], name="softmax", axis=-1),
+        ]
+        out = "s"
+    nodes.append(helper.make_node("Identity", [out], ["Y"], name="out"))
+    graph = helper.make_graph(
+        nodes,
+        "qdq_matmul",
+        [helper.make_tensor_value_info("X", ftype, [batch, 16, 64])],
+        [helper.make_tensor_value_info("Y", ftype, [batch, 16, 32])],
+        inits,
+    )
+    opset = 19 if fp16 else 17
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test")
+    model.ir_version = 9 if fp16 else 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

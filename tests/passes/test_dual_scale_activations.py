@@ -17,17 +17,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import export_script
-from segquant_onnx.canonicalize import canonicalize
-from segquant_onnx.finalize import assert_dedicated_dq
-from segquant_onnx.graph_io import constant_values, export_model
+from segquant_onnx.ir.canonicalize import canonicalize
+from segquant_onnx.ir.finalize import assert_dedicated_dq
+from segquant_onnx.ir.graph_io import constant_values, export_model
 from segquant_onnx.passes import QuantizeLinearInputs
 from segquant_onnx.plan import LinearSite
 from segquant_onnx.passes.dual_scale_activations import (
     DualParams, DualScaleActivations, DualSite, dual_params, match_activation,
 )
-from segquant_onnx.quant_math import dequantize, quantize_int8, scale_from_amax, sqnr_db, weight_scales
-from segquant_onnx.solve import SiteParams
-from segquant_onnx.tensorrt_build import build_engine, tensorrt_rtx_available
+from segquant_onnx.solve.quant_math import dequantize, quantize_int8, scale_from_amax, sqnr_db, weight_scales
+from segquant_onnx.solve.solver import SiteParams
+from segquant_onnx.tensorrt.build import build_engine, tensorrt_rtx_available
 
 SITE = "site"  # the consumer node under test
 

@@ -18,11 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import (GELU_ALPHA, WEIGHT_AXES, build_linear_model, calib_inputs, linear_weights, run_model,
                       save)
-from segquant_onnx.canonicalize import canonicalize
+from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.passes import QuantizeLinearInputs
 from segquant_onnx.pipeline import quantize
-from segquant_onnx.quant_math import quantize_int8, weight_scales
+from segquant_onnx.solve.quant_math import quantize_int8, weight_scales
 
 EPS32 = 2.0**-23
 

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import export_script
-from segquant_onnx.canonicalize import canonicalize
+from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
-from segquant_onnx.graph_io import constant_values, export_model
+from segquant_onnx.ir.graph_io import constant_values, export_model
 from segquant_onnx.passes import SplitLinearBySegment
 from segquant_onnx.pipeline import inspect_model, quantize
 from segquant_onnx.plan import SegmentMatch
@@ -1010,7 +1010,7 @@ def test_tensorrt_rtx_parses_and_builds_segments(quantized_dit):
     if (kind, dynamo) not in {("sd3", False), ("flux", True), ("pixart", False), ("pixart", True)}:
         pytest.skip("one export per exporter is enough (PixArt: both, for the segments concatenated back)")
     pytest.importorskip("tensorrt_rtx_bindings")
-    from segquant_onnx.tensorrt_build import build_engine
+    from segquant_onnx.tensorrt.build import build_engine
 
     built = build_engine(out)
     assert built.parsed and built.built, built.errors

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from segquant_onnx import QuantConfig
-from segquant_onnx.canonicalize import canonicalize
-from segquant_onnx.graph_io import export_model
+from segquant_onnx.ir.canonicalize import canonicalize
+from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.passes import QuantizeLinearInputs, SplitOutlierChannels
 from segquant_onnx.pipeline import quantize
 
@@ -110,7 +110,7 @@ def test_flop_budget_is_respected(tmp_path):
 
 def test_outlier_result_builds_with_tensorrt_rtx(tmp_path):
     pytest.importorskip("tensorrt_rtx_bindings")
-    from segquant_onnx.tensorrt_build import build_engine
+    from segquant_onnx.tensorrt.build import build_engine
 
     path, calib, held = _outlier_model(tmp_path)
     quantize(path, calib, QuantConfig(outlier_channels="4", outlier_max_flop_pct=10), output=tmp_path / "q.onnx",
@@ -167,6 +167,6 @@ def test_conv_outlier_channels_pay_and_build(tmp_path):
     assert on.report["output_error"]["Y"]["sqnr_db"] > off.report["output_error"]["Y"]["sqnr_db"] + 25
     assert on.report["tensorrt_check"] == []
     pytest.importorskip("tensorrt_rtx_bindings")
-    from segquant_onnx.tensorrt_build import build_engine
+    from segquant_onnx.tensorrt.build import build_engine
 
     assert build_engine(tmp_path / "q.onnx").built

@@ -1,0 +1,55 @@
+"""Evaluate: output error of a quantized graph against the floating-point graph, streamed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from segquant_onnx.solve.quant_math import sqnr_db
+
+
+@dataclass
+class OutputError:
+    """Accumulated error of one output over all evaluated feeds."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+    max_abs: float = 0.0
+    dot: float = 0.0
+    test_power: float = 0.0
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        ref = ref.astype(np.float64)
+        test = test.astype(np.float64)
+        diff = ref - test
+        self.signal += float((ref**2).sum())
+        self.noise += float((diff**2).sum())
+        self.dot += float((ref * test).sum())
+        self.test_power += float((test**2).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
+
+    @property
+    def sqnr(self) -> float:
+        return sqnr_db(self.signal, self.noise)
+
+    @property
+    def cosine(self) -> float:
+        denom = np.sqrt(self.signal * self.test_power)
+        return float(self.dot / denom) if denom > 0 else 1.0
+
+    def to_dict(self) -> dict:
+        return {"sqnr_db": round(self.sqnr, 3), "max_abs_error": self.max_abs, "cosine": round(self.cosine, 6)}
+
+
+def compare_outputs(reference: ort.InferenceSession, test: ort.InferenceSession, feeds,
+                    progress: bool = True, total: int | None = None) -> dict[str, OutputError]:
+    names = [o.name for o in reference.get_outputs()]
+    errors = {name: OutputError() for name in names}
+    with tqdm(feeds, total=total, desc="evaluating", unit="batch", disable=None if progress else True, leave=False) as bar:
+        for feed in bar:
+            for name, ref, got in zip(names, reference.run(names, feed), test.run(names, feed)):
+                errors[name].update(ref, got)
+    return errors

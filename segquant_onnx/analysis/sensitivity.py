@@ -1,0 +1,110 @@
+"""Sensitivity and fallback, decided at the model output on held-back calibration feeds.
+
+Both run one analysis session: the quantized graph built with a gate input per site, where each
+site reads `x + g * (DQ(Q(x)) - x)` (and the same for its weight), so feeding g = 0/1 picks which sites
+are quantized without rebuilding anything. At all gates 0 the graph computes the float model exactly.
+
+- sensitivity: output SQNR with one site quantized at a time (N + 1 passes per feed);
+- fallback: starting from everything quantized, return the most sensitive sites to float, one at a
+  time, until the output SQNR on the held-back feeds reaches the target or the FLOP budget is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from segquant_onnx.analysis.evaluate import OutputError
+from segquant_onnx.plan import LinearSite
+
+log = logging.getLogger(__name__)
+
+
+def gate_name(site: str) -> str:
+    return f"gate/{site}"
+
+
+@dataclass(frozen=True)
+class SiteSensitivity:
+    site: str
+    flops: int
+    output_sqnr_db: float  # model output SQNR with only this site quantized
+
+
+@dataclass(frozen=True)
+class Fallback:
+    sites: tuple[str, ...]  # left in float, most sensitive first
+    output_sqnr_db: float  # on the held-back feeds, with those sites in float
+    start_sqnr_db: float  # with every site quantized
+    int8_flop_fraction: float
+    reached: bool
+
+
+class GatedSession:
+    """An analysis session and the float reference on the held-back feeds: the output SQNR for any
+    set of gates switched to 1. The reference is the session with every gate 0 unless given (when
+    gates 0 is not the float model)."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]], gates: list[str],
+                 reference: list[list[np.ndarray]] | None = None):
+        self.session, self.feeds, self.gates = session, feeds, gates
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.reference = reference if reference is not None else [self._run(feed, set()) for feed in feeds]
+
+    def _run(self, feed, on: set[str]) -> list[np.ndarray]:
+        gates = {g: np.array(1.0 if g in on else 0.0, np.float32) for g in self.gates}
+        return self.session.run(self.outputs, {**feed, **gates})
+
+    def sqnr_on(self, on: set[str]) -> float:
+        """Output SQNR (dB) over all outputs and held-back feeds with the gates `on` at 1."""
+        err = OutputError()
+        for feed, ref in zip(self.feeds, self.reference):
+            for r, got in zip(ref, self._run(feed, on)):
+                err.update(r, got)
+        return err.sqnr
+
+
+class GatedModel(GatedSession):
+    """The analysis graph with one gate per site: output SQNR for a set of quantized sites."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]], sites: list[LinearSite]):
+        self.sites = sites
+        super().__init__(session, feeds, [gate_name(s.name) for s in sites])
+
+    def sqnr(self, quantized: set[str]) -> float:
+        """Output SQNR (dB) with `quantized` sites quantized, the others in float."""
+        return self.sqnr_on({gate_name(name) for name in quantized})
+
+
+def rank_sensitivity(model: GatedModel, progress: bool = True) -> list[SiteSensitivity]:
+    """Each site quantized alone; most sensitive (lowest output SQNR) first."""
+    ranked = [SiteSensitivity(s.name, s.flops, round(model.sqnr({s.name}), 3))
+              for s in tqdm(model.sites, desc="sensitivity", unit="site", disable=None if progress else True,
+                            leave=False)]
+    return sorted(ranked, key=lambda r: r.output_sqnr_db)
+
+
+def greedy_fallback(model: GatedModel, ranking: list[SiteSensitivity], target_db: float | None,
+                    max_fallback_pct: float) -> Fallback:
+    """Put the most sensitive sites back to float until `target_db` is reached (or the budget of
+    `max_fallback_pct` percent of the sites' FLOPs is spent)."""
+    total = sum(s.flops for s in model.sites) or 1
+    quantized = {s.name for s in model.sites}
+    start = current = model.sqnr(quantized)
+    kept, spent = [], 0
+    for r in ranking:
+        if target_db is None or current >= target_db:
+            break
+        if 100.0 * (spent + r.flops) / total > max_fallback_pct:
+            continue  # too expensive: try the next, cheaper one
+        quantized.discard(r.site)
+        kept.append(r.site)
+        spent += r.flops
+        current = model.sqnr(quantized)
+        log.info("fallback %s -> %.2f dB", r.site, current)
+    reached = target_db is None or current >= target_db
+    return Fallback(tuple(kept), round(current, 3), round(start, 3), 1.0 - spent / total, reached)

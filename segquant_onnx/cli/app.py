@@ -1,0 +1,335 @@
+"""Command line: `segquant-onnx quantize | inspect | sensitivity` (also `python -m segquant_onnx`); the other
+subcommands register themselves from EXTRA_COMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from segquant_onnx import __version__
+from segquant_onnx.calib.data import DEFAULT_DYNAMIC_BATCH
+from segquant_onnx.cli.argtypes import positive_int
+from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES, QuantConfig
+from segquant_onnx.errors import UserError
+from segquant_onnx.examples import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
+from segquant_onnx.ir.outputs import markdown_path
+
+log = logging.getLogger("segquant_onnx")
+
+SEG_PATTERNS = ("output", "input", "heads")
+# modules with `add_parser(subparsers)` registering more subcommands (set_defaults(func=...))
+EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli.demo", "segquant_onnx.cli.trt")
+
+
+def _config(args) -> QuantConfig:
+    """The settings the subcommand's flags give; a flag the subcommand lacks keeps the dataclass default."""
+    given = {f: getattr(args, f) for f in ("calib_method", "percentile", "batch_size", "dualscale",
+                                            "dry_rewrite", "per_layer", "smoothquant", "sensitivity",
+                                            "target_sqnr", "allow_unquantized") if hasattr(args, f)}
+    renamed = {"dualscale_min_gain_db": "dualscale_min_gain", "max_fallback_pct": "max_fallback",
+               "outlier_channels": "outlier_channels", "outlier_max_flop_pct": "outlier_flops",
+               "outlier_min_gain_db": "outlier_min_gain", "outlier_ratio": "outlier_ratio"}
+    given.update({field: getattr(args, flag) for field, flag in renamed.items() if hasattr(args, flag)})
+    return QuantConfig(
+        exclude=tuple(args.exclude or ()),
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        seg_output=args.seglinear and "output" in args.seg_patterns,
+        seg_input=args.seglinear and "input" in args.seg_patterns,
+        seg_heads=args.seglinear and "heads" in args.seg_patterns,
+        **given,
+    )
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in SEG_PATTERNS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown pattern '{unknown[0]}'; use {', '.join(SEG_PATTERNS)}")
+    return names
+
+
+def _cmd_quantize(args) -> int:
+    from segquant_onnx.ir.graph_io import model_files
+    from segquant_onnx.ir.outputs import Output, check_outputs, model_output, report_output
+    from segquant_onnx.pipeline import quantize
+    from segquant_onnx.report.render import format_summary, plot_layer_error
+
+    if args.example:
+        model = Path(args.model) if args.model else example_path(EXAMPLE_MODEL)
+        calib = args.calib or example_path(EXAMPLE_CALIB)
+        eval_data = args.eval or (example_path(EXAMPLE_EVAL) if not args.model else None)
+        output = args.output or Path("example_dit_int8.onnx")
+    else:
+        if not args.model:
+            raise UserError("quantize needs MODEL (or --example to use the bundled example).")
+        if not args.output:
+            raise UserError("quantize needs -o OUT.onnx, the path to write the quantized model to.")
+        if not args.calib:
+            raise UserError("quantize needs --calib DATA (.npz or a directory of .npz); "
+                            "it never calibrates on random data.")
+        model, calib, eval_data, output = Path(args.model), args.calib, args.eval, Path(args.output)
+    outputs = [model_output(output)]
+    if args.report:
+        outputs.append(report_output(args.report))
+    if args.plot:
+        outputs.append(Output("--plot", Path(args.plot), ".png"))
+    check_outputs(outputs, [*model_files(model), calib, eval_data], args.force)
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--plot needs matplotlib: pip install 'segquant-onnx[demo]'.")
+        args.per_layer = True
+    if args.no_eval:
+        if args.eval:
+            raise UserError("--no-eval and --eval contradict each other: pass one of them.")
+        eval_data = None
+    result = quantize(model, calib, _config(args), output=output, force=args.force, eval_data=eval_data,
+                      report_path=args.report, progress=not args.quiet, evaluate=not args.no_eval)
+    if args.plot and not result.report["layer_error"]:
+        raise UserError("--plot needs evaluation data: pass --eval DATA (a Python iterable cannot be re-read).")
+    print(format_summary(result.report))
+    if args.report:
+        print(f"wrote {args.report} and {markdown_path(args.report)}")
+    if args.plot:
+        plot_layer_error(result.report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_sensitivity(args) -> int:
+    from segquant_onnx.pipeline import quantize
+    from segquant_onnx.report.render import format_sensitivity
+
+    if not args.calib:
+        raise UserError("sensitivity needs --calib DATA (.npz or a directory of .npz).")
+    args.sensitivity = True
+    result = quantize(Path(args.model), args.calib, _config(args), progress=not args.quiet,
+                      report_path=args.report, force=args.force)
+    print(format_sensitivity(result.report, top=args.top))
+    if args.report:
+        print(f"wrote {args.report} and {markdown_path(args.report)}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from segquant_onnx.ir.graph_io import model_files
+    from segquant_onnx.ir.outputs import Output, check_outputs, write_text_atomic
+    from segquant_onnx.pipeline import inspect_model
+    from segquant_onnx.report.render import format_plan
+
+    model = args.model or (example_path(EXAMPLE_MODEL) if args.example else None)
+    if model is None:
+        raise UserError("inspect needs MODEL (or --example).")
+    to_file = args.json not in (None, "-")
+    if to_file:
+        check_outputs([Output("--json", Path(args.json), ".json")], model_files(model), args.force)
+    plan = inspect_model(model, _config(args))
+    if args.json == "-":
+        print(plan.to_json())
+        return 0
+    print(format_plan(plan, explain=args.explain))
+    if to_file:
+        write_text_atomic(args.json, plan.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) that says where to read more."""
+
+    def error(self, message):
+        self.exit(2, f"segquant-onnx: error: {message} (see `{self.prog} --help`).\n")
+
+
+EXAMPLES = """examples:
+  segquant-onnx quantize model.onnx --calib calib.npz -o model_int8.onnx
+      the default: SegLinear, DualScale where it pays, INT8 weights and activations
+  segquant-onnx quantize model.onnx --calib calib.npz --eval eval.npz -o q.onnx --report q.json
+      measure the output error on held-out data and write a JSON + Markdown report
+  segquant-onnx quantize model.onnx --calib calib.npz -o q.onnx --smoothquant auto --outlier-channels auto \\
+      --target-sqnr 40 --max-fallback 5
+      the best quality with at least 95% of the linear FLOPs in INT8 (slower: searches at the output)
+"""
+
+
+QUANTIZE_GROUPS = ("input and output", "calibration", "SegLinear", "DualScale", "SmoothQuant", "outlier channels",
+                   "fallback and target", "evaluation and report", "runtime")
+
+
+def _groups(p, titles=("SegLinear", "DualScale", "fallback and target", "runtime")) -> dict:
+    """Argument groups in the order `--help` shows them."""
+    return {t: p.add_argument_group(t) for t in titles}
+
+
+def _add_model_choices(groups: dict, defaults: QuantConfig, dry_rewrite: bool = False) -> None:
+    """The flags that change which sites and patterns the plan holds (quantize, inspect, sensitivity)."""
+    g = groups["SegLinear"]
+    g.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
+                   help="split linears by the segments their output/input is cut into (default: on)")
+    g.add_argument("--seg-patterns", type=_patterns, default=("output", "input"), metavar="LIST",
+                   help="SegLinear patterns to apply: output (Linear->chunk/split, also through a Reshape), "
+                        "input (Concat or stack->Linear), heads (Reshape merging attention heads->Linear, "
+                        "H narrow GEMMs); default: output,input")
+    if dry_rewrite:
+        g.add_argument("--dry-rewrite", action="store_true",
+                       help="apply the structural rewrites (SegLinear) without quantizing, to check they are exact")
+    g = groups["DualScale"]
+    g.add_argument("--dualscale", choices=DUALSCALE_MODES, default=defaults.dualscale,
+                   help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
+                        "GEMMs: auto (where the measured gain pays), all, off (default: %(default)s)")
+    groups["fallback and target"].add_argument(
+        "--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
+    groups["runtime"].add_argument(
+        "--providers", default=",".join(defaults.providers),
+        help="ONNX Runtime execution providers, comma-separated (default: %(default)s)")
+
+
+def _add_quantize_options(q, d: QuantConfig) -> None:
+    groups = _groups(q, QUANTIZE_GROUPS)
+    g = groups["input and output"]
+    g.add_argument("model", nargs="?", metavar="MODEL", help="input .onnx (never modified)")
+    g.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (never MODEL; an existing file only "
+                   "with --force)")
+    g.add_argument("--example", action="store_true",
+                   help="use the bundled example: the trained demo DiT and its trajectory calibration data")
+    g.add_argument("--force", action="store_true", help="replace OUT, the report and the plot if they exist")
+    g.add_argument("--allow-unquantized", action="store_true",
+                   help="write the model even if no linear site can be quantized (otherwise exit 2)")
+
+    g = groups["calibration"]
+    g.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method,
+                   help="activation clipping; auto picks per site by layer error on calibration rows held back "
+                        "from the statistics (default: %(default)s)")
+    g.add_argument("--percentile", type=float, default=d.percentile,
+                   help="for --calib-method percentile (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help=f"calibration batch when the model's batch is dynamic (default: {DEFAULT_DYNAMIC_BATCH})")
+
+    _add_model_choices(groups, d, dry_rewrite=True)
+    groups["DualScale"].add_argument(
+        "--dualscale-min-gain", type=float, default=d.dualscale_min_gain_db, metavar="DB",
+        help="with --dualscale auto: the layer-output SQNR gain (dB) a site needs (default: %(default)s)")
+
+    g = groups["SmoothQuant"]
+    g.add_argument("--smoothquant", default=d.smoothquant, metavar="auto|off|ALPHA",
+                   help="SmoothQuant per site: auto searches alpha in {0.25, 0.5, 0.75} or none by layer error on a "
+                        "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
+
+    g = groups["outlier channels"]
+    g.add_argument("--outlier-channels", default=d.outlier_channels, metavar="auto|off|N",
+                   help="run up to N outlier input channels per linear (calibration abs-max > --outlier-ratio x "
+                        "the median channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, "
+                        "by the output SQNR on held-back calibration feeds (default: %(default)s)")
+    g.add_argument("--outlier-ratio", type=float, default=d.outlier_ratio, metavar="X",
+                   help="an outlier channel's calibration abs-max exceeds X times the median channel's "
+                        "(default: %(default)s)")
+    g.add_argument("--outlier-min-gain", type=float, default=d.outlier_min_gain_db, metavar="DB",
+                   help="with --outlier-channels auto: a site takes more outlier channels only if the held-back "
+                        "output SQNR gains more than DB (default: %(default)s)")
+    g.add_argument("--outlier-flops", type=float, default=d.outlier_max_flop_pct, metavar="PERCENT",
+                   help="at most this share of linear FLOPs in the float outlier branches (default: %(default)s)")
+
+    g = groups["fallback and target"]
+    g.add_argument("--target-sqnr", type=float, default=d.target_sqnr, metavar="DB",
+                   help="keep the most sensitive sites in float until the output SQNR on held-back calibration "
+                        "feeds (every 4th) reaches DB")
+    g.add_argument("--max-fallback", type=float, default=d.max_fallback_pct, metavar="PERCENT",
+                   help="with --target-sqnr: at most this share of linear FLOPs may stay in float "
+                        "(default: %(default)s)")
+    g.add_argument("--sensitivity", action="store_true",
+                   help="rank sites by output SQNR with each quantized alone (report)")
+
+    g = groups["evaluation and report"]
+    g.add_argument("--eval", metavar="DATA",
+                   help="held-out data for the output-error summary (default: the calibration data)")
+    g.add_argument("--no-eval", action="store_true",
+                   help="skip the output-error measurement (no float and quantized evaluation sessions: "
+                        "less time and peak memory)")
+    g.add_argument("--per-layer", action="store_true",
+                   help="measure every linear layer's output SQNR vs the float graph (report; worst shown)")
+    g.add_argument("--report", metavar="JSON", help="write a JSON report here, and a Markdown one beside it (.md)")
+    g.add_argument("--plot", metavar="PNG", help="plot the per-layer output SQNR to this PNG (implies --per-layer; "
+                   "needs matplotlib)")
+
+
+def _add_verbosity(p, default) -> None:
+    """-v / -q, accepted before and after the subcommand (a subcommand's copy does not reset the other)."""
+    p = next((g for g in p._action_groups if g.title == "runtime"), p)
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress details")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = QuantConfig()
+    parser = _Parser(
+        prog="segquant-onnx",
+        description="Quantize an exported ONNX diffusion model (DiT, UNet, transformer) to a Q/DQ graph "
+                    "that ONNX Runtime runs and TensorRT builds.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbosity(parser, False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="calibrate and write a quantized model", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Calibrate on DATA, insert INT8 Q/DQ on every linear site, write OUT.")
+    _add_quantize_options(q, d)
+    q.set_defaults(func=_cmd_quantize)
+
+    i = sub.add_parser("inspect", help="list the linear sites a model has, without calibrating",
+                       description="Print the quantization plan: every linear site and every declined node.")
+    i.add_argument("model", nargs="?", metavar="MODEL")
+    i.add_argument("--example", action="store_true", help="inspect the bundled example DiT")
+    i.add_argument("--json", metavar="PATH", help="write the plan as JSON to PATH (.json; '-' for stdout)")
+    i.add_argument("--force", action="store_true", help="replace the --json file if it exists")
+    i.add_argument("--explain", action="store_true", help="list every declined node with its reason")
+    _add_model_choices(_groups(i), d)
+    i.set_defaults(func=_cmd_inspect)
+
+    se = sub.add_parser("sensitivity", help="rank linear sites by their effect on the output error",
+                        description="Quantize each linear site alone and measure the model output SQNR on held-back "
+                                    "calibration feeds (every 4th); most sensitive first.")
+    se.add_argument("model", metavar="MODEL")
+    se.add_argument("--calib", metavar="DATA", help="calibration data (.npz or directory)")
+    se.add_argument("--top", type=positive_int, default=20, help="rows to print (default: %(default)s)")
+    se.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method,
+                    help="as for quantize (default: %(default)s)")
+    se.add_argument("--report", metavar="JSON", help="write the full JSON report here (and a Markdown one beside it)")
+    se.add_argument("--force", action="store_true", help="replace the report if it exists")
+    _add_model_choices(_groups(se), d)
+    se.set_defaults(func=_cmd_sensitivity)
+    for module in EXTRA_COMMANDS:  # other subcommands live in their own modules: add_parser(sub)
+        importlib.import_module(module).add_parser(sub)
+    for p in sub.choices.values():
+        _add_verbosity(p, argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"segquant-onnx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segquant-onnx: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # the checks ran before any work: this is the machine (disk full, I/O error)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"segquant-onnx: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

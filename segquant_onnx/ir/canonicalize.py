@@ -1,0 +1,175 @@
+"""Canonicalize: bring an exported graph into the form the passes match on.
+
+- refuse graphs that are already quantized (Q/DQ, QLinear*, *Integer ops);
+- raise the opset to at least 13 (per-channel Q/DQ needs `axis`);
+- shape inference, so every tensor has a dtype and, where static, a shape;
+- constant folding, so exporter-computed chunk bounds (Shape -> Gather -> Div -> Slice) and
+  transposed weights become constants;
+- look-through ops that compute nothing (Identity, Dropout in inference) are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from segquant_onnx.errors import UserError
+from segquant_onnx.ir.runtime import quiet_onnxruntime, third_party_verbose
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul",
+}
+
+
+def refuse_quantized(graph: gs.Graph, source: str) -> None:
+    found = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+    if found:
+        raise UserError(
+            f"{source} is already quantized (it contains {', '.join(found)}); "
+            "pass the floating-point model exported from your framework."
+        )
+
+
+def _raise_opset(graph: gs.Graph) -> gs.Graph:
+    if graph.opset >= MIN_OPSET:
+        return graph
+    log.info("converting opset %d -> %d", graph.opset, MIN_OPSET)
+    model = version_converter.convert_version(gs.export_onnx(graph), MIN_OPSET)
+    return gs.import_onnx(model)
+
+
+def _remove_identities(graph: gs.Graph) -> None:
+    """Bypass Identity and Dropout (inference) so patterns see through them."""
+    graph_outputs = set(id(t) for t in graph.outputs)
+    for node in graph.nodes:
+        if node.op not in ("Identity", "Dropout") or not node.inputs:
+            continue
+        if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+            continue  # the mask is used: not a no-op
+        src, dst = node.inputs[0], node.outputs[0]
+        if id(dst) in graph_outputs:
+            continue  # keep the graph's output names
+        for consumer in list(dst.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[i] = src
+        node.outputs.clear()
+    graph.cleanup()
+
+
+_SYMBOLIC_MODULE = "segquant_onnx._ort_symbolic_shape_infer"  # also the name its logger gets
+
+
+@contextlib.contextmanager
+def _third_party_quiet():
+    """Shape inference and constant folding with their own warnings only at -v (third_party_verbose):
+    ONNX Runtime's go through its default logger (folding opens sessions without options), onnx-graphsurgeon's
+    are printed to stdout (where `inspect --json -` writes), the symbolic shape inference's come under our
+    logger name (it is loaded as our module) and would pass our WARNING level."""
+    quiet_onnxruntime()
+    if third_party_verbose():
+        yield
+        return
+    symbolic = logging.getLogger(_SYMBOLIC_MODULE)
+    gs_severity, symbolic_level = G_LOGGER.severity, symbolic.level
+    G_LOGGER.severity = G_LOGGER.ERROR
+    symbolic.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = gs_severity
+        symbolic.setLevel(symbolic_level)
+
+
+@functools.cache
+def _symbolic_shape_inference():
+    """ONNX Runtime's SymbolicShapeInference, loaded from its file: importing it as
+    `onnxruntime.tools.symbolic_shape_infer` runs `onnxruntime/tools/__init__.py`, which imports torch
+    whenever torch is installed (~220 MB and seconds, for nothing the quantizer uses)."""
+    path = Path(importlib.util.find_spec("onnxruntime").origin).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location(_SYMBOLIC_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
+def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`SymbolicShapeInference.infer_shapes(model, auto_merge=True)` without its last step: where
+    inference is incomplete (custom ops, say) it saves the model, weights included, as
+    `sym_shape_infer_temp.onnx` + external data into the current directory, i.e. the user's."""
+    inference = _symbolic_shape_inference()(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_rank, verbose
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("incomplete symbolic shape inference")
+    return inference.out_mp_
+
+
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Symbolic shape inference (ONNX Runtime's: it resolves shapes through the exporters' Reshape and
+    Slice chains that onnx's own inference leaves unknown), falling back to onnx's."""
+    model = gs.export_onnx(graph)
+    try:
+        model = _symbolic_infer(model)
+    except Exception as exc:  # best effort: ONNX Runtime still runs the graph without shapes
+        log.info("symbolic shape inference failed (%s); using onnx shape inference", exc)
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as exc2:
+            log.warning("shape inference failed (%s); continuing without it", exc2)
+            return graph
+    inferred = gs.import_onnx(model)
+    # keep lazily loaded external weights: copy the value objects back by name
+    originals = {n: t for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for name, tensor in inferred.tensors().items():
+        if isinstance(tensor, gs.Constant):
+            tensor.data_location = None  # see graph_io.load_model
+            if name in originals:
+                tensor._values = originals[name]._values
+    inferred.ir_version = graph.ir_version
+    return inferred
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed nodes a stable name (`<op>_<index>`) so sites and reports can refer to them."""
+    taken = {n.name for n in graph.nodes if n.name}
+    for i, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def canonicalize(graph: gs.Graph, source: str = "the model") -> gs.Graph:
+    refuse_quantized(graph, source)
+    graph = _raise_opset(graph)
+    # ONNX Runtime (which folds constants) lags behind onnx's newest IR version: use the lowest the
+    # opsets allow
+    opsets = list(graph.import_domains or []) or [onnx.helper.make_opsetid("", graph.opset)]
+    graph.ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    with _third_party_quiet():
+        graph = infer_shapes(graph)  # shapes first: folding Shape -> Gather -> Div -> Slice needs them
+        graph.fold_constants(error_ok=True).cleanup()
+        _remove_identities(graph)
+        graph = infer_shapes(graph)
+    graph.toposort()
+    _name_nodes(graph)
+    log.info("canonicalized: %d nodes", len(graph.nodes))
+    return graph

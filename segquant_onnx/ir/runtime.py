@@ -1,0 +1,74 @@
+"""ONNX Runtime sessions for graphs held in memory (calibration and evaluation only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from segquant_onnx.errors import UserError
+from segquant_onnx.ir.graph_io import EXTERNAL_DATA_THRESHOLD, save_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def third_party_verbose() -> bool:
+    """Whether the user asked for details (-v: INFO on the "segquant_onnx" logger): only then may ONNX
+    Runtime and the tools around it (constant folding, shape inference) print their own warnings, which
+    come by the dozen on some exports (UnsqueezeElimination on BERT) and say nothing actionable."""
+    return logging.getLogger("segquant_onnx").isEnabledFor(logging.INFO)
+
+
+def quiet_onnxruntime() -> int:
+    """Set ONNX Runtime's default logger to warnings with -v, errors otherwise, and return that severity.
+
+    Sessions we do not create (onnx-graphsurgeon's constant folding) log through the default logger, as
+    do some optimizer messages of our own sessions; there is no getter, so it is set, not restored."""
+    severity = 2 if third_party_verbose() else 3
+    ort.set_default_logger_severity(severity)
+    return severity
+
+
+def check_providers(providers: tuple[str, ...]) -> tuple[str, ...]:
+    available = ort.get_available_providers()
+    for p in providers:
+        if p not in available:
+            raise UserError(f"--providers: ONNX Runtime has no '{p}' here; available: {', '.join(available)}.")
+    return tuple(providers)
+
+
+def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
+                 tmp_dir: str | None = None) -> ort.InferenceSession:
+    """A session for `model`, whose external-data tensors (if any) live in `source_dir`.
+
+    Small models go to ONNX Runtime as bytes; ones over protobuf's limit are written to `tmp_dir`
+    (a temporary directory the caller owns) with external data first.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = quiet_onnxruntime()
+    try:
+        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:  # external tensors stay where they are
+            if source_dir:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              source_dir)
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        if tmp_dir is None:
+            raise ValueError("a model whose inline tensors exceed 1.8 GB needs tmp_dir")
+        path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
+        save_model(model, path, source_dir=source_dir, external=True)
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot load the model ({first}); check that it runs in "
+                        "onnxruntime as exported.") from None
+
+
+def temporary_directory() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="segquant-")

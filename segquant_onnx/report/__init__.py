@@ -1,0 +1,1 @@
+"""Reports: the JSON/Markdown report and the printed summaries."""

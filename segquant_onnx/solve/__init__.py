@@ -1,0 +1,1 @@
+"""Quantization math and the solver: statistics -> scales, smoothing vectors, DualScale parameters."""
