@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite
-from segquant_onnx.solve.solver import DualParams, dual_params  # noqa: F401  (dual_params re-exported for tests)
+from segquant_onnx.params import DualParams
 from segquant_onnx.ir.qdq import site_node, dequantized_weight_input, quantize_activation_input
 from segquant_onnx.solve.quant_math import quantize_int8
 

@@ -18,11 +18,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
+from segquant_onnx.ir.linear import trans_b
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import DeclinedSite, LinearSite
 from segquant_onnx.solve.quant_math import quantize_int8
 from segquant_onnx.ir.qdq import site_node, dequantized_weight_input, quantize_activation_input
-from segquant_onnx.solve.solver import SiteParams
+from segquant_onnx.params import SiteParams
 
 
 def _volume(shape) -> int:
@@ -68,11 +69,11 @@ class QuantizeLinearInputs:
                 return f"weight has rank {len(shape)}, expected a 2-D [K, N] matrix"
             return LinearSite(node.name, "MatMul", x.name, w.name, shape, 1, _gemm_flops(x, *shape))
         if node.op == "Gemm":
-            trans_b = int(node.attrs.get("transB", 0))
-            k, n = (shape[1], shape[0]) if trans_b else shape
+            nk = trans_b(node)
+            k, n = (shape[1], shape[0]) if nk else shape
             trans_a = bool(node.attrs.get("transA", 0))
             rows = 2 * _volume(x.shape) * n // max(k, 1) if trans_a and x.shape else _gemm_flops(x, k, n)
-            return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if trans_b else 1, rows,
+            return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if nk else 1, rows,
                               channels_last=not trans_a)
         if int(node.attrs.get("group", 1)) == shape[0] and shape[1] == 1 and shape[0] > 1:
             return "depthwise Conv is not quantized (no INT8 speed-up)"

@@ -9,27 +9,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.ir.linear import is_linear, k_in, n_out, trans_b  # noqa: F401 (the pass reads them from here)
+
 CUTS = ("Split", "Slice")
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div")  # with a constant: looked through between Reshape and cut
-
-
-def is_linear(node: gs.Node) -> bool:
-    return (node.op in ("MatMul", "Gemm") and len(node.inputs) >= 2 and isinstance(node.inputs[1], gs.Constant)
-            and not isinstance(node.inputs[0], gs.Constant) and len(node.inputs[1].shape) == 2)
-
-
-def trans_b(node: gs.Node) -> bool:
-    return node.op == "Gemm" and bool(node.attrs.get("transB", 0))
-
-
-def n_out(node: gs.Node) -> int:
-    w = node.inputs[1].shape
-    return w[0] if trans_b(node) else w[1]
-
-
-def k_in(node: gs.Node) -> int:
-    w = node.inputs[1].shape
-    return w[1] if trans_b(node) else w[0]
 
 
 def on_axis(axis: int, rank: int | None, want: int) -> bool:

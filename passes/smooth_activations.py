@@ -24,7 +24,8 @@ from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import site_node
 from segquant_onnx.plan import LinearSite
-from segquant_onnx.solve.solver import SiteParams, smoothed_weight
+from segquant_onnx.ir.linear import scale_input_channels
+from segquant_onnx.params import SiteParams
 
 
 class SmoothActivations:
@@ -44,7 +45,7 @@ class SmoothActivations:
             x_s = gs.Variable(namer(site.name, "smoothed_input"), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", namer(site.name, "smooth"), inputs=[x, inv], outputs=[x_s]))
             w_s = gs.Constant(namer(site.name, "smoothed_weight"),
-                              np.ascontiguousarray(smoothed_weight(constant_values(w), site, smooth), np.float32))
+                              np.ascontiguousarray(scale_input_channels(constant_values(w), site, smooth), np.float32))
             node.inputs[site.activation_input_index] = x_s
             node.inputs[site.weight_input_index] = w_s
             updated.append(replace(site, activation=x_s.name, weight=w_s.name))

@@ -32,7 +32,7 @@ from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import site_node
 from segquant_onnx.plan import LinearSite
-from segquant_onnx.solve.solver import bulk_weight, site_input_channels
+from segquant_onnx.ir.linear import input_channels, weight_is_nk, zero_input_channels
 
 
 class SplitOutlierChannels:
@@ -49,7 +49,7 @@ class SplitOutlierChannels:
                 continue
             node, x, w = site_node(nodes, site, self.name)
             w_full = constant_values(w)
-            k = site_input_channels(site)
+            k = input_channels(site)
             mask = np.ones(k, np.float32)
             mask[idx] = 0
             if site.op == "Conv":  # channels on axis 1 of N, C, spatial...
@@ -60,7 +60,7 @@ class SplitOutlierChannels:
                                        inputs=[x, gs.Constant(namer(site.name, "bulk_mask_values"), mask)],
                                        outputs=[x_m]))
             w_b = gs.Constant(namer(site.name, "bulk_weight"),
-                              np.ascontiguousarray(bulk_weight(w_full, site, idx), np.float32))
+                              np.ascontiguousarray(zero_input_channels(w_full, site, idx), np.float32))
             x_o = gs.Variable(namer(layer, "input"), dtype=x.dtype)
             y_o = gs.Variable(namer(layer, "output"), dtype=x.dtype)
             graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": 1 if site.op == "Conv" else -1},
@@ -71,7 +71,7 @@ class SplitOutlierChannels:
                 graph.nodes.append(gs.Node("Conv", namer(layer, "Conv"), dict(node.attrs),
                                            inputs=[x_o, gs.Constant(namer(layer, "weight"), w_o)], outputs=[y_o]))
             else:  # the outlier channels' rows of W as a [k, N] matrix
-                w_o = w_full[:, idx].T if site.op == "Gemm" and site.weight_axis == 0 else w_full[idx]
+                w_o = w_full[:, idx].T if weight_is_nk(site) else w_full[idx]
                 if site.op == "Gemm":
                     w_o = w_o * float(node.attrs.get("alpha", 1.0))  # Gemm scales A @ B by alpha
                 graph.nodes.append(gs.Node("MatMul", namer(layer, "MatMul"),

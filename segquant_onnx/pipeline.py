@@ -25,13 +25,16 @@ from segquant_onnx.analysis.layer_error import per_layer_error
 from segquant_onnx.ir.graph_io import constant_values, export_model, load_model, model_size, save_model
 from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SplitLinearBySegment
 from segquant_onnx.plan import QuantPlan
-from segquant_onnx.rewrite import Quantization, apply_quantization
+from segquant_onnx.params import Quantization
+from segquant_onnx.rewrite import apply_quantization
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
 from segquant_onnx.report.render import site_rows, write_json, write_markdown
 from segquant_onnx.ir.runtime import check_providers, make_session, temporary_directory
 from segquant_onnx.analysis.outlier_search import per_site_outliers
 from segquant_onnx.analysis.sensitivity import GatedModel, gate_name, greedy_fallback, rank_sensitivity
-from segquant_onnx.solve.solver import SiteParams, choose_outliers, site_input_channels, solve, solve_dual
+from segquant_onnx.ir.linear import input_channels
+from segquant_onnx.params import SiteParams
+from segquant_onnx.solve.solver import choose_outliers, solve, solve_dual
 from segquant_onnx.tensorrt.check import check_tensorrt
 
 log = logging.getLogger(__name__)
@@ -332,7 +335,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
                      "sites": {name: idx.tolist() for name, idx in q.outliers.items()},
                      "per_site_search": search.trials if search else [],
                      "ranges": outlier_ranges,
-                     "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / site_input_channels(by_name[n])
+                     "float_flop_pct": round(100 * sum(plan_flops[n] * len(i) / input_channels(by_name[n])
                                                        for n, i in q.outliers.items()) / max(plan.total_flops, 1), 3)},
         "sensitivity": [asdict(r) for r in ranking],
         "fallback": asdict(fallback) if fallback else None,

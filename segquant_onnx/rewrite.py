@@ -7,26 +7,12 @@ the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SmoothActivations, SplitOutlierChannels
+from segquant_onnx.params import Quantization
 from segquant_onnx.plan import QuantPlan
-from segquant_onnx.solve.solver import SiteParams
-
-
-@dataclass
-class Quantization:
-    """Everything solve decided: scales, DualScale sites, outlier channels, sites left in float."""
-
-    params: dict[str, SiteParams]
-    dual: dict
-    outliers: dict[str, np.ndarray]
-    decisions: list = field(default_factory=list)  # DualScale decisions, for the report
-    floating: frozenset = frozenset()
 
 
 def apply_quantization(graph: gs.Graph, plan: QuantPlan, q: Quantization, config: QuantConfig,

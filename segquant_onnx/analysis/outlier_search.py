@@ -33,9 +33,10 @@ from segquant_onnx.config import QuantConfig
 from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import QuantPlan
-from segquant_onnx.rewrite import Quantization, apply_quantization
+from segquant_onnx.params import Quantization
+from segquant_onnx.rewrite import apply_quantization
 from segquant_onnx.analysis.sensitivity import GatedSession
-from segquant_onnx.solve.solver import site_input_channels
+from segquant_onnx.ir.linear import input_channels
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def site_levels(plan: QuantPlan, by_cap: dict[int, dict[str, np.ndarray]]) -> di
                 caps.append(cap)
                 sets.append(idx)
         if len(sets) > 1:
-            k = site_input_channels(site)
+            k = input_channels(site)
             levels[site.name] = SiteLevels(site.name, tuple(caps), tuple(sets),
                                            tuple(site.flops * len(s) / k for s in sets))
     return levels

@@ -9,7 +9,7 @@ import os
 
 from segquant_onnx.ir.outputs import write_atomic, write_text_atomic
 from segquant_onnx.plan import QuantPlan
-from segquant_onnx.solve.solver import SiteParams
+from segquant_onnx.params import SiteParams
 
 
 def site_rows(plan: QuantPlan, params: dict[str, SiteParams] | None = None, floating=frozenset()) -> list[dict]:

@@ -2,71 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
 
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.calib.observers import Stats, TensorStats
+from segquant_onnx.ir.linear import (as_kn, input_channel_amax, input_channel_axis, input_channels,
+                                     scale_input_channels, zero_input_channels)
+from segquant_onnx.params import DualDecision, DualParams, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.solve.quant_math import (INT8_MAX, INT8_NEG_LEVELS, activation_amax, fake_quant,
                                       scale_from_amax, smoothing_vector, sqnr_db, weight_scales)
-
-
-@dataclass(frozen=True)
-class SiteParams:
-    """Scales of one linear site: activation per tensor, weight per output channel.
-
-    With SmoothQuant, `smooth` is the per-input-channel vector s (the activation is divided by it and
-    the weight multiplied), `act_amax` is of X / s and `weight_scale` of s * W. `layer_sqnr_db` is the
-    layer output SQNR of the chosen configuration on the row sample (None without a sample).
-    """
-
-    act_amax: float
-    act_scale: float
-    weight_scale: np.ndarray
-    method: str
-    smooth: np.ndarray | None = None
-    alpha: float | None = None
-    layer_sqnr_db: float | None = None
-
-
-@dataclass(frozen=True)
-class DualParams:
-    """Scales of one dual site: one per polarity of the activation, weight per output channel."""
-
-    pos_scale: float
-    neg_scale: float
-    weight_scale: np.ndarray
-
-    def __post_init__(self):
-        for name in ("pos_scale", "neg_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"DualParams.{name} must be finite and > 0, got {value}")
-        ws = np.asarray(self.weight_scale)
-        if ws.ndim != 1 or not (np.isfinite(ws).all() and (ws > 0).all()):
-            raise ValueError("DualParams.weight_scale must be a 1-D vector of finite positive scales")
-
-
-@dataclass(frozen=True)
-class DualDecision:
-    """Whether a SiLU/GELU -> linear site runs as two GEMMs, and the layer-output gain that decided it.
-
-    `gain_db` is the layer output SQNR with DualScale minus with one scale; `measured` says whether it
-    was measured on a sample of the real activation rows (MatMul/Gemm) or estimated from the
-    polarity statistics with a rounding-noise model (Conv).
-    """
-
-    site: str
-    kind: str
-    apply: bool
-    gain_db: float
-    measured: bool
-    flops: int
 
 
 def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int) -> DualParams:
@@ -82,11 +31,6 @@ def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int)
     )
 
 
-def _as_kn(w: np.ndarray, site: LinearSite) -> np.ndarray:
-    """The weight as a [K, N] matrix (Gemm transB=1 stores [N, K])."""
-    return w.T if site.op == "Gemm" and site.weight_axis == 0 else w
-
-
 def measured_dual_gain(rows: np.ndarray, w: np.ndarray, site: LinearSite, single: SiteParams,
                        dual: DualParams) -> float:
     """Layer output SQNR(dual) - SQNR(single) in dB on sampled activation rows [R, K].
@@ -94,7 +38,7 @@ def measured_dual_gain(rows: np.ndarray, w: np.ndarray, site: LinearSite, single
     Y = rows @ W; single: fq(rows, s) @ fq(W); dual: (fq(relu(rows), s+) + fq(min(rows, 0), s-)) @ fq(W).
     """
     wq = fake_quant(w, single.weight_scale, site.weight_axis)
-    w_kn, wq_kn = _as_kn(w, site), _as_kn(wq, site)
+    w_kn, wq_kn = as_kn(w, site), as_kn(wq, site)
     y = rows.astype(np.float64) @ w_kn
     y_single = fake_quant(rows, np.float32(single.act_scale)) @ wq_kn
     y_dual = (fake_quant(np.maximum(rows, 0), np.float32(dual.pos_scale))
@@ -114,17 +58,6 @@ def estimated_dual_gain(stats: TensorStats, single: SiteParams, dual: DualParams
     return float(10 * np.log10(single_noise / max(dual_noise, 1e-30)))
 
 
-def smoothed_weight(w: np.ndarray, site: LinearSite, smooth: np.ndarray | None) -> np.ndarray:
-    """s * W along the input-channel axis (rows of [K, N]; columns of Gemm transB=1's [N, K])."""
-    if smooth is None:
-        return w
-    return w * (smooth[None, :] if site.op == "Gemm" and site.weight_axis == 0 else smooth[:, None])
-
-
-def _weight_channel_amax(w: np.ndarray, site: LinearSite) -> np.ndarray:
-    return np.abs(w).max(axis=0 if site.op == "Gemm" and site.weight_axis == 0 else 1)
-
-
 def _act_amax(st: TensorStats, rows: np.ndarray | None, smooth: np.ndarray | None, method: str,
               config: QuantConfig, masked: bool = False) -> float:
     """Clipping threshold of X on its histogram; of X / s or of the bulk of X (whose histograms are not
@@ -138,9 +71,9 @@ def _act_amax(st: TensorStats, rows: np.ndarray | None, smooth: np.ndarray | Non
 def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams) -> float:
     """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]."""
     x_s = rows if p.smooth is None else rows / p.smooth
-    w_s = smoothed_weight(w, site, p.smooth)
-    y = rows.astype(np.float64) @ _as_kn(w, site)
-    y_q = fake_quant(x_s, np.float32(p.act_scale)) @ _as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis), site)
+    w_s = scale_input_channels(w, site, p.smooth)
+    y = rows.astype(np.float64) @ as_kn(w, site)
+    y_q = fake_quant(x_s, np.float32(p.act_scale)) @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis), site)
     return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
 
 
@@ -149,7 +82,7 @@ def _site_params(site: LinearSite, st: TensorStats, rows, w, smooth, alpha, meth
     if smooth is not None or masked:
         method = "max"  # see _act_amax
     amax = _act_amax(st, rows, smooth, method, config, masked)
-    return SiteParams(amax, float(scale_from_amax(amax)), weight_scales(smoothed_weight(w, site, smooth), site.weight_axis),
+    return SiteParams(amax, float(scale_from_amax(amax)), weight_scales(scale_input_channels(w, site, smooth), site.weight_axis),
                       method, smooth, alpha)
 
 
@@ -162,7 +95,7 @@ def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
     for site in plan.sites:
         st = stats[site.activation]
         amax = st.channel_amax
-        if cap <= 0 or amax.size != site_input_channels(site):
+        if cap <= 0 or amax.size != input_channels(site):
             continue
         if site.op == "Conv" and st.channel_axis != 1 or site.op != "Conv" and not site.channels_last:
             continue
@@ -172,13 +105,6 @@ def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
         if len(idx) and cost <= budget:
             chosen[site.name], budget = idx.astype(np.int64), budget - cost
     return chosen
-
-
-def site_input_channels(site: LinearSite) -> int:
-    """K: MatMul [K, N] rows, Gemm transB=1 [N, K] columns, Conv [Cout, Cin/group, ...] (group 1 only)."""
-    if site.op == "Conv":
-        return site.weight_shape[1]
-    return site.weight_shape[1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
 
 
 def masked_stats(st: TensorStats, idx: np.ndarray) -> TensorStats:
@@ -194,18 +120,6 @@ def masked_stats(st: TensorStats, idx: np.ndarray) -> TensorStats:
                    channel_neg_amax=ch(st.channel_neg_amax))
 
 
-def bulk_weight(w: np.ndarray, site: LinearSite, idx: np.ndarray | None) -> np.ndarray:
-    """W with the input-channel rows `idx` zeroed (their products run in float beside the INT8 GEMM)."""
-    if idx is None:
-        return w
-    w = w.copy()
-    if site.op == "Conv" or site.op == "Gemm" and site.weight_axis == 0:
-        w[:, idx] = 0
-    else:
-        w[idx] = 0
-    return w
-
-
 def _site_inputs(site, stats, samples, weight, outliers, search_rows):
     """(stats, rows, weight) of the site's INT8 part: the bulk when it has outlier channels."""
     st, w = stats[site.activation], weight(site.weight)
@@ -214,7 +128,7 @@ def _site_inputs(site, stats, samples, weight, outliers, search_rows):
         rows = rows[:search_rows]
     idx = outliers.get(site.name)
     if idx is not None:
-        st, w = masked_stats(st, idx), bulk_weight(w, site, idx)
+        st, w = masked_stats(st, idx), zero_input_channels(w, site, idx)
         if rows is not None:
             rows = rows.copy()
             rows[:, idx] = 0
@@ -237,12 +151,11 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
         st, rows, w = _site_inputs(site, stats, samples, weight, outliers, config.search_rows)
         if chosen is not None:
             c = chosen[site.name]
-            smooth = None if c.alpha is None else smoothing_vector(st.channel_amax, _weight_channel_amax(w, site), c.alpha)
+            smooth = None if c.alpha is None else smoothing_vector(st.channel_amax, input_channel_amax(w, site), c.alpha)
             p = _site_params(site, st, rows, w, smooth, c.alpha, c.method, config, masked=site.name in outliers)
             params[site.name] = replace(p, layer_sqnr_db=c.layer_sqnr_db)
             continue
-        smoothable = site.channels_last and st.channel_amax.size == w.shape[
-            1 if site.op == "Gemm" and site.weight_axis == 0 else 0]
+        smoothable = site.channels_last and st.channel_amax.size == w.shape[input_channel_axis(site)]
         alphas: tuple = (None,)
         if smoothable and config.smoothquant == "auto" and rows is not None:  # auto scores on the sample
             alphas = (None,) + config.smooth_alphas
@@ -250,7 +163,7 @@ def solve(plan: QuantPlan, stats: Stats, weight: Callable[[str], np.ndarray], co
             alphas = (float(config.smoothquant),)
         best = None
         for alpha in alphas:
-            smooth = None if alpha is None else smoothing_vector(st.channel_amax, _weight_channel_amax(w, site), alpha)
+            smooth = None if alpha is None else smoothing_vector(st.channel_amax, input_channel_amax(w, site), alpha)
             for method in (methods if rows is not None else methods[:1]):
                 p = _site_params(site, st, rows, w, smooth, alpha, "max" if method == "auto" else method, config,
                                  masked=site.name in outliers)
@@ -284,7 +197,7 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
                 dual[site.name] = dual_params(
                     *((st.pos_amax, st.neg_amax) if smooth is None else
                       (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max()))),
-                    smoothed_weight(w, site, smooth), site.weight_axis)
+                    scale_input_channels(w, site, smooth), site.weight_axis)
             decisions.append(earlier[site.name])
             continue
         # polarity statistics of the INT8 bulk (outlier channels removed), after smoothing
@@ -292,7 +205,7 @@ def solve_dual(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], pa
         smooth = params[site.name].smooth
         pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
                     (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
-        w = smoothed_weight(w, site, smooth)
+        w = scale_input_channels(w, site, smooth)
         p = dual_params(pos, neg, w, site.weight_axis)
         if rows is not None and len(rows):
             rows = rows if smooth is None else rows / smooth

@@ -22,11 +22,11 @@ from segquant_onnx.ir.finalize import assert_dedicated_dq
 from segquant_onnx.ir.graph_io import constant_values, export_model
 from segquant_onnx.passes import QuantizeLinearInputs
 from segquant_onnx.plan import LinearSite
-from segquant_onnx.passes.dual_scale_activations import (
-    DualParams, DualScaleActivations, DualSite, dual_params, match_activation,
-)
+from segquant_onnx.passes.dual_scale_activations import DualScaleActivations, DualSite, match_activation
+from segquant_onnx.params import DualParams
+from segquant_onnx.solve.solver import dual_params
 from segquant_onnx.solve.quant_math import dequantize, quantize_int8, scale_from_amax, sqnr_db, weight_scales
-from segquant_onnx.solve.solver import SiteParams
+from segquant_onnx.params import SiteParams
 from segquant_onnx.tensorrt.build import build_engine, tensorrt_rtx_available
 
 SITE = "site"  # the consumer node under test

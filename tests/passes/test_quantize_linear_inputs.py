@@ -7,7 +7,6 @@ of that layer, so any wrong scale, axis or rounding shows (one INT8 step is far 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -21,7 +21,7 @@ from conftest import run_model
 from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.passes import QuantizeLinearInputs, SmoothActivations
 from segquant_onnx.solve.quant_math import scale_from_amax, smoothing_vector, weight_scales
-from segquant_onnx.solve.solver import SiteParams
+from segquant_onnx.params import SiteParams
 
 EPS32 = 2.0**-23
 VARIANTS = ("MatMul", "MatMul3d", "Gemm_transB0", "Gemm_transB1")

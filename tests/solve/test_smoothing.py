@@ -20,7 +20,9 @@ from segquant_onnx.pipeline import quantize
 from segquant_onnx.plan import DualSite, LinearSite, QuantPlan
 from segquant_onnx.solve.quant_math import (INT8_MAX, activation_amax, entropy_amax, fake_quant, mse_amax, percentile_amax,
                                       scale_from_amax, smoothing_vector, weight_scales)
-from segquant_onnx.solve.solver import SiteParams, layer_sqnr, smoothed_weight, solve, solve_dual
+from segquant_onnx.ir.linear import scale_input_channels as smoothed_weight
+from segquant_onnx.params import SiteParams
+from segquant_onnx.solve.solver import layer_sqnr, solve, solve_dual
 
 METHODS = ("max", "percentile", "mse", "entropy")
 

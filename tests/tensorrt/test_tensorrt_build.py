@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from trt_graphs import make_qdq_matmul
 
