@@ -1,15 +1,65 @@
-"""Pattern-matching graph passes, one idea per file (installed as `segquant_onnx.passes`).
+"""Pattern-matching graph passes, one idea per file, and their run order (installed as `segquant_onnx.passes`).
 
-Each pass detects (pure: returns plan data and reasons for declined matches) and rewrites (the only
-code that mutates the graph). Only the pipeline stages import passes (pipeline, rewrite); the
-other core modules never do.
+    detect_all:  canonical graph -> QuantPlan           every pass detects, in order; SegLinear's exact
+                                                        split is applied right after its detection
+    rewrite_all: graph + plan + Quantization -> graph   every quantize-stage pass rewrites, in order:
+                                                        outlier split -> smoothing -> DualScale -> Q/DQ
+
+The contract every pass follows is in base.py. Only the pipeline stages run the passes (pipeline,
+rewrite); the other core modules never import them.
 """
 
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from segquant_onnx.params import Quantization
+from segquant_onnx.passes.base import PLAN, QUANTIZE, Pass, PreconditionError, QuantizedSite, run_order
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
+from segquant_onnx.passes.find_linear_sites import FindLinearSites
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
 from segquant_onnx.passes.smooth_activations import SmoothActivations
 from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 from segquant_onnx.passes.split_outlier_channels import SplitOutlierChannels
+from segquant_onnx.plan import QuantPlan
 
-__all__ = ["DualScaleActivations", "QuantizeLinearInputs", "SmoothActivations", "SplitLinearBySegment",
-           "SplitOutlierChannels"]
+__all__ = ["DualScaleActivations", "FindLinearSites", "Pass", "PreconditionError", "QuantizeLinearInputs",
+           "QuantizedSite", "SmoothActivations", "SplitLinearBySegment", "SplitOutlierChannels", "detect_all",
+           "passes", "rewrite_all"]
+
+
+def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
+           exclude: tuple[str, ...] = (), dualscale: bool = True) -> tuple[Pass, ...]:
+    """The run order, for detection and for rewriting alike (a new pass is one line here)."""
+    return run_order((
+        SplitLinearBySegment(seg_output, seg_input, seg_heads),
+        FindLinearSites(exclude),
+        SplitOutlierChannels(),
+        SmoothActivations(),
+        DualScaleActivations(dualscale),
+        QuantizeLinearInputs(),
+    ))
+
+
+def detect_all(graph: gs.Graph, *, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
+               exclude: tuple[str, ...] = (), dualscale: bool = True) -> QuantPlan:
+    """The plan of a canonicalized graph: every pass's findings and declines, in run order. Plan-stage
+    passes (SegLinear) rewrite what they found right away, so `graph` is mutated: the sites are those
+    of the graph that will be quantized."""
+    plan = QuantPlan(sites=())
+    for p in passes(seg_output=seg_output, seg_input=seg_input, seg_heads=seg_heads, exclude=exclude,
+                    dualscale=dualscale):
+        plan = p.detect(graph, plan)
+        if p.stage == PLAN:
+            p.rewrite(graph, list(plan.segments), None)
+    return plan
+
+
+def rewrite_all(graph: gs.Graph, plan: QuantPlan, q: Quantization) -> list[QuantizedSite]:
+    """Quantize `graph` (the one `plan` was detected on) as `q` says: every site not left in float, by
+    the quantize-stage passes in run order. Returns the sites as quantized, each with its Q/DQ inputs."""
+    sites = [s for s in plan.sites if s.name not in q.floating]
+    for p in passes():
+        if p.stage == QUANTIZE:
+            sites = p.rewrite(graph, sites, q)
+    return sites

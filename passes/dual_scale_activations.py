@@ -15,14 +15,19 @@ Both branches are ordinary INT8 GEMMs for TensorRT: each reads the same INT8 wei
 through its own DequantizeLinear; the bias (Gemm C, Conv B) is added once, in the first branch; the
 Add keeps Y's name, so every consumer of Y is untouched. Other consumers of A keep reading A.
 
-Preconditions: the graph is canonicalized; `sites` are QuantizeLinearInputs' LinearSites of this
-graph. Runs before QuantizeLinearInputs, which must then skip the dual sites (they already carry
-Q/DQ; the negative branch's op is new and already quantized).
+Detect (on/off by the constructor) looks at the sites FindLinearSites found; rewrite acts on the
+sites solve gave DualParams (`Quantization.dual`) and reports every input it quantized
+(QuantizedSite.quantized: both activations, both weights; analysis/gates.py blends the branches'
+weight once, at gate 0 relu(A) @ W + min(A, 0) @ W = A @ W). Preconditions: the graph is
+canonicalized and its sites found; outlier split and smoothing have run (they act on the bulk A).
+Runs before QuantizeLinearInputs, which then skips the dual sites (they already carry Q/DQ; the
+negative branch's op is new and already quantized).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -30,9 +35,10 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite
-from segquant_onnx.params import DualParams
-from segquant_onnx.ir.qdq import site_node, dequantized_weight_input, quantize_activation_input
+from segquant_onnx.ir.qdq import QuantizedInput, dequantized_weight_input, quantize_activation_input, site_node
+from segquant_onnx.params import DualParams, Quantization
+from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, SITES_FOUND, SMOOTHED, QuantizedSite
+from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite, QuantPlan
 from segquant_onnx.solve.quant_math import quantize_int8
 
 QUICK_GELU_BETA = 1.702
@@ -200,6 +206,12 @@ def match_activation(t: gs.Tensor) -> tuple[str, gs.Tensor] | None:
 
 class DualScaleActivations:
     name = "dual_scale_activations"
+    stage = QUANTIZE
+    requires = (SITES_FOUND, SMOOTHED)
+    ensures = (DUAL_QUANTIZED,)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     # -- match + check -------------------------------------------------------------------------
     def check(self, node: gs.Node, site: LinearSite) -> DualSite | str | None:
@@ -217,35 +229,37 @@ class DualScaleActivations:
                    "only float32 activations are dual-scaled"
         return DualSite(site.name, act.name, kind)
 
-    def detect(self, graph: gs.Graph, sites: list[LinearSite]) -> tuple[list[DualSite], list[DeclinedSite]]:
+    def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
+        if not self.enabled:
+            return plan
         nodes = {n.name: n for n in graph.nodes}
         found, declined = [], []
-        for site in sites:
+        for site in plan.sites:
             result = self.check(nodes[site.name], site)
             if isinstance(result, DualSite):
                 found.append(result)
             elif isinstance(result, str):
                 declined.append(DeclinedSite(site.name, site.op, result))
-        return found, declined
+        return replace(plan, dual=plan.dual + tuple(found), declined=plan.declined + tuple(declined))
 
     # -- rewrite --------------------------------------------------------------------------------
-    def rewrite(self, graph: gs.Graph, dual_sites: list[DualSite], linear_sites: dict[str, LinearSite],
-                params: dict[str, DualParams], gates: dict[str, gs.Tensor] | None = None) -> int:
-        """With `gates` (analysis graphs), both branches blend with float by the site's gate: at gate 0
-        relu(A) @ W + min(A, 0) @ W = A @ W exactly."""
-        gates = gates or {}
+    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: Quantization) -> list[LinearSite]:
+        """Two GEMMs with one scale per polarity at every site in `params.dual`."""
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
-        for dual in dual_sites:
-            site = linear_sites[dual.site]
+        updated = []
+        for site in sites:
+            if site.name not in params.dual:
+                updated.append(site)
+                continue
             node, _, _ = site_node(nodes, site, self.name)
-            self._split(graph, namer, node, site, params[site.name], gates.get(site.name))
+            updated.append(QuantizedSite.of(site, self._split(graph, namer, node, site, params.dual[site.name])))
         graph.cleanup().toposort()
-        return len(dual_sites)
+        return updated
 
     @staticmethod
-    def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite, p: DualParams,
-               gate: gs.Tensor | None = None) -> None:
+    def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite,
+               p: DualParams) -> tuple[QuantizedInput, ...]:
         ia, iw, axis = site.activation_input_index, site.weight_input_index, site.weight_axis
         pos, neg = f"{site.name}/pos", f"{site.name}/neg"
         a, w, y = node.inputs[ia], node.inputs[iw], node.outputs[0]
@@ -264,18 +278,18 @@ class DualScaleActivations:
         graph.nodes.append(neg_node)
         node.inputs[ia] = relu_out
 
-        quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, gate=gate)
-        quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, gate=gate)
-        w_float = constant_values(w)
-        wq = quantize_int8(w_float, p.weight_scale, axis)
-        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis,
-                                         gate=gate, weight_float=w_float)
+        pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale)
+        neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale)
+        wq = quantize_int8(constant_values(w), p.weight_scale, axis)
+        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis)
         # one DequantizeLinear per consumer, both reading the same INT8 initializer and scales
-        neg_w = gs.Variable(namer(neg, "weight_dequantized"), np.float32, pos_w.shape)
+        neg_dq = gs.Variable(namer(neg, "weight_dequantized"), np.float32, pos_w.dequantized.shape)
         graph.nodes.append(gs.Node("DequantizeLinear", namer(neg, "weight_dq"), {"axis": axis},
-                                   inputs=list(pos_w.inputs[0].inputs), outputs=[neg_w]))
-        neg_node.inputs[iw] = neg_w if gate is None else node.inputs[iw]  # gated: share the blended weight
+                                   inputs=list(pos_w.dequantized.inputs[0].inputs), outputs=[neg_dq]))
+        neg_node.inputs[iw] = neg_dq
+        neg_w = QuantizedInput(neg, "weight", neg_node, iw, w, neg_dq)
 
         pos_out = gs.Variable(namer(pos, "output"), y.dtype, y.shape)
         node.outputs[0] = pos_out
         graph.nodes.append(gs.Node("Add", namer(site.name, "dual_add"), inputs=[pos_out, neg_out], outputs=[y]))
+        return pos_a, neg_a, pos_w, neg_w

@@ -4,110 +4,50 @@
     Gemm(A, B, C)     -> Gemm(DQ(Q(A, s_a)), DQ(Bq, s_b, axis=0 if transB else 1), C)
     Conv(X, W, b)     -> Conv(DQ(Q(X, s_x)), DQ(Wq, s_w, axis=0), b)
 
-Preconditions: the graph is canonicalized (constants folded, so a Transpose of a weight is already
-a constant; shapes inferred). Activations per tensor, weights per output channel, stored as INT8
-initializers; bias stays float; nothing is placed on outputs. Activation x activation MatMuls
-(attention) are declined. Runs last in the rewrite order: it quantizes whatever linears the other
-passes left or created.
+Rewrite only (its detect is the identity: FindLinearSites found the sites). Activations per tensor,
+weights per output channel, stored as INT8 initializers; bias stays float; nothing is placed on
+outputs. Preconditions: the sites are found and the DualScale sites already carry their Q/DQ (this
+pass skips them). Runs last: it quantizes whatever linears the other passes left or created, and
+reports every input it quantized (QuantizedSite.quantized), which the analysis gates blend.
 """
 
 from __future__ import annotations
 
-import re
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
-from segquant_onnx.ir.linear import trans_b
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.plan import DeclinedSite, LinearSite
+from segquant_onnx.ir.qdq import dequantized_weight_input, quantize_activation_input, site_node
+from segquant_onnx.params import Quantization
+from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, QUANTIZED, SITES_FOUND, QuantizedSite
+from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.solve.quant_math import quantize_int8
-from segquant_onnx.ir.qdq import site_node, dequantized_weight_input, quantize_activation_input
-from segquant_onnx.params import SiteParams
-
-
-def _volume(shape) -> int:
-    """Product of the known dims (unknown/dynamic dims count as 1)."""
-    return int(np.prod([d for d in (shape or ()) if isinstance(d, int) and d > 0], dtype=np.int64))
-
-
-def _gemm_flops(x: gs.Tensor, k: int, n: int) -> int:
-    rows = _volume(x.shape[:-1]) if x.shape else 1
-    return 2 * rows * k * n
 
 
 class QuantizeLinearInputs:
     name = "quantize_linear_inputs"
+    stage = QUANTIZE
+    requires = (SITES_FOUND, DUAL_QUANTIZED)
+    ensures = (QUANTIZED,)
 
-    def __init__(self, exclude: tuple[str, ...] = ()):
-        self.exclude = tuple(re.compile(p) for p in exclude)
+    def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
+        return plan
 
-    # -- match + check -------------------------------------------------------------------------
-    def check(self, node: gs.Node) -> LinearSite | str | None:
-        """A LinearSite, a reason string when the node looks linear but is declined, or None."""
-        if node.op not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-            return None
-        if node.op == "ConvTranspose":
-            return "ConvTranspose is not quantized yet"
-        if len(node.inputs) < 2:
-            return None
-        x, w = node.inputs[0], node.inputs[1]
-        if not isinstance(w, gs.Constant):
-            if node.op == "MatMul" and isinstance(x, gs.Constant):
-                return "constant on the left (W @ X) is not quantized"
-            return "activation x activation product (e.g. attention) is not quantized"
-        if isinstance(x, gs.Constant):
-            return "both inputs are constant"
-        for pattern in self.exclude:
-            if pattern.search(node.name):
-                return f"excluded by --exclude '{pattern.pattern}'"
-        if x.dtype != np.float32 or w.dtype != np.float32:
-            return f"dtype {x.dtype}/{w.dtype} is not float32 (only fp32 models are quantized for now)"
-        shape = tuple(int(d) for d in w.shape)
-        if node.op == "MatMul":
-            if len(shape) != 2:
-                return f"weight has rank {len(shape)}, expected a 2-D [K, N] matrix"
-            return LinearSite(node.name, "MatMul", x.name, w.name, shape, 1, _gemm_flops(x, *shape))
-        if node.op == "Gemm":
-            nk = trans_b(node)
-            k, n = (shape[1], shape[0]) if nk else shape
-            trans_a = bool(node.attrs.get("transA", 0))
-            rows = 2 * _volume(x.shape) * n // max(k, 1) if trans_a and x.shape else _gemm_flops(x, k, n)
-            return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if nk else 1, rows,
-                              channels_last=not trans_a)
-        if int(node.attrs.get("group", 1)) == shape[0] and shape[1] == 1 and shape[0] > 1:
-            return "depthwise Conv is not quantized (no INT8 speed-up)"
-        out = node.outputs[0]
-        flops = 2 * _volume(out.shape) * _volume(shape[1:]) if out.shape else 2 * _volume(shape)
-        return LinearSite(node.name, "Conv", x.name, w.name, shape, 0, flops, channels_last=False)
-
-    def detect(self, graph: gs.Graph) -> tuple[list[LinearSite], list[DeclinedSite]]:
-        sites, declined = [], []
-        for node in graph.nodes:
-            result = self.check(node)
-            if isinstance(result, LinearSite):
-                sites.append(result)
-            elif isinstance(result, str):
-                declined.append(DeclinedSite(node.name, node.op, result))
-        return sites, declined
-
-    # -- rewrite --------------------------------------------------------------------------------
-    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: dict[str, SiteParams],
-                gates: dict[str, gs.Tensor] | None = None) -> int:
-        """Insert Q/DQ at every site; with `gates` (analysis graphs) each site's quantization is
-        blended with its float values by its gate (see qdq.gated)."""
-        gates = gates or {}
+    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: Quantization) -> list[LinearSite]:
+        """Q/DQ on the activation and weight of every site that is not a DualScale site."""
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
+        updated = []
         for site in sites:
-            node, x, w = site_node(nodes, site, self.name)
-            p = params[site.name]
-            gate = gates.get(site.name)
-            quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale,
-                                      gate=gate)
-            w_float = constant_values(w)
-            wq = quantize_int8(w_float, p.weight_scale, site.weight_axis)
-            dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq,
-                                     p.weight_scale, site.weight_axis, gate=gate, weight_float=w_float)
+            if site.name in params.dual:
+                updated.append(site)
+                continue
+            node, _, w = site_node(nodes, site, self.name)
+            p = params.params[site.name]
+            act = quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale)
+            wq = quantize_int8(constant_values(w), p.weight_scale, site.weight_axis)
+            weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq,
+                                              p.weight_scale, site.weight_axis)
+            updated.append(QuantizedSite.of(site, (act, weight)))
         graph.cleanup()
-        return len(sites)
+        return updated

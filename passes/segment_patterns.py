@@ -1,7 +1,8 @@
 """Graph reading for SegLinear's checks: which linear is which, where a tensor is cut or glued.
 
 Pure functions over an onnx-graphsurgeon graph (nothing here mutates it); the pass
-`split_linear_by_segment` builds its pattern checks from them.
+`split_linear_by_segment` builds its pattern checks from them. The opt-in heads check
+(`merged_heads`) is one of them whole: it only reads back from the linear's input.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.linear import is_linear, k_in, n_out, trans_b  # noqa: F401 (the pass reads them from here)
+from segquant_onnx.plan import SegmentMatch
 
 CUTS = ("Split", "Slice")
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div")  # with a constant: looked through between Reshape and cut
@@ -138,3 +140,38 @@ def layout_users(t: gs.Tensor, depth: int = 0) -> list[tuple[gs.Tensor, list[gs.
     if direct or not t.outputs:
         found.append((t, direct))
     return found
+
+
+def merged_heads(node: gs.Node) -> tuple[SegmentMatch, gs.Tensor] | str | None:
+    """Heads merged before the linear: Reshape([..., H, D] -> [..., H*D]), possibly followed by
+    Slices over other axes (SD3's joint attention splits image and text tokens) -> linear."""
+    x = node.inputs[0]
+    if x.shape is None or not x.shape:
+        return None
+    t = x
+    for _ in range(4):  # look back through float Casts and Slices that keep the last axis
+        producer = t.inputs[0] if t.inputs else None
+        if producer is None:
+            return None
+        if producer.op == "Cast" and producer.attrs.get("to") == 1:
+            t = producer.inputs[0]
+            continue
+        if producer.op == "Slice":
+            axes = const_ints(producer.inputs[3]) if len(producer.inputs) > 3 and producer.inputs[3].name else None
+            rank = len(t.shape) if t.shape is not None else None
+            if axes is None or rank is None or any(last_axis(a, rank) for a in axes):
+                return None
+            t = producer.inputs[0]
+            continue
+        break
+    if producer.op != "Reshape":
+        return None
+    src = producer.inputs[0]
+    if src.shape is None or len(src.shape) < 3 or t.shape is None or len(src.shape) != len(t.shape) + 1:
+        return None
+    h, d = src.shape[-2], src.shape[-1]
+    if not (isinstance(h, int) and isinstance(d, int)) or h < 2 or t.shape[-1] != h * d or x.shape[-1] != h * d:
+        return None
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return "Gemm with transA=1 reads its input transposed"
+    return SegmentMatch(node.name, "input", (d,) * h, "Reshape"), x

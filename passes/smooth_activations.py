@@ -9,8 +9,9 @@ output segments) each get their own Mul, hence their own smoothed input and acti
 Folding 1/s into a preceding LayerNorm/affine is not done: the Mul stays (it sits before the
 QuantizeLinear, so it does not break TensorRT's DQ -> GEMM fusion).
 
-Runs after SegLinear and before DualScale and Q/DQ insertion; returns the sites as they read now
-(activation = the Mul output, weight = the smoothed weight).
+Rewrite only (its detect is the identity). Runs after the outlier split and before DualScale and
+Q/DQ insertion; returns the sites as they read now (activation = the Mul output, weight = the
+smoothed weight).
 """
 
 from __future__ import annotations
@@ -23,15 +24,24 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import site_node
-from segquant_onnx.plan import LinearSite
 from segquant_onnx.ir.linear import scale_input_channels
-from segquant_onnx.params import SiteParams
+from segquant_onnx.params import Quantization
+from segquant_onnx.passes.base import OUTLIERS_SPLIT, QUANTIZE, SITES_FOUND, SMOOTHED
+from segquant_onnx.plan import LinearSite, QuantPlan
 
 
 class SmoothActivations:
     name = "smooth_activations"
+    stage = QUANTIZE
+    requires = (SITES_FOUND, OUTLIERS_SPLIT)
+    ensures = (SMOOTHED,)
 
-    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: dict[str, SiteParams]) -> list[LinearSite]:
+    def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
+        return plan
+
+    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: Quantization) -> list[LinearSite]:
+        """Smooth every site whose SiteParams carry a smoothing vector."""
+        params = params.params
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
         updated = []

@@ -31,24 +31,31 @@ cuts need the linear's output (after an optional bias Add) to feed only the Spli
 the Slices to partition it; reshaped, it must feed only Reshapes with the same n whose copies (through
 elementwise ops with a constant) are all cut the same way. A float->float Cast between Concat (or the
 stack's Reshape) and linear is looked through. Segment sizes may be unequal.
-Runs first in the rewrite order, before DualScale and Q/DQ insertion.
+Runs first, at the plan stage: detect adds the segments (and near-misses with reasons) to the plan,
+and its rewrite splits them at once, before the sites are found and calibration observes them.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.plan import DeclinedSite, SegmentMatch
+from segquant_onnx.passes.base import CANONICAL, PLAN, SEGMENTS_SPLIT
+from segquant_onnx.plan import DeclinedSite, QuantPlan, SegmentMatch
 from segquant_onnx.passes.segment_patterns import (CUTS, bias_add, const_ints, float_source, is_linear, k_in,
-                                                   last_axis, layout_users, n_out, partition, splits_last_axis,
-                                                   trans_b, variable_bias)
+                                                   last_axis, layout_users, merged_heads, n_out, partition,
+                                                   splits_last_axis, trans_b, variable_bias)
 
 
 class SplitLinearBySegment:
     name = "split_linear_by_segment"
+    stage = PLAN
+    requires = (CANONICAL,)
+    ensures = (SEGMENTS_SPLIT,)
 
     def __init__(self, output_segments: bool = True, input_segments: bool = True, head_segments: bool = False):
         self.output_segments, self.input_segments = output_segments, input_segments
@@ -155,48 +162,19 @@ class SplitLinearBySegment:
         via = "Stack" if axis == rank - 2 else "Stack-interleaved"
         return SegmentMatch(node.name, "input", (d,) * n, via), [u.inputs[0] for u in unsqueezes]
 
-    def check_heads(self, node: gs.Node) -> tuple[SegmentMatch, gs.Tensor] | str | None:
-        """Heads merged before the linear: Reshape([..., H, D] -> [..., H*D]), possibly followed by
-        Slices over other axes (SD3's joint attention splits image and text tokens) -> linear."""
-        x = node.inputs[0]
-        if x.shape is None or not x.shape:
-            return None
-        t = x
-        for _ in range(4):  # look back through float Casts and Slices that keep the last axis
-            producer = t.inputs[0] if t.inputs else None
-            if producer is None:
-                return None
-            if producer.op == "Cast" and producer.attrs.get("to") == 1:
-                t = producer.inputs[0]
-                continue
-            if producer.op == "Slice":
-                axes = const_ints(producer.inputs[3]) if len(producer.inputs) > 3 and producer.inputs[3].name else None
-                rank = len(t.shape) if t.shape is not None else None
-                if axes is None or rank is None or any(last_axis(a, rank) for a in axes):
-                    return None
-                t = producer.inputs[0]
-                continue
-            break
-        if producer.op != "Reshape":
-            return None
-        src = producer.inputs[0]
-        if src.shape is None or len(src.shape) < 3 or t.shape is None or len(src.shape) != len(t.shape) + 1:
-            return None
-        h, d = src.shape[-2], src.shape[-1]
-        if not (isinstance(h, int) and isinstance(d, int)) or h < 2 or t.shape[-1] != h * d or x.shape[-1] != h * d:
-            return None
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
-            return "Gemm with transA=1 reads its input transposed"
-        return SegmentMatch(node.name, "input", (d,) * h, "Reshape"), x
+    def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
+        matches, declined = self._matches(graph)
+        return replace(plan, segments=plan.segments + tuple(found[0] for _, found in matches),
+                       declined=plan.declined + tuple(declined))
 
-    def detect(self, graph: gs.Graph):
+    def _matches(self, graph: gs.Graph):
         """Matches with the nodes/tensors the rewrite needs, and declined near-matches."""
         matches, declined = [], []
         for node in graph.nodes:
             if not is_linear(node):
                 continue
             for enabled, check in ((self.output_segments, self.check_output), (self.input_segments, self.check_input),
-                                   (self.input_segments, self.check_stack), (self.head_segments, self.check_heads)):
+                                   (self.input_segments, self.check_stack), (self.head_segments, merged_heads)):
                 result = check(node) if enabled else None
                 if isinstance(result, str):
                     declined.append(DeclinedSite(node.name, node.op, f"SegLinear: {result}"))
@@ -206,11 +184,15 @@ class SplitLinearBySegment:
         return matches, declined
 
     # -- rewrite --------------------------------------------------------------------------------
-    def rewrite(self, graph: gs.Graph, matches) -> list[SegmentMatch]:
+    def rewrite(self, graph: gs.Graph, sites: list[SegmentMatch], params=None) -> list[SegmentMatch]:
+        """Split every segment match in `sites` (detect's, on this same graph), in their order."""
+        matches = {node.name: (node, found) for node, found in self._matches(graph)[0]}
         namer = Namer(graph)
         done = []
-        for node, found in matches:
-            match = found[0]
+        for match in sites:
+            node, found = matches.get(match.linear, (None, (None,)))
+            if found[0] != match:
+                raise RuntimeError(f"{self.name}: {match.linear} no longer matches the plan")
             if match.kind == "output" and match.via.startswith("Reshape-"):  # concatenate back into Y
                 add = found[2]
                 y = (add or node).outputs[0]

@@ -17,8 +17,9 @@ free of them. The float branch is a skinny GEMM (K = a handful of channels) whos
 to the INT8 GEMM's output, which TensorRT can fuse as a residual into its epilogue. Its cost is
 reported (float FLOPs) and capped by a budget.
 
-Runs after SegLinear and before SmoothQuant, DualScale and Q/DQ insertion (they all act on the bulk);
-returns the sites as they read now (activation = the masked input, weight = the bulk weight).
+Rewrite only (its detect is the identity). Runs after SegLinear and before SmoothQuant, DualScale
+and Q/DQ insertion (they all act on the bulk); returns the sites as they read now (activation = the
+masked input, weight = the bulk weight).
 """
 
 from __future__ import annotations
@@ -31,14 +32,24 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import site_node
-from segquant_onnx.plan import LinearSite
 from segquant_onnx.ir.linear import input_channels, weight_is_nk, zero_input_channels
+from segquant_onnx.params import Quantization
+from segquant_onnx.passes.base import OUTLIERS_SPLIT, QUANTIZE, SITES_FOUND
+from segquant_onnx.plan import LinearSite, QuantPlan
 
 
 class SplitOutlierChannels:
     name = "split_outlier_channels"
+    stage = QUANTIZE
+    requires = (SITES_FOUND,)
+    ensures = (OUTLIERS_SPLIT,)
 
-    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], outliers: dict[str, np.ndarray]) -> list[LinearSite]:
+    def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
+        return plan
+
+    def rewrite(self, graph: gs.Graph, sites: list[LinearSite], params: Quantization) -> list[LinearSite]:
+        """Split the channels `params.outliers` names off every site that has some."""
+        outliers = params.outliers
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
         updated = []

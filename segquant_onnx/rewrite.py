@@ -1,28 +1,22 @@
-"""The quantization rewrites, applied in their order to a canonical (SegLinear-split) graph.
+"""The rewrite stage: graph + plan + Quantization -> quantized graph, by the passes in their run order.
 
-Used for the output graph, for candidate graphs scored on held-back feeds, and for the gated
-analysis graphs (sensitivity, fallback, the per-site outlier search), so all of them are built by
-the same code.
+    outlier split -> smoothing -> DualScale -> Q/DQ        on every site of the plan not left in float
+
+Used for the output graph, for candidate graphs scored on held-back feeds, and as the first step of
+the analysis graphs (analysis/gates.py blends what it reports; outlier_search's level copies), so all
+of them are built by the same code.
 """
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.config import QuantConfig
-from segquant_onnx.passes import DualScaleActivations, QuantizeLinearInputs, SmoothActivations, SplitOutlierChannels
+from segquant_onnx.ir.qdq import QuantizedInput
 from segquant_onnx.params import Quantization
+from segquant_onnx.passes import rewrite_all
 from segquant_onnx.plan import QuantPlan
 
 
-def apply_quantization(graph: gs.Graph, plan: QuantPlan, q: Quantization, config: QuantConfig,
-                       gates: dict[str, gs.Tensor] | None = None) -> None:
-    """outlier split -> smoothing -> DualScale -> Q/DQ, on every site of `plan` not left in float."""
-    sites = [s for s in plan.sites if s.name not in q.floating]
-    sites = SplitOutlierChannels().rewrite(graph, sites, q.outliers)
-    sites = SmoothActivations().rewrite(graph, sites, q.params)
-    by_name = {s.name: s for s in sites}
-    DualScaleActivations().rewrite(graph, [d for d in plan.dual if d.site in q.dual and d.site in by_name],
-                                   by_name, q.dual, gates=gates)
-    QuantizeLinearInputs(config.exclude).rewrite(graph, [s for s in sites if s.name not in q.dual], q.params,
-                                                 gates=gates)
+def apply_quantization(graph: gs.Graph, plan: QuantPlan, q: Quantization) -> dict[str, tuple[QuantizedInput, ...]]:
+    """Quantize `graph` in place; returns, per quantized site, the inputs that now read a DequantizeLinear."""
+    return {site.name: site.quantized for site in rewrite_all(graph, plan, q)}

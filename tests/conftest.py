@@ -185,3 +185,23 @@ def export_script(dynamo: bool = False):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def attention_model() -> onnx.ModelProto:
+    """X -> q, k, v projections; softmax(q @ k^T) @ v -> o projection. Two activation x activation MatMuls."""
+    nodes = [helper.make_node("MatMul", ["X", f"W{p}"], [p], name=f"to_{p}") for p in "qkv"]
+    nodes += [
+        helper.make_node("Transpose", ["k"], ["kT"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kT"], ["scores"], name="qk"),
+        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["attn"], name="pv"),
+        helper.make_node("MatMul", ["attn", "Wo"], ["Y"], name="to_out"),
+    ]
+    inits = [numpy_helper.from_array((np.random.default_rng(i).standard_normal((16, 16)) * 0.2).astype(np.float32), f"W{p}")
+             for i, p in enumerate("qkvo")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 8, 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 8, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -1,56 +1,135 @@
-"""The benchmark script keeps working: its quick mode runs end to end (seconds) on the bundled example."""
+"""The benchmark keeps working: `scripts/bench.py` runs end to end on the bundled example (one run, shared
+by the tests that read it), every row of its feature matrix is a valid QuantConfig, and its demo-dynamo
+case is the trained checkpoint."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+# The end-to-end run keeps these rows of the feature matrix (both timed rows, the per-layer pair, the
+# DualScale and fallback cells): `--quick` with all twelve rows costs about twice as long, and the other
+# rows run the same benchmark code with other QuantConfig fields (checked below without running them).
+E2E_ROWS = ("naive INT8", "+SegLinear", "+DualScale all", "default", "default + target 40 dB")
+_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from benchkit import runners
+from benchkit.driver import main
+runners.OURS_MATRIX = tuple(m for m in runners.OURS_MATRIX if m.label in sys.argv[2].split(";"))
+sys.exit(main(sys.argv[3:]))
+"""
 
 
-def test_bench_quick_mode_writes_the_table_and_json(tmp_path):
-    md = tmp_path / "BENCH.md"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--skip-modelopt",
-                        "--work-dir", str(tmp_path / "work"), "--markdown", str(md)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """`bench.py --quick --skip-modelopt` (bundled example, segquant-onnx and ONNX Runtime), E2E_ROWS only."""
+    tmp = tmp_path_factory.mktemp("bench")
+    md = tmp / "BENCH.md"
+    r = subprocess.run([sys.executable, "-c", _RUN, str(SCRIPTS), ";".join(E2E_ROWS), "--quick", "--skip-modelopt",
+                        "--work-dir", str(tmp / "work"), "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    text = md.read_text()
-    assert "| example | naive INT8 |" in text and "| example | default |" in text and "ORT MinMax" in text
-    results = list((tmp_path / "work").glob("*.json"))
-    assert results, "the full numbers are written as JSON beside the table"
-    data = json.loads(results[0].read_text())
-    assert data  # non-empty: rows measured in this run
+    return r.stdout, md.read_text(), json.loads((tmp / "work" / "bench_results.json").read_text())
 
 
-def test_demo_dynamo_is_the_trained_checkpoint_through_the_dynamo_exporter(tmp_path):
+def _table(text: str, header: str) -> dict[str, dict[str, str]]:
+    """The Markdown table whose header starts with `header`: method -> {column: cell}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    columns = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+        rows[cells["method"]] = cells
+    return rows
+
+
+def test_bench_prints_the_report_it_writes(bench_run):
+    stdout, text, _ = bench_run
+    assert stdout == text + "\n"  # print() adds one newline: the file holds nothing the run did not print
+    assert "python scripts/bench.py --quick --skip-modelopt" in text
+
+
+def test_bench_measures_every_row(bench_run):
+    _, text, data = bench_run
+    table = _table(text, "| model | method | SQNR dB |")
+    assert list(table) == ["FP32 reference", *E2E_ROWS, "ORT MinMax", "ORT MinMax, MatMul/Gemm/Conv only"]
+    for method, cells in table.items():
+        assert cells["model"] == "example"
+        assert re.fullmatch(r"-?\d+\.\d\d|ref", cells["SQNR dB"]), (method, cells["SQNR dB"])
+        assert cells["TensorRT-RTX"] != "-" and re.fullmatch(r"\d+/\d+", cells["quantized weights"])
+    # ours build with TensorRT-RTX and break none of its rules; the tool's own SQNR agrees with the benchmark's
+    for method in E2E_ROWS:
+        assert table[method]["TensorRT-RTX"] == "built" and table[method]["check-trt violations"] == "0"
+        own = table[method]["tool's own SQNR"]
+        if method in ("naive INT8", "default"):  # timed rows: evaluate=False, like the peers
+            assert own == "-"
+        else:
+            assert abs(float(own) - float(table[method]["SQNR dB"])) < 0.015, (method, own)
+    assert re.fullmatch(r"\d+\.\d\d \(\d+ sites float\)", table["default + target 40 dB"]["INT8 FLOPs %"])
+    assert re.fullmatch(r"\d+\.\d \(\d+/\d+ sites\)", table["+DualScale all"]["DualScale extra FLOPs %"])
+    # the JSON beside the table holds the same rows with their full numbers; ORT Entropy ran and was dropped
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == list(table) and all(r["error"] is None for r in rows.values())
+    assert all(f"{rows[m]['sqnr_db']:.2f}" == table[m]["SQNR dB"] for m in table if m != "FP32 reference")
+    assert "example / ORT Entropy" in {n["what"] for n in data["notes"]}
+    assert [e["model"] for e in data["per_layer"]] == ["example"]
+    assert "| example | +SegLinear |" in text.split("## Per-layer SQNR")[1]
+
+
+def test_every_feature_row_is_a_valid_quant_config(monkeypatch):
+    from segquant_onnx import QuantConfig
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from benchkit.runners import OURS_MATRIX
+    from benchkit.tables import methods_table
+
+    assert set(E2E_ROWS) <= {m.label for m in OURS_MATRIX}
+    for method in OURS_MATRIX:
+        QuantConfig(**method.fields)
+    assert methods_table().count("`QuantConfig(") == len(OURS_MATRIX)
+
+
+def test_help_lists_the_flags():
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    flags = set(re.findall(r"--[a-z-]+", r.stdout))
+    assert flags == {"--help", "--work-dir", "--quick", "--skip-modelopt", "--skip-ort-entropy", "--models", "--repeat",
+                     "--timeout", "--markdown"}
+
+
+def test_demo_dynamo_is_the_trained_checkpoint_through_the_dynamo_exporter(tmp_path, monkeypatch):
     """The bench's `demo-dynamo` case: the saved demo checkpoint re-exported with dynamo=True computes
     what the bundled TorchScript export computes, on the demo's own eval feeds."""
-    import importlib.util
-
     import numpy as np
     import onnx
-    import pytest
 
     pytest.importorskip("diffusers")
     pytest.importorskip("onnxscript")
     import onnxruntime as ort
 
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = bench  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        del sys.modules["bench"]
-    (case,) = bench.prepare_models(["demo-dynamo"], tmp_path)
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from benchkit.cases import DATA_DIR, iter_samples, prepare_models
+
+    (case,) = prepare_models(["demo-dynamo"], tmp_path)
     assert case.onnx_path.parent == tmp_path / "models" and case.calib_path.name == "demo_dit_calib.npz"
     model = onnx.load(case.onnx_path)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
     assert any(n.op_type == "Split" for n in model.graph.node)  # dynamo writes chunk as Split
-    feed = next(bench.iter_samples(case.eval_path))
+    feed = next(iter_samples(case.eval_path))
     got = ort.InferenceSession(str(case.onnx_path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    want = ort.InferenceSession(str(bench.DATA_DIR / "demo_dit.onnx"), providers=["CPUExecutionProvider"]).run(
+    want = ort.InferenceSession(str(DATA_DIR / "demo_dit.onnx"), providers=["CPUExecutionProvider"]).run(
         None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -8,8 +8,8 @@ from tqdm import tqdm
 
 from conftest import build_linear_model
 from segquant_onnx import pipeline
-from segquant_onnx.analysis import outlier_search
-from segquant_onnx.solve import solver as solve
+from segquant_onnx.analysis import held_back, outlier_search
+from segquant_onnx.solve import choose, fit
 from segquant_onnx.config import QuantConfig
 
 
@@ -29,7 +29,7 @@ def _counts(err: str, desc: str) -> list[tuple[int, int]]:
 
 
 def test_auto_searches_show_advancing_bars(write_calib, capsys, monkeypatch):
-    for module in (pipeline, solve, outlier_search):
+    for module in (held_back, choose, fit, outlier_search):
         monkeypatch.setattr(module, "tqdm", _Drawn)
     model, calib = build_linear_model("matmul"), write_calib("matmul", n=8)  # every 4th feed held back: 2
     config = QuantConfig(calib_method="auto", smoothquant="auto")

@@ -82,7 +82,7 @@ def level_gate(site: str, level: int) -> str:
 
 
 def build_level_graph(graph: gs.Graph, plan: QuantPlan, levels: dict[str, SiteLevels],
-                      by_cap: dict[int, Quantization], config: QuantConfig) -> gs.Graph:
+                      by_cap: dict[int, Quantization]) -> gs.Graph:
     """The analysis graph: `graph` (canonical, not yet quantized) with every site quantized as
     `by_cap[0]` says, plus, per candidate site, one fully quantized copy per level > 0 (params from
     `by_cap[cap of that level]`), blended into the site's output by the level gates (graph inputs)."""
@@ -119,7 +119,7 @@ def build_level_graph(graph: gs.Graph, plan: QuantPlan, levels: dict[str, SiteLe
                 dual[copy] = q.dual[name]
                 dual_copies.append(replace(duals[name], site=copy))
     apply_quantization(g, replace(plan, sites=plan.sites + tuple(copies), dual=plan.dual + tuple(dual_copies)),
-                       Quantization(params, dual, outliers), config)
+                       Quantization(params, dual, outliers))
     return g
 
 
@@ -186,7 +186,7 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: QuantConfig, hel
     quants = {cap: solve_for({n: lv.channels[lv.caps.index(cap)] for n, lv in levels.items() if cap in lv.caps})
               for cap in tqdm(caps, desc="outlier levels", unit="level", disable=None if progress else True,
                               leave=False)}
-    analysis = build_level_graph(graph, plan, levels, quants, config)
+    analysis = build_level_graph(graph, plan, levels, quants)
     session = make_session(export_model(analysis.cleanup().toposort()))
     model = GatedSession(session, held_back, [level_gate(n, l) for n, lv in levels.items()
                                               for l in range(1, len(lv.channels))], reference)

@@ -15,17 +15,16 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from tqdm import tqdm
 
 from segquant_onnx.analysis.evaluate import OutputError
-from segquant_onnx.plan import LinearSite
+from segquant_onnx.analysis.gates import gate_name, gated_graph
+from segquant_onnx.params import Quantization
+from segquant_onnx.plan import LinearSite, QuantPlan
 
 log = logging.getLogger(__name__)
-
-
-def gate_name(site: str) -> str:
-    return f"gate/{site}"
 
 
 @dataclass(frozen=True)
@@ -108,3 +107,16 @@ def greedy_fallback(model: GatedModel, ranking: list[SiteSensitivity], target_db
         log.info("fallback %s -> %.2f dB", r.site, current)
     reached = target_db is None or current >= target_db
     return Fallback(tuple(kept), round(current, 3), round(start, 3), 1.0 - spent / total, reached)
+
+
+def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[dict[str, np.ndarray]], config,
+            sessions, progress: bool = True) -> tuple[list[SiteSensitivity], Fallback | None]:
+    """Sensitivity ranking and (with `config.target_sqnr`) the fallback set, at the model output on the
+    `held_back` feeds, in one analysis session (`sessions.open_graph`) of `graph` (left as it is)
+    quantized as `q` says with a gate per site."""
+    model = GatedModel(sessions.open_graph(gated_graph(graph, plan, q)), held_back, list(plan.sites))
+    ranking = rank_sensitivity(model, progress)
+    fallback = None
+    if config.target_sqnr is not None:
+        fallback = greedy_fallback(model, ranking, config.target_sqnr, config.max_fallback_pct)
+    return ranking, fallback

@@ -1,1 +1,1 @@
-"""Quantization math and the solver: statistics -> scales, smoothing vectors, DualScale parameters."""
+"""Solve: statistics -> parameters. quant_math (pure formulas), choose (-> Recipe), fit (Recipe -> Quantization)."""

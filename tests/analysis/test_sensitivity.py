@@ -1,7 +1,7 @@
 """Sensitivity ranking and the --target-sqnr fallback, decided at the model output on held-back feeds.
 
 - the gated analysis graph: all gates 0 is the float model, all gates 1 the quantized model, for plain,
-  DualScale and smoothed sites (the session `_analyse` builds, captured from the pipeline);
+  DualScale and smoothed sites (the session `sensitivity.analyse` builds, captured from a quantize run);
 - a three-layer model whose first layer reads an input with a x200 outlier channel: sensitivity ranks
   it first, the target mode keeps it (only it) in float and reaches the target, `--max-fallback 0`
   does not;
@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import segquant_onnx.pipeline as pipeline
+import segquant_onnx.analysis.sensitivity as sensitivity
 from conftest import INPUT_SHAPES, build_linear_model, calib_inputs, run_model
 from segquant_onnx.calib.data import model_inputs, open_calibration
 from segquant_onnx.calib.calibrate import calibrate
@@ -49,7 +49,7 @@ def analysis_models(monkeypatch):
             super().__init__(*args, **kwargs)
             captured.append(self)
 
-    monkeypatch.setattr(pipeline, "GatedModel", Recording)
+    monkeypatch.setattr(sensitivity, "GatedModel", Recording)
     return captured
 
 

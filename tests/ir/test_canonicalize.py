@@ -11,7 +11,14 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import build_linear_model, calib_inputs, run_model
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.errors import UserError
-from segquant_onnx.passes import QuantizeLinearInputs
+from segquant_onnx.passes import FindLinearSites
+from segquant_onnx.plan import QuantPlan
+
+
+def find_sites(graph: gs.Graph):
+    """(sites, declined) of FindLinearSites on `graph`."""
+    plan = FindLinearSites().detect(graph, QuantPlan(sites=()))
+    return list(plan.sites), list(plan.declined)
 
 
 def make_model(nodes, inputs, outputs, inits, opset=17, value_info=()) -> onnx.ModelProto:
@@ -74,7 +81,7 @@ def test_transposed_constant_weight_is_folded_for_the_pass():
     weight = graph.nodes[0].inputs[1]
     assert isinstance(weight, gs.Constant)
     np.testing.assert_array_equal(weight.values, W)
-    sites, declined = QuantizeLinearInputs().detect(graph)
+    sites, declined = find_sites(graph)
     assert [(s.name, s.weight_shape, s.weight_axis) for s in sites] == [("fc", (16, 32), 1)]
     assert not declined
     same_outputs(model, graph, FEEDS)
@@ -124,7 +131,7 @@ def test_identity_on_a_weight_is_folded():
     model = make_model(nodes, [fvi("X", [1, 8, 16])], [fvi("Y", [1, 8, 32])], {"W0": W})
     graph = canonicalize(gs.import_onnx(model))
     assert [n.op for n in graph.nodes] == ["MatMul"]
-    (site,), _ = QuantizeLinearInputs().detect(graph)
+    (site,), _ = find_sites(graph)
     weight = graph.nodes[0].inputs[1]
     assert isinstance(weight, gs.Constant) and site.weight == weight.name
     np.testing.assert_array_equal(weight.values, W)
@@ -139,7 +146,7 @@ def test_identity_and_dropout_on_an_activation_are_looked_through(op):
     graph = canonicalize(gs.import_onnx(model))
     assert [n.op for n in graph.nodes] == ["MatMul", "Relu"]
     assert graph.nodes[0].inputs[0] is graph.inputs[0]
-    (site,), _ = QuantizeLinearInputs().detect(graph)
+    (site,), _ = find_sites(graph)
     assert site.activation == "X"
     same_outputs(model, graph, FEEDS)
 
@@ -161,7 +168,7 @@ def test_opset_11_is_raised_to_13_and_still_computes_the_same():
     onnx.checker.check_model(exported)
     assert {o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")} == {graph.opset}
     same_outputs(model, graph, FEEDS)
-    assert len(QuantizeLinearInputs().detect(graph)[0]) == 2
+    assert len(find_sites(graph)[0]) == 2
 
 
 def test_unnamed_nodes_get_stable_unique_names():
@@ -187,5 +194,5 @@ def test_transposed_weight_is_folded_in_a_model_with_the_newest_ir_version():
     model = make_model(nodes, [fvi("X", [1, 8, 16])], [fvi("Y", [1, 8, 32])], {"Wt": np.ascontiguousarray(W.T)})
     model.ir_version = 14  # what onnx 1.23 helper.make_model writes by default; ORT 1.31 reads up to 13
     graph = canonicalize(gs.import_onnx(model))
-    sites, declined = QuantizeLinearInputs().detect(graph)
+    sites, declined = find_sites(graph)
     assert [s.name for s in sites] == ["fc"] and not declined

@@ -20,11 +20,11 @@ from conftest import export_script
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import assert_dedicated_dq
 from segquant_onnx.ir.graph_io import constant_values, export_model
-from segquant_onnx.passes import QuantizeLinearInputs
-from segquant_onnx.plan import LinearSite
+from segquant_onnx.passes import FindLinearSites, QuantizedSite, QuantizeLinearInputs
+from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations, DualSite, match_activation
-from segquant_onnx.params import DualParams
-from segquant_onnx.solve.solver import dual_params
+from segquant_onnx.params import DualParams, Quantization
+from segquant_onnx.solve.fit import dual_params
 from segquant_onnx.solve.quant_math import dequantize, quantize_int8, scale_from_amax, sqnr_db, weight_scales
 from segquant_onnx.params import SiteParams
 from segquant_onnx.tensorrt.build import build_engine, tensorrt_rtx_available
@@ -169,9 +169,9 @@ def canonical(model: onnx.ModelProto) -> gs.Graph:
 
 
 def detect(graph: gs.Graph):
-    sites, _ = QuantizeLinearInputs().detect(graph)
-    duals, declined = DualScaleActivations().detect(graph, sites)
-    return sites, duals, declined
+    found = FindLinearSites().detect(graph, QuantPlan(sites=()))
+    plan = DualScaleActivations().detect(graph, found)
+    return list(plan.sites), list(plan.dual), list(plan.declined[len(found.declined):])
 
 
 def run(model: onnx.ModelProto, feeds: dict, outputs=None) -> list[np.ndarray]:
@@ -201,7 +201,8 @@ def dual_rewrite(graph: gs.Graph, calib: np.ndarray) -> tuple[dict[str, LinearSi
     for d in duals:
         s, a = by_name[d.site], values[by_name[d.site].activation]
         params[s.name] = dual_params(a.max(), -a.min(), constant_values(weights[s.weight]), s.weight_axis)
-    assert DualScaleActivations().rewrite(graph, duals, by_name, params) == len(duals)
+    updated = DualScaleActivations().rewrite(graph, sites, Quantization({}, params, {}))
+    assert [s.name for s in updated if isinstance(s, QuantizedSite)] == [d.site for d in duals]
     return by_name, params
 
 
@@ -405,12 +406,12 @@ def measure_dual_vs_single(form: str, std: float = 2.0, seed: int = 3) -> tuple[
     dual_rewrite(dual, calib)
 
     single = canonical(model)
-    sites, _ = QuantizeLinearInputs().detect(single)
+    sites = FindLinearSites().detect(single, QuantPlan(sites=())).sites
     (a,) = run(with_outputs(model, ["act"]), {"H": calib}, ["act"])
     amax = float(np.abs(a).max())
     w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W"))
     params = {SITE: SiteParams(amax, float(scale_from_amax(amax)), weight_scales(w, 1), "max")}
-    QuantizeLinearInputs().rewrite(single, [s for s in sites if s.name == SITE], params)
+    QuantizeLinearInputs().rewrite(single, [s for s in sites if s.name == SITE], Quantization(params, {}, {}))
     return (_output_sqnr(export_model(dual), y_float, held_out),
             _output_sqnr(export_model(single), y_float, held_out))
 
@@ -515,8 +516,7 @@ def test_real_exports_rewrite_runs_and_builds(real_export, tmp_path):
     kind, _, path, script = real_export
     model = onnx.load(str(path))
     graph = canonical(model)
-    sites, _ = QuantizeLinearInputs().detect(graph)
-    duals, _ = DualScaleActivations().detect(graph, sites)
+    sites, duals, _ = detect(graph)
     by_name = {s.name: s for s in sites}
     fp = export_model(graph)
     acts = sorted({by_name[d.site].activation for d in duals})
@@ -532,7 +532,8 @@ def test_real_exports_rewrite_runs_and_builds(real_export, tmp_path):
         s = by_name[d.site]
         lo, hi = stats[s.activation]
         params[s.name] = dual_params(hi, -lo, constant_values(weights[s.weight]), s.weight_axis)
-    assert DualScaleActivations().rewrite(graph, duals, by_name, params) == len(duals)
+    updated = DualScaleActivations().rewrite(graph, sites, Quantization({}, params, {}))
+    assert sum(isinstance(s, QuantizedSite) for s in updated) == len(duals)
     assert_dedicated_dq(graph)
     rewritten = export_model(graph)
     onnx.checker.check_model(rewritten)

@@ -1,4 +1,5 @@
-"""QuantizeLinearInputs: what it detects and declines, the Q/DQ structure it writes, and the numbers.
+"""QuantizeLinearInputs: the Q/DQ structure it writes, and the numbers (what it quantizes, FindLinearSites
+finds: tests/passes/test_find_linear_sites.py).
 
 The numeric check recomputes each quantized layer in numpy from the scales and INT8 weights stored in
 the output graph; the tolerance is the float32 accumulation bound (K + 2) * 2^-23 * (|A| |B| + |b|)
@@ -10,16 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import (GELU_ALPHA, WEIGHT_AXES, build_linear_model, calib_inputs, linear_weights, run_model,
-                      save)
-from segquant_onnx.ir.canonicalize import canonicalize
+from conftest import (GELU_ALPHA, WEIGHT_AXES, attention_model, build_linear_model, calib_inputs, linear_weights,
+                      run_model, save)
 from segquant_onnx.config import QuantConfig
-from segquant_onnx.passes import QuantizeLinearInputs
 from segquant_onnx.pipeline import quantize
 from segquant_onnx.solve.quant_math import quantize_int8, weight_scales
 
@@ -37,10 +35,6 @@ def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
-
-
-def detect(model: onnx.ModelProto, exclude=()):
-    return QuantizeLinearInputs(exclude).detect(canonicalize(gs.import_onnx(model)))
 
 
 def rng_w(*shape, seed=0):
@@ -133,82 +127,6 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     for n in names:
         m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
     return m
-
-
-# -- detection ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, flops", [
-    ("matmul", {"fc1": 2 * 8 * 16 * 32, "fc2": 2 * 8 * 32 * 16}),
-    ("gemm", {"fc1": 2 * 8 * 16 * 32, "fc2": 2 * 8 * 32 * 16}),
-    ("conv", {"fc1": 2 * (8 * 8 * 8) * 27, "fc2": 2 * (4 * 8 * 8) * 8}),
-])
-def test_detects_every_linear_with_its_weight_axis(kind, flops):
-    sites, declined = detect(build_linear_model(kind))
-    assert not declined
-    assert [s.name for s in sites] == ["fc1", "fc2"]
-    assert {s.name: s.weight_axis for s in sites} == WEIGHT_AXES[kind]
-    assert [s.activation for s in sites] == ["X", "g"]
-    op = {"matmul": "MatMul", "gemm": "Gemm", "conv": "Conv"}[kind]
-    assert [s.op for s in sites] == [op, op]
-    w = linear_weights(kind)
-    assert [s.weight_shape for s in sites] == [w["W1"].shape, w["W2"].shape]
-    assert {s.name: s.flops for s in sites} == flops
-
-
-def attention_model() -> onnx.ModelProto:
-    """X -> q, k, v projections; softmax(q @ k^T) @ v -> o projection. Two activation x activation MatMuls."""
-    nodes = [helper.make_node("MatMul", ["X", f"W{p}"], [p], name=f"to_{p}") for p in "qkv"]
-    nodes += [
-        helper.make_node("Transpose", ["k"], ["kT"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kT"], ["scores"], name="qk"),
-        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["attn"], name="pv"),
-        helper.make_node("MatMul", ["attn", "Wo"], ["Y"], name="to_out"),
-    ]
-    inits = {f"W{p}": rng_w(16, 16, seed=i) for i, p in enumerate("qkvo")}
-    return make_model(nodes, [fvi("X", [1, 8, 16])], [fvi("Y", [1, 8, 16])], inits)
-
-
-def test_activation_by_activation_matmuls_are_declined_with_a_reason():
-    sites, declined = detect(attention_model())
-    assert [s.name for s in sites] == ["to_q", "to_k", "to_v", "to_out"]
-    assert [(d.name, d.op) for d in declined] == [("qk", "MatMul"), ("pv", "MatMul")]
-    assert all("activation x activation" in d.reason for d in declined)
-
-
-def test_constant_on_the_left_is_declined():
-    nodes = [helper.make_node("MatMul", ["W", "X"], ["Y"], name="w_at_x")]
-    model = make_model(nodes, [fvi("X", [1, 16, 8])], [fvi("Y", [1, 4, 8])], {"W": rng_w(4, 16)})
-    sites, declined = detect(model)
-    assert not sites
-    assert [(d.name, d.reason) for d in declined] == [("w_at_x", "constant on the left (W @ X) is not quantized")]
-
-
-def test_exclude_regex_declines_matching_sites():
-    sites, declined = detect(build_linear_model("matmul"), exclude=(r"^fc2$",))
-    assert [s.name for s in sites] == ["fc1"]
-    assert [(d.name, d.reason) for d in declined] == [("fc2", "excluded by --exclude '^fc2$'")]
-    sites, declined = detect(build_linear_model("matmul"), exclude=(r"fc",))
-    assert not sites and len(declined) == 2
-
-
-@pytest.mark.parametrize("case, reason", [
-    ("depthwise", "depthwise Conv"),
-    ("conv_transpose", "ConvTranspose"),
-    ("batched_weight", "rank 3"),
-])
-def test_other_declines(case, reason):
-    if case == "depthwise":
-        nodes = [helper.make_node("Conv", ["X", "W"], ["Y"], name="n", group=4, kernel_shape=[3, 3], pads=[1] * 4)]
-        model = make_model(nodes, [fvi("X", [1, 4, 8, 8])], [fvi("Y", [1, 4, 8, 8])], {"W": rng_w(4, 1, 3, 3)})
-    elif case == "conv_transpose":
-        nodes = [helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="n", kernel_shape=[2, 2], strides=[2, 2])]
-        model = make_model(nodes, [fvi("X", [1, 4, 8, 8])], [fvi("Y", [1, 2, 16, 16])], {"W": rng_w(4, 2, 2, 2)})
-    else:
-        nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="n")]
-        model = make_model(nodes, [fvi("X", [2, 8, 16])], [fvi("Y", [2, 8, 32])], {"W": rng_w(2, 16, 32)})
-    sites, declined = detect(model)
-    assert not sites
-    assert len(declined) == 1 and declined[0].name == "n" and reason in declined[0].reason
 
 
 # -- the rewrite, end to end ------------------------------------------------------------------------

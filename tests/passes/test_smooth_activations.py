@@ -19,9 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_model
 from segquant_onnx.ir.graph_io import export_model
-from segquant_onnx.passes import QuantizeLinearInputs, SmoothActivations
+from segquant_onnx.passes import FindLinearSites, QuantizeLinearInputs, SmoothActivations
+from segquant_onnx.plan import QuantPlan
 from segquant_onnx.solve.quant_math import scale_from_amax, smoothing_vector, weight_scales
-from segquant_onnx.params import SiteParams
+from segquant_onnx.params import Quantization, SiteParams
 
 EPS32 = 2.0**-23
 VARIANTS = ("MatMul", "MatMul3d", "Gemm_transB0", "Gemm_transB1")
@@ -58,10 +59,18 @@ def params_with(smooth: np.ndarray | None, n: int, act_scale: float = 1 / 127,
                       smooth=smooth, alpha=None if smooth is None else 0.5)
 
 
+def find_sites(graph: gs.Graph) -> list:
+    return list(FindLinearSites().detect(graph, QuantPlan(sites=())).sites)
+
+
+def smooth(graph: gs.Graph, sites: list, params: dict[str, SiteParams]) -> list:
+    return SmoothActivations().rewrite(graph, sites, Quantization(params, {}, {}))
+
+
 def smooth_graph(model: onnx.ModelProto, params: dict[str, SiteParams]):
     graph = gs.import_onnx(model)
-    sites, _ = QuantizeLinearInputs().detect(graph)
-    updated = SmoothActivations().rewrite(graph, sites, params)
+    sites = find_sites(graph)
+    updated = smooth(graph, sites, params)
     return graph, sites, updated
 
 
@@ -140,10 +149,10 @@ def test_sites_sharing_an_input_each_get_their_own_mul():
 def test_a_site_that_no_longer_matches_the_plan_is_an_invariant_error():
     model = linear_model("MatMul", 4, 6, 5)
     graph = gs.import_onnx(model)
-    sites, _ = QuantizeLinearInputs().detect(graph)
-    SmoothActivations().rewrite(graph, sites, {"lin": params_with(random_smooth(6, 0), 5)})
+    sites = find_sites(graph)
+    smooth(graph, sites, {"lin": params_with(random_smooth(6, 0), 5)})
     with pytest.raises(RuntimeError, match="smooth_activations: site lin no longer matches"):
-        SmoothActivations().rewrite(graph, sites, {"lin": params_with(random_smooth(6, 0), 5)})
+        smooth(graph, sites, {"lin": params_with(random_smooth(6, 0), 5)})
 
 
 # -- exact in float ------------------------------------------------------------------------------------
@@ -170,9 +179,9 @@ def test_smoothing_gemm_with_transposed_activation_is_exact():
     model = linear_model("Gemm_transB0", m=k, k=k, n=5, transA=1)
     w = numpy_helper.to_array(model.graph.initializer[0])
     graph = gs.import_onnx(model)
-    sites, _ = QuantizeLinearInputs().detect(graph)
+    sites = find_sites(graph)
     assert len(sites) == 1  # the pass accepts the site (nothing declines transA)
-    SmoothActivations().rewrite(graph, sites, {"lin": params_with(random_smooth(k, 3), 5)})
+    smooth(graph, sites, {"lin": params_with(random_smooth(k, 3), 5)})
     x = np.random.default_rng(4).standard_normal((k, k)).astype(np.float32)  # A stored [K, M]
     ref, got = run_model(model, {"X": x})[0], run_model(export_model(graph), {"X": x})[0]
     np.testing.assert_allclose(got, ref, rtol=0, atol=float(float_bound(x.T, w).max()))
@@ -193,7 +202,7 @@ def test_smoothed_site_quantizes_to_the_smoothed_fake_quant_formula(variant):
     act_scale = float(scale_from_amax(np.abs(x / s).max()))
     p = params_with(s, n, act_scale, weight_scales(w_s, axis))
     graph, _, updated = smooth_graph(model, {"lin": p})
-    QuantizeLinearInputs().rewrite(graph, updated, {"lin": p})
+    QuantizeLinearInputs().rewrite(graph, updated, Quantization({"lin": p}, {}, {}))
     got = run_model(export_model(graph.cleanup().toposort()), {"X": x})[0]
 
     xq = np.clip(np.rint((x / s).astype(np.float32) / np.float32(act_scale)), -128, 127) * np.float64(act_scale)

@@ -36,7 +36,7 @@ from segquant_onnx.config import QuantConfig
 from segquant_onnx.ir.graph_io import constant_values, export_model
 from segquant_onnx.passes import SplitLinearBySegment
 from segquant_onnx.pipeline import inspect_model, quantize
-from segquant_onnx.plan import SegmentMatch
+from segquant_onnx.plan import QuantPlan, SegmentMatch
 
 LINEAR = "fc"  # the linear under test in the tiny graphs
 RTOL = 1e-5
@@ -61,9 +61,9 @@ def rewrite(model: onnx.ModelProto, **switches):
     """canonicalize -> detect -> rewrite: (graph, matches, declined, rewritten model)."""
     graph = canonicalize(gs.import_onnx(model))
     seg = SplitLinearBySegment(**switches)
-    found, declined = seg.detect(graph)
-    matches = seg.rewrite(graph, found)
-    return graph, matches, declined, export_model(graph)
+    plan = seg.detect(graph, QuantPlan(sites=()))
+    matches = seg.rewrite(graph, list(plan.segments))
+    return graph, matches, list(plan.declined), export_model(graph)
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> dict:
@@ -464,11 +464,11 @@ def test_stacks_written_by_both_exporters_are_found_and_split_exactly(dynamo, tm
     graph = canonicalize(gs.import_onnx(model))
     widths = {n.name: set(n.inputs[1].shape) - {count * d} for n in graph.nodes if n.op in ("MatMul", "Gemm")}
     seg = SplitLinearBySegment()
-    found, declined = seg.detect(graph)
-    assert declined == []
-    assert sorted((m.via, m.sizes, widths[m.linear].pop()) for _, (m, *_) in found) == [
+    plan = seg.detect(graph, QuantPlan(sites=()))
+    assert plan.declined == ()
+    assert sorted((m.via, m.sizes, widths[m.linear].pop()) for m in plan.segments) == [
         ("Stack", (d,) * count, n_contiguous), ("Stack-interleaved", (d,) * count, n_interleaved)]
-    seg.rewrite(graph, found)
+    seg.rewrite(graph, list(plan.segments))
     stacked = np.stack(list(feeds.values()), axis=-1).reshape(2, 4, count * d)  # either order: same magnitudes
     w = max(float(p.detach().abs().max()) for p in module.parameters())
     assert_same_outputs(model, export_model(graph), feeds, float(np.abs(stacked).sum(-1).max()) * w + w)
@@ -1049,7 +1049,8 @@ def test_heads_pattern_counts_on_real_sd3_exports(tiny_dit):
     # every block's to_out.0 reads merged heads; to_add_out too, except in the last (context_pre_only) block
     expected = cfg["num_layers"] + (cfg["num_layers"] - 1)
     graph = canonicalize(gs.import_onnx(onnx.load(str(path))))
-    found, _ = SplitLinearBySegment(output_segments=False, input_segments=False, head_segments=True).detect(graph)
-    sizes = {m[1][0].sizes for m in found}
+    found = SplitLinearBySegment(output_segments=False, input_segments=False, head_segments=True).detect(
+        graph, QuantPlan(sites=())).segments
+    sizes = {m.sizes for m in found}
     assert len(found) == expected
     assert sizes == {(cfg["attention_head_dim"],) * cfg["num_attention_heads"]}

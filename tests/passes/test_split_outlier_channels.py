@@ -14,7 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from segquant_onnx import QuantConfig
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.graph_io import export_model
-from segquant_onnx.passes import QuantizeLinearInputs, SplitOutlierChannels
+from segquant_onnx.params import Quantization
+from segquant_onnx.passes import FindLinearSites, SplitOutlierChannels
+from segquant_onnx.plan import QuantPlan
 from segquant_onnx.pipeline import quantize
 
 K, N, ROWS = 64, 48, 16
@@ -47,9 +49,9 @@ def test_split_is_exact_in_float(form, channels):
     op, trans_b, alpha = form
     model = _linear(op, trans_b, alpha)
     graph = canonicalize(gs.import_onnx(model))
-    (site,), _ = QuantizeLinearInputs().detect(graph)
+    (site,) = FindLinearSites().detect(graph, QuantPlan(sites=())).sites
     idx = np.array(sorted(channels), np.int64)
-    (updated,) = SplitOutlierChannels().rewrite(graph, [site], {site.name: idx})
+    (updated,) = SplitOutlierChannels().rewrite(graph, [site], Quantization({}, {}, {site.name: idx}))
     graph.cleanup().toposort()
     ops = [n.op for n in graph.nodes]
     assert ops.count("Gather") == 1 and ops.count("Add") == 1 and ops.count(op) == 1 + (op == "MatMul")
@@ -138,9 +140,9 @@ def _conv_model(scale_channels=(), seed=0):
 def test_conv_split_is_exact_in_float(channels):
     model = _conv_model()
     graph = canonicalize(gs.import_onnx(model))
-    (site,), _ = QuantizeLinearInputs().detect(graph)
+    (site,) = FindLinearSites().detect(graph, QuantPlan(sites=())).sites
     idx = np.array(sorted(channels), np.int64)
-    (updated,) = SplitOutlierChannels().rewrite(graph, [site], {site.name: idx})
+    (updated,) = SplitOutlierChannels().rewrite(graph, [site], Quantization({}, {}, {site.name: idx}))
     graph.cleanup().toposort()
     assert [n.op for n in graph.nodes].count("Conv") == 2
     assert not graph.tensors()[updated.weight].values[:, idx].any()

@@ -21,8 +21,10 @@ from segquant_onnx.plan import DualSite, LinearSite, QuantPlan
 from segquant_onnx.solve.quant_math import (INT8_MAX, activation_amax, entropy_amax, fake_quant, mse_amax, percentile_amax,
                                       scale_from_amax, smoothing_vector, weight_scales)
 from segquant_onnx.ir.linear import scale_input_channels as smoothed_weight
-from segquant_onnx.params import SiteParams
-from segquant_onnx.solve.solver import layer_sqnr, solve, solve_dual
+from segquant_onnx.params import Quantization, SiteParams
+from segquant_onnx.solve.choose import choose, layer_sqnr
+from segquant_onnx.solve.fit import fit
+from segquant_onnx.solve.recipe import Variant
 
 METHODS = ("max", "percentile", "mse", "entropy")
 
@@ -203,6 +205,12 @@ def test_fake_quant_is_rint_and_saturate_times_scale():
 
 
 # -- solve: layer_sqnr, smoothed_weight, the searches -----------------------------------------------
+def solve(plan, stats, weight, config: QuantConfig, samples) -> Quantization:
+    """choose -> fit on the same statistics, with the config's modes as the one variant."""
+    recipe = choose(plan, stats, samples, weight, config, Variant(config.smoothquant, config.dualscale))
+    return fit(plan, recipe, stats, weight, percentile=config.percentile)
+
+
 def outlier_rows(n: int, k: int = 32, seed: int = 0, channels=(1, 9, 20), factor: float = 50.0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
     x[:, list(channels)] *= factor
@@ -255,7 +263,7 @@ def _reference_params(stats: TensorStats, w, site, trans_b, alpha):
 def test_solve_smoothquant_auto_picks_the_alpha_with_the_best_layer_sqnr(op, trans_b):
     plan, stats, w, calib, sample, site = _one_site_problem(op, trans_b)
     config = QuantConfig(smoothquant="auto")
-    p = solve(plan, stats, lambda name: w, config, {"X": sample})["lin"]
+    p = solve(plan, stats, lambda name: w, config, {"X": sample}).params["lin"]
     scores = {}
     for alpha in (None,) + config.smooth_alphas:
         smooth, amax, ws = _reference_params(stats["X"], w, site, trans_b, alpha)
@@ -274,10 +282,10 @@ def test_solve_smoothquant_auto_picks_the_alpha_with_the_best_layer_sqnr(op, tra
 
 def test_solve_fixed_alpha_and_off():
     plan, stats, w, _, sample, site = _one_site_problem()
-    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="0.75"), {"X": sample})["lin"]
+    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="0.75"), {"X": sample}).params["lin"]
     assert p.alpha == 0.75
     np.testing.assert_array_equal(p.smooth, smoothing_vector(stats["X"].channel_amax, np.abs(w).max(1), 0.75))
-    off = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="off"), {"X": sample})["lin"]
+    off = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="off"), {"X": sample}).params["lin"]
     assert off.smooth is None and off.alpha is None and off.act_amax == stats["X"].amax
 
 
@@ -307,7 +315,7 @@ def test_solve_calib_method_auto_picks_the_method_with_the_best_layer_sqnr():
     calib[7, 5] = 900.0
     stats = {"X": stats_of(calib)}
     sample = outlier_rows(256, 32, seed=1, factor=1.0)
-    p = solve(plan, stats, lambda name: w, QuantConfig(calib_method="auto"), {"X": sample})["lin"]
+    p = solve(plan, stats, lambda name: w, QuantConfig(calib_method="auto"), {"X": sample}).params["lin"]
     scores = {m: layer_sqnr_ref(sample, w, False, None, float(scale_from_amax(activation_amax(stats["X"], m))),
                                 weight_scales(w, 1)) for m in METHODS}
     assert p.method == max(scores, key=scores.get)
@@ -317,7 +325,7 @@ def test_solve_calib_method_auto_picks_the_method_with_the_best_layer_sqnr():
 
 def test_solve_without_a_sample_uses_the_configured_method_and_no_smoothing():
     plan, stats, w, _, _, _ = _one_site_problem()
-    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="auto", calib_method="auto"), {})["lin"]
+    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="auto", calib_method="auto"), {}).params["lin"]
     assert (p.smooth, p.method, p.layer_sqnr_db, p.act_amax) == (None, "max", None, stats["X"].amax)
 
 
@@ -331,10 +339,10 @@ def test_solve_dual_takes_polarity_statistics_after_smoothing():
     plan = QuantPlan(sites=(site,), dual=(DualSite("lin", "act", "quick_gelu"),))
     stats = {"X": stats_of(a)}
     config = QuantConfig(smoothquant="0.5", dualscale="all")
-    params = solve(plan, stats, lambda name: w, config, {"X": a[:200]})
-    smooth = params["lin"].smooth
+    q = solve(plan, stats, lambda name: w, config, {"X": a[:200]})
+    smooth = q.params["lin"].smooth
     assert smooth is not None
-    dual, decisions = solve_dual(plan, stats, {"X": a[:200]}, params, lambda name: w, config)
+    dual, decisions = q.dual, q.decisions
     d = dual["lin"]
     assert d.pos_scale == pytest.approx(float(np.maximum(a / smooth, 0).max()) / 127, rel=1e-6)
     assert d.neg_scale == pytest.approx(float(np.maximum(-a / smooth, 0).max()) / 128, rel=1e-6)

@@ -1,0 +1,98 @@
+"""Find the linear sites: every MatMul/Gemm/Conv with a constant weight and a float32 activation.
+
+    MatMul(X, W[K, N])           -> LinearSite(weight_axis=1)
+    Gemm(A, B, C, transB)        -> LinearSite(weight_axis=0 if transB else 1)
+    Conv(X, W[N, C, ...], b)     -> LinearSite(weight_axis=0)
+    anything else linear-looking -> DeclinedSite(reason)
+
+Detect only (its rewrite is the identity): the sites are what the later passes act on and what
+QuantizeLinearInputs gives Q/DQ. Declined, each with its reason: activation x activation products
+(attention), a constant on the left, --exclude matches, non-float32 dtypes, depthwise Conv,
+ConvTranspose. Preconditions: the graph is canonicalized (constants folded, so a Transpose of a
+weight is already a constant; shapes inferred) and SegLinear has split it (its segments are sites
+of their own). Runs second, right after SplitLinearBySegment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from segquant_onnx.ir.linear import trans_b
+from segquant_onnx.passes.base import CANONICAL, QUANTIZE, SEGMENTS_SPLIT, SITES_FOUND
+from segquant_onnx.plan import DeclinedSite, LinearSite, QuantPlan
+
+
+def _volume(shape) -> int:
+    """Product of the known dims (unknown/dynamic dims count as 1)."""
+    return int(np.prod([d for d in (shape or ()) if isinstance(d, int) and d > 0], dtype=np.int64))
+
+
+def _gemm_flops(x: gs.Tensor, k: int, n: int) -> int:
+    rows = _volume(x.shape[:-1]) if x.shape else 1
+    return 2 * rows * k * n
+
+
+class FindLinearSites:
+    name = "find_linear_sites"
+    stage = QUANTIZE
+    requires = (CANONICAL, SEGMENTS_SPLIT)
+    ensures = (SITES_FOUND,)
+
+    def __init__(self, exclude: tuple[str, ...] = ()):
+        self.exclude = tuple(re.compile(p) for p in exclude)
+
+    # -- match + check -------------------------------------------------------------------------
+    def check(self, node: gs.Node) -> LinearSite | str | None:
+        """A LinearSite, a reason string when the node looks linear but is declined, or None."""
+        if node.op not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            return None
+        if node.op == "ConvTranspose":
+            return "ConvTranspose is not quantized yet"
+        if len(node.inputs) < 2:
+            return None
+        x, w = node.inputs[0], node.inputs[1]
+        if not isinstance(w, gs.Constant):
+            if node.op == "MatMul" and isinstance(x, gs.Constant):
+                return "constant on the left (W @ X) is not quantized"
+            return "activation x activation product (e.g. attention) is not quantized"
+        if isinstance(x, gs.Constant):
+            return "both inputs are constant"
+        for pattern in self.exclude:
+            if pattern.search(node.name):
+                return f"excluded by --exclude '{pattern.pattern}'"
+        if x.dtype != np.float32 or w.dtype != np.float32:
+            return f"dtype {x.dtype}/{w.dtype} is not float32 (only fp32 models are quantized for now)"
+        shape = tuple(int(d) for d in w.shape)
+        if node.op == "MatMul":
+            if len(shape) != 2:
+                return f"weight has rank {len(shape)}, expected a 2-D [K, N] matrix"
+            return LinearSite(node.name, "MatMul", x.name, w.name, shape, 1, _gemm_flops(x, *shape))
+        if node.op == "Gemm":
+            nk = trans_b(node)
+            k, n = (shape[1], shape[0]) if nk else shape
+            trans_a = bool(node.attrs.get("transA", 0))
+            rows = 2 * _volume(x.shape) * n // max(k, 1) if trans_a and x.shape else _gemm_flops(x, k, n)
+            return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if nk else 1, rows,
+                              channels_last=not trans_a)
+        if int(node.attrs.get("group", 1)) == shape[0] and shape[1] == 1 and shape[0] > 1:
+            return "depthwise Conv is not quantized (no INT8 speed-up)"
+        out = node.outputs[0]
+        flops = 2 * _volume(out.shape) * _volume(shape[1:]) if out.shape else 2 * _volume(shape)
+        return LinearSite(node.name, "Conv", x.name, w.name, shape, 0, flops, channels_last=False)
+
+    def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
+        sites, declined = [], []
+        for node in graph.nodes:
+            result = self.check(node)
+            if isinstance(result, LinearSite):
+                sites.append(result)
+            elif isinstance(result, str):
+                declined.append(DeclinedSite(node.name, node.op, result))
+        return replace(plan, sites=plan.sites + tuple(sites), declined=plan.declined + tuple(declined))
+
+    def rewrite(self, graph: gs.Graph, sites: list, params) -> list:
+        return sites

@@ -1,0 +1,1 @@
+"""The benchmark behind ``python scripts/bench.py`` (its docstring has the module map)."""

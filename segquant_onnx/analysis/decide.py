@@ -1,0 +1,238 @@
+"""The model-output decision policy: the global choices, checked at the model output on held-back feeds.
+
+Layer error on calibration data can rank configurations in nearly inverse order of their effect at the
+model output, so every choice that `auto` leaves open is scored on held-back calibration feeds:
+
+1. global trials: each outlier-channel cap (`--outlier-channels auto`) x each search variant
+   (SmoothQuant's per-site choices vs no smoothing with `--smoothquant auto`; DualScale's per-site
+   choices vs none with `--dualscale auto`); the best held-back output SQNR wins, except that DualScale
+   must beat the best variant without it by `dualscale_min_output_gain_db` (its second GEMMs cost);
+2. per-site outliers (`auto`): each site's channel count chosen at the output (outlier_search), kept if
+   the real quantized graph scores at least as well;
+3. sensitivity and fallback (`--sensitivity`, `--target-sqnr`): the sites the target keeps in float.
+
+The per-site choices inside each trial are solve.choose's; candidates are fitted on the fit statistics
+(solve.fit), so the held-back feeds are data their scales never saw. The result is a Recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from segquant_onnx.analysis.held_back import HeldBack, Sessions, bar
+from segquant_onnx.analysis.outlier_search import SearchResult, per_site_outliers
+from segquant_onnx.analysis.sensitivity import Fallback, SiteSensitivity, analyse
+from segquant_onnx.calib.calibrate import Calibration
+from segquant_onnx.config import QuantConfig
+from segquant_onnx.errors import UserError
+from segquant_onnx.params import Quantization
+from segquant_onnx.plan import QuantPlan
+from segquant_onnx.solve.choose import choose, choose_outliers
+from segquant_onnx.solve.fit import fit
+from segquant_onnx.solve.recipe import Recipe, Variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a run decides, and so what calibration must gather for it.
+
+    `variants`: the global modes compared at the output, the settings as given first; `caps`: the
+    global outlier-channel caps; `sampled`: activations whose row samples the per-site choices score
+    on; `output_checks`: whether the choices are checked on held-back feeds; `held_back_required`:
+    whether the run cannot do without those feeds (sensitivity, fallback, per-site outliers)."""
+
+    variants: tuple[Variant, ...]
+    caps: tuple[int, ...]
+    sampled: tuple[str, ...]
+    output_checks: bool
+    held_back_required: bool
+
+    @property
+    def settings(self) -> Variant:
+        return self.variants[0]
+
+    def calibration(self, plan: QuantPlan, config: QuantConfig) -> dict:
+        """calibrate()'s keyword arguments for what this space needs."""
+        return dict(sampled=self.sampled, sample_rows=config.sample_rows,
+                    holdout_every=config.holdout_every if (self.sampled or self.output_checks) else 0,
+                    keep_held_back=config.max_holdout_feeds if self.output_checks else 0,
+                    channel_axes=channel_axes(plan))
+
+
+def channel_axes(plan: QuantPlan) -> dict[str, int]:
+    """Axis 1 for tensors only Convs read (their input channels), the default last axis otherwise."""
+    readers: dict[str, set[str]] = {}
+    for site in plan.sites:
+        readers.setdefault(site.activation, set()).add(site.op)
+    return {name: 1 for name, ops in readers.items() if ops == {"Conv"}}
+
+
+def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:
+    variants = [Variant(config.smoothquant, config.dualscale)]
+    if config.smoothquant == "auto":
+        variants += [replace(v, smoothquant="off") for v in variants]
+    if config.dualscale == "auto" and plan.dual:
+        variants += [replace(v, dualscale="off") for v in variants]
+    caps = (config.outlier_candidates if config.outlier_channels == "auto" else
+            (0,) if config.outlier_channels == "off" else (int(config.outlier_channels),))
+    per_site = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
+    sites = {s.name: s for s in plan.sites}
+    sampled = tuple(dict.fromkeys(
+        [s.activation for s in plan.sites if s.channels_last and per_site]
+        + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
+    required = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
+    checks = required or len(variants) > 1
+    return SearchSpace(tuple(variants), tuple(caps), sampled, checks, required)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The recipe, the settings it was decided under (SmoothQuant `auto` is left off without held-back
+    feeds), and what the report shows of the way there."""
+
+    recipe: Recipe
+    settings: Variant
+    trials: list = field(default_factory=list)  # global trials: held-back output SQNR of each
+    per_site_search: SearchResult | None = None
+    sensitivity: list[SiteSensitivity] = field(default_factory=list)
+    fallback: Fallback | None = None
+
+
+@dataclass(frozen=True)
+class _Scored:
+    score: float  # held-back output SQNR (dB)
+    recipe: Recipe
+    q: Quantization  # the recipe fitted on the fit statistics: what was scored
+    variant: Variant
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Recipes for outlier assignments and variants, and their parameters on the fit statistics."""
+
+    plan: QuantPlan
+    cal: Calibration
+    weight: Callable[[str], np.ndarray]
+    config: QuantConfig
+    progress: bool
+
+    def outliers(self, cap: int, max_flop_pct: float | None = None) -> dict[str, np.ndarray]:
+        budget = self.config.outlier_max_flop_pct if max_flop_pct is None else max_flop_pct
+        return choose_outliers(self.plan, self.cal.fit_stats, cap, self.config.outlier_ratio, budget)
+
+    def recipe(self, variant: Variant, outliers: dict[str, np.ndarray]) -> Recipe:
+        return choose(self.plan, self.cal.fit_stats, self.cal.samples, self.weight, self.config, variant, outliers,
+                      progress=self.progress)
+
+    def fitted(self, recipe: Recipe) -> Quantization:
+        return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.percentile)
+
+
+def _with_held_back(space: SearchSpace, cal: Calibration, config: QuantConfig) -> SearchSpace:
+    if not space.output_checks or cal.held_back:
+        return space
+    if space.held_back_required:
+        raise UserError(f"Sensitivity, --target-sqnr and the auto choices hold back every "
+                        f"{config.holdout_every}th calibration feed; give at least {config.holdout_every} "
+                        "feeds in the calibration data.")
+    log.warning("fewer than %d calibration feeds: no held-back feeds to check the auto choices at the "
+                "output: SmoothQuant is left off, DualScale decided per layer", config.holdout_every)
+    return replace(space, variants=(replace(space.settings, smoothquant="off"),), output_checks=False)
+
+
+def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Calibration,
+           weight: Callable[[str], np.ndarray], config: QuantConfig, space: SearchSpace, sessions: Sessions,
+           progress: bool = True) -> Decision:
+    """The recipe for `graph` (canonical, not yet quantized; left as it is): the per-site choices
+    (solve.choose) of the best global trial, refined per site and with the fallback's float sites.
+    Opens analysis sessions only where held-back feeds are scored."""
+    space = _with_held_back(space, cal, config)
+    cand = _Candidates(plan, cal, weight, config, progress)
+    trials, search = [], None
+    if not space.output_checks or (len(space.caps) == 1 and len(space.variants) == 1):
+        recipe = cand.recipe(space.settings, cand.outliers(space.caps[0]))
+    else:
+        held = HeldBack(fp_model, cal.held_back, sessions, progress)
+        best = _global_trials(graph, plan, cand, held, space, trials)
+        if config.outlier_channels == "auto":
+            best, search = _outliers_per_site(graph, plan, cand, held, space.caps, best, trials)
+        recipe = best.recipe
+    ranking, fallback = [], None
+    if config.sensitivity or config.target_sqnr is not None:
+        ranking, fallback = analyse(graph, plan, cand.fitted(recipe), cal.held_back, config, sessions, progress)
+        if fallback:
+            recipe = recipe.in_float(fallback.sites)
+    return Decision(recipe, space.settings, trials, search, ranking, fallback)
+
+
+def _channels(outliers) -> int:
+    return sum(map(len, outliers.values()))
+
+
+def _global_trials(graph, plan, cand: _Candidates, held: HeldBack, space: SearchSpace, trials: list) -> _Scored:
+    """Every cap x variant scored on the held-back feeds (rows appended to `trials`); the best."""
+    scored, seen = [], set()
+    # a trial skipped as a repeat counts as done
+    with bar(None, "checking choices", "trial", cand.progress, total=len(space.caps) * len(space.variants)) as b:
+        for cap in space.caps:
+            outliers = cand.outliers(cap)
+            key = tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
+            if key in seen:
+                b.update(len(space.variants))
+                continue  # the same channels as a smaller cap
+            seen.add(key)
+            applied_none = {}  # smoothquant setting -> its DualScale-auto variant applied no DualScale site
+            for variant in space.variants:
+                if variant.dualscale == "off" and applied_none.get(variant.smoothquant):
+                    b.update()
+                    continue  # the same quantization as that variant: nothing to score twice
+                recipe = cand.recipe(variant, outliers)
+                q = cand.fitted(recipe)
+                applied_none[variant.smoothquant] = not q.dual
+                score = held.score(graph, plan, q)
+                trials.append({"outlier_cap": cap, "outlier_channels": _channels(outliers),
+                               "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
+                               "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
+                scored.append(_Scored(score, recipe, q, variant))
+                b.update()
+    best = max(scored, key=lambda t: t.score)
+    single = [t for t in scored if not t.q.dual]
+    if best.q.dual and single:
+        plain = max(single, key=lambda t: t.score)
+        if best.score - plain.score < cand.config.dualscale_min_output_gain_db:
+            best = plain  # DualScale's extra GEMMs do not pay at the output
+    return best
+
+
+def _outliers_per_site(graph, plan, cand: _Candidates, held: HeldBack, caps, best: _Scored, trials: list):
+    """Refine the best global-cap trial: each site's outlier count chosen at the model output
+    (outlier_search), kept if the real quantized graph scores at least as well on the held-back feeds."""
+    config = cand.config
+    by_cap = {cap: cand.outliers(cap, max_flop_pct=100.0) for cap in caps}
+    solve_for = lambda outliers: cand.fitted(cand.recipe(best.variant, outliers))  # noqa: E731
+    search = per_site_outliers(graph, plan, config, held.feeds, held.reference, by_cap, solve_for, best.q.outliers,
+                               held.sessions.open, cand.progress)
+    if search is None:
+        return best, None
+    recipe = cand.recipe(best.variant, search.outliers)
+    refined = cand.fitted(recipe)
+    refined_score = held.score(graph, plan, refined)
+    trials.append({"outlier_cap": "per-site", "outlier_channels": _channels(search.outliers),
+                   "smoothquant": best.variant.smoothquant, "dualscale": best.variant.dualscale,
+                   "dual_sites": len(refined.dual), "heldback_sqnr_db": round(refined_score, 3),
+                   "analysis_sqnr_db": round(search.heldback_sqnr_db, 3)})
+    log.info("per-site outlier channels: %.2f dB on the held-back feeds (analysis graph %.2f dB), global cap %.2f dB",
+             refined_score, search.heldback_sqnr_db, best.score)
+    # as within a site: fewer float channels win when they cost less than outlier_min_gain_db
+    fewer = _channels(search.outliers) < _channels(best.q.outliers)
+    if refined_score >= best.score or (fewer and refined_score >= best.score - config.outlier_min_gain_db):
+        return _Scored(refined_score, recipe, refined, best.variant), search
+    return best, search

@@ -1,0 +1,152 @@
+"""Choose: fit statistics + row sample -> a Recipe (pure numpy, no graph, no session).
+
+Per site, where a row sample of its activation exists (rows held back from the fit statistics), the
+calibration method (`calib_method=auto`) and SmoothQuant alpha or none (`smoothquant=auto`) with the
+best layer output SQNR on the sample; per DualScale candidate, whether its measured gain pays; per
+site, which input channels are outliers. Candidates are scored with the parameters `fit` gives them on
+the fit statistics, so what is scored is what would be inserted. The global choices (which variant,
+which outlier cap) are checked at the model output by analysis.decide.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from segquant_onnx.calib.observers import Stats, TensorStats
+from segquant_onnx.config import QuantConfig
+from segquant_onnx.ir.linear import as_kn, input_channel_axis, input_channels, scale_input_channels
+from segquant_onnx.params import DualDecision, DualParams, SiteParams
+from segquant_onnx.plan import LinearSite, QuantPlan
+from segquant_onnx.solve.fit import Weights, bulk, site_dual_params, site_params, smoothing
+from segquant_onnx.solve.quant_math import fake_quant, sqnr_db
+from segquant_onnx.solve.recipe import SITE_METHODS, Recipe, SiteChoice, Variant
+
+
+def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams) -> float:
+    """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]."""
+    x_s = rows if p.smooth is None else rows / p.smooth
+    w_s = scale_input_channels(w, site, p.smooth)
+    y = rows.astype(np.float64) @ as_kn(w, site)
+    y_q = fake_quant(x_s, np.float32(p.act_scale)) @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis), site)
+    return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
+
+
+def measured_dual_gain(rows: np.ndarray, w: np.ndarray, site: LinearSite, single: SiteParams,
+                       dual: DualParams) -> float:
+    """Layer output SQNR(dual) - SQNR(single) in dB on sampled activation rows [R, K].
+
+    Y = rows @ W; single: fq(rows, s) @ fq(W); dual: (fq(relu(rows), s+) + fq(min(rows, 0), s-)) @ fq(W).
+    """
+    wq = fake_quant(w, single.weight_scale, site.weight_axis)
+    w_kn, wq_kn = as_kn(w, site), as_kn(wq, site)
+    y = rows.astype(np.float64) @ w_kn
+    y_single = fake_quant(rows, np.float32(single.act_scale)) @ wq_kn
+    y_dual = (fake_quant(np.maximum(rows, 0), np.float32(dual.pos_scale))
+              + fake_quant(np.minimum(rows, 0), np.float32(dual.neg_scale))) @ wq_kn
+    signal = float((y**2).sum())
+    return sqnr_db(signal, float(((y - y_dual) ** 2).sum())) - sqnr_db(signal, float(((y - y_single) ** 2).sum()))
+
+
+def estimated_dual_gain(stats: TensorStats, single: SiteParams, dual: DualParams) -> float:
+    """Input rounding-noise power with one scale over the sum with two (uniform noise s^2/12 each).
+
+    Used where no row sample fits the op (Conv over NCHW); an estimate, and reported as one.
+    """
+    n, n_neg = max(stats.count, 1), stats.neg_count
+    single_noise = n * single.act_scale**2
+    dual_noise = (n - n_neg) * dual.pos_scale**2 + n_neg * dual.neg_scale**2
+    return float(10 * np.log10(single_noise / max(dual_noise, 1e-30)))
+
+
+def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
+                    max_flop_pct: float) -> dict[str, np.ndarray]:
+    """Outlier input channels per MatMul/Gemm site: at most `cap` channels whose calibration abs-max
+    exceeds `ratio` x the median channel's, largest first; sites are served in plan order until the
+    float branches would exceed `max_flop_pct` percent of the linear FLOPs."""
+    chosen, budget = {}, max_flop_pct / 100.0 * plan.total_flops
+    for site in plan.sites:
+        st = stats[site.activation]
+        amax = st.channel_amax
+        if cap <= 0 or amax.size != input_channels(site):
+            continue
+        if site.op == "Conv" and st.channel_axis != 1 or site.op != "Conv" and not site.channels_last:
+            continue
+        order = np.argsort(-amax, kind="stable")[:cap]
+        idx = np.sort(order[amax[order] > ratio * max(float(np.median(amax)), 1e-12)])
+        cost = site.flops * len(idx) / amax.size
+        if len(idx) and cost <= budget:
+            chosen[site.name], budget = idx.astype(np.int64), budget - cost
+    return chosen
+
+
+def _rows(site: LinearSite, samples: dict[str, np.ndarray], outliers, search_rows: int) -> np.ndarray | None:
+    """The site's row sample (rows are over the last axis), its outlier channels zeroed."""
+    rows = samples.get(site.activation) if site.channels_last else None
+    if rows is None:
+        return None
+    rows, idx = rows[:search_rows], outliers.get(site.name)
+    if idx is not None:
+        rows = rows.copy()
+        rows[:, idx] = 0
+    return rows
+
+
+def _choose_site(site, st, rows, w, config: QuantConfig, variant: Variant,
+                 masked: bool) -> tuple[SiteChoice, SiteParams]:
+    """The (alpha, method) with the best layer SQNR on `rows` (the first candidate without rows), and
+    its parameters on the fit statistics."""
+    methods = SITE_METHODS if config.calib_method == "auto" else (config.calib_method,)
+    smoothable = site.channels_last and st.channel_amax.size == w.shape[input_channel_axis(site)]
+    alphas: tuple = (None,)
+    if smoothable and variant.smoothquant == "auto" and rows is not None:  # auto scores on the sample
+        alphas = (None,) + config.smooth_alphas
+    elif smoothable and variant.smoothquant not in ("off", "auto"):
+        alphas = (float(variant.smoothquant),)
+    best = None
+    for alpha in alphas:
+        smooth = smoothing(st, w, site, alpha)
+        for method in (methods if rows is not None else methods[:1]):
+            p = site_params(site, st, w, method, smooth, alpha, config.percentile, masked)
+            score = layer_sqnr(rows, w, site, p) if rows is not None else None
+            if best is None or (score is not None and score > best[0]):
+                best = (score, p)
+    score, p = best
+    return SiteChoice(p.method, p.alpha, None if score is None else round(score, 3)), p
+
+
+def _choose_dual(site: LinearSite, kind: str, st, rows, w, single: SiteParams, config: QuantConfig,
+                 variant: Variant) -> DualDecision:
+    """DualScale on the (smoothed) bulk: `all` wherever there is a negative part, `auto` where the gain
+    on the row sample (estimated from the polarity statistics without one) reaches the minimum."""
+    dual = site_dual_params(site, st, w, single.smooth)
+    w = scale_input_channels(w, site, single.smooth)
+    if rows is not None and len(rows):
+        rows = rows if single.smooth is None else rows / single.smooth
+        gain, measured = measured_dual_gain(rows, w, site, single, dual), True
+    else:
+        gain, measured = estimated_dual_gain(st, single, dual), False
+    apply = st.neg_amax > 0 and variant.dualscale != "off" and (
+        variant.dualscale == "all" or gain >= config.dualscale_min_gain_db)
+    return DualDecision(site.name, kind, apply, round(gain, 3), measured, site.flops)
+
+
+def choose(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], weight: Weights, config: QuantConfig,
+           variant: Variant, outliers: dict[str, np.ndarray] | None = None, progress: bool = False) -> Recipe:
+    """The recipe for `variant` with `outliers` (choose_outliers) on the fit statistics `stats` and the
+    row `samples`. Sites with outlier channels are chosen on their INT8 bulk. Every DualScale candidate
+    gets a decision and its gain, also where `variant.dualscale` is `off` (the report shows them).
+    `progress`: a bar per site and per candidate (the searches run GEMMs: minutes on big models)."""
+    outliers = outliers or {}
+    sites, single = {}, {}
+    for site in tqdm(plan.sites, desc="solving sites", unit="site", disable=None if progress else True, leave=False):
+        st, w = bulk(site, stats, weight, outliers)
+        rows = _rows(site, samples, outliers, config.search_rows)
+        sites[site.name], single[site.name] = _choose_site(site, st, rows, w, config, variant, site.name in outliers)
+    by_name, dual = {s.name: s for s in plan.sites}, []
+    for cand in tqdm(plan.dual, desc="DualScale gains", unit="site", disable=None if progress else True, leave=False):
+        site = by_name[cand.site]
+        st, w = bulk(site, stats, weight, outliers)
+        rows = _rows(site, samples, outliers, config.search_rows)
+        dual.append(_choose_dual(site, cand.kind, st, rows, w, single[site.name], config, variant))
+    return Recipe(sites, tuple(dual), outliers)

@@ -1,0 +1,108 @@
+"""Fit: recipe + statistics -> quantization parameters (pure numpy, no graph, no session, no decision).
+
+Every site is fitted as its recipe says, on the statistics given: choose calls this on the fit
+statistics to score its candidates, the pipeline on every calibration feed for the final scales.
+
+- SmoothQuant: s = smoothing_vector(channel abs-max of X, of W's input channels, alpha); the activation
+  is X / s and the weight s * W.
+- the activation's clipping threshold: the recipe's method on X's histogram; for X / s or for the INT8
+  bulk of an outlier split (whose histograms are not observed) the exact maximum from the per-channel
+  maxima, so method `max`.
+- DualScale: s+ = amax(X > 0) / 127 and s- = |amax(X < 0)| / 128 of the (smoothed) bulk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+from tqdm import tqdm
+
+from segquant_onnx.calib.observers import Stats, TensorStats
+from segquant_onnx.ir.linear import input_channel_amax, scale_input_channels, zero_input_channels
+from segquant_onnx.params import DualParams, Quantization, SiteParams
+from segquant_onnx.plan import LinearSite, QuantPlan
+from segquant_onnx.solve.quant_math import (INT8_MAX, INT8_NEG_LEVELS, activation_amax, scale_from_amax,
+                                            smoothing_vector, weight_scales)
+from segquant_onnx.solve.recipe import Recipe
+
+Weights = Callable[[str], np.ndarray]  # initializer name -> values
+
+
+def masked_stats(st: TensorStats, idx: np.ndarray) -> TensorStats:
+    """Statistics of X with the channels `idx` zeroed (the INT8 bulk of an outlier split). Exact for
+    the maxima; the histogram still holds every channel, so non-max methods use the row sample."""
+    keep = np.ones(st.channel_amax.size, bool)
+    keep[idx] = False
+    ch = lambda v: np.where(keep, v, 0).astype(np.float32)  # noqa: E731
+    return replace(st, amax=float(ch(st.channel_amax).max(initial=0)),
+                   pos_amax=float(ch(st.channel_pos_amax).max(initial=0)),
+                   neg_amax=float(ch(st.channel_neg_amax).max(initial=0)),
+                   channel_amax=ch(st.channel_amax), channel_pos_amax=ch(st.channel_pos_amax),
+                   channel_neg_amax=ch(st.channel_neg_amax))
+
+
+def bulk(site: LinearSite, stats: Stats, weight: Weights, outliers) -> tuple[TensorStats, np.ndarray]:
+    """(statistics, weight) of the site's INT8 part: the bulk when it has outlier channels."""
+    st, w = stats[site.activation], weight(site.weight)
+    idx = outliers.get(site.name)
+    if idx is not None:
+        st, w = masked_stats(st, idx), zero_input_channels(w, site, idx)
+    return st, w
+
+
+def smoothing(st: TensorStats, w: np.ndarray, site: LinearSite, alpha: float | None) -> np.ndarray | None:
+    """SmoothQuant's s for `alpha` (None: no smoothing)."""
+    return None if alpha is None else smoothing_vector(st.channel_amax, input_channel_amax(w, site), alpha)
+
+
+def site_params(site: LinearSite, st: TensorStats, w: np.ndarray, method: str, smooth: np.ndarray | None,
+                alpha: float | None, percentile: float, masked: bool = False) -> SiteParams:
+    """Scales of X / s (`smooth`; None: X) and of s * W, with the activation clipped by `method`."""
+    if smooth is None and not masked:
+        amax = activation_amax(st, method, percentile)
+    else:
+        method = "max"  # see the module docstring
+        amax = float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
+    return SiteParams(amax, float(scale_from_amax(amax)),
+                      weight_scales(scale_input_channels(w, site, smooth), site.weight_axis), method, smooth, alpha)
+
+
+def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int) -> DualParams:
+    """s_pos = max(x) / 127 on [0, 127]; s_neg = |min(x)| / 128 on [-128, 0]; weight per channel.
+
+    `pos_amax` and `neg_amax` are magnitudes (`neg_amax = -min(x)`; its sign is ignored). Dead
+    polarities get the smallest positive scale (scale_from_amax's floor).
+    """
+    return DualParams(
+        pos_scale=float(scale_from_amax(pos_amax, INT8_MAX)),
+        neg_scale=float(scale_from_amax(abs(neg_amax), INT8_NEG_LEVELS)),
+        weight_scale=weight_scales(weight, axis),
+    )
+
+
+def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: np.ndarray | None) -> DualParams:
+    """DualScale parameters of the (bulk) site from its polarity statistics, after smoothing."""
+    pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
+                (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
+    return dual_params(pos, neg, scale_input_channels(w, site, smooth), site.weight_axis)
+
+
+def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
+        progress: bool = False) -> Quantization:
+    """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
+    has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
+    Sites kept in float get scales too (reported as float, never inserted). `progress`: a bar per site."""
+    params = {}
+    for site in tqdm(plan.sites, desc="fitting scales", unit="site", disable=None if progress else True, leave=False):
+        choice = recipe.sites[site.name]
+        st, w = bulk(site, stats, weight, recipe.outliers)
+        params[site.name] = site_params(site, st, w, choice.method, smoothing(st, w, site, choice.alpha),
+                                        choice.alpha, percentile, masked=site.name in recipe.outliers)
+        params[site.name] = replace(params[site.name], layer_sqnr_db=choice.layer_sqnr_db)
+    sites, dual = {s.name: s for s in plan.sites}, {}
+    for name in recipe.dual_sites:
+        st, w = bulk(sites[name], stats, weight, recipe.outliers)
+        dual[name] = site_dual_params(sites[name], st, w, params[name].smooth)
+    return Quantization(params, dual, dict(recipe.outliers), list(recipe.dual), recipe.floating)

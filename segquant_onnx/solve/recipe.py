@@ -1,0 +1,91 @@
+"""The recipe: every decision choose takes, and nothing fit computes (pure data, no numbers from statistics
+except the measurements that decided).
+
+    choose(fit statistics, row sample, held-back feeds) -> Recipe -> fit(all statistics) -> Quantization
+
+A recipe decided on one set of statistics and fitted on another gives the second's scales with the
+first's decisions: that is how the choices are scored on held-back data and the final scales still see
+every calibration feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import numpy as np
+
+from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES
+from segquant_onnx.params import DualDecision
+
+SITE_METHODS = tuple(m for m in CALIB_METHODS if m != "auto")  # what a site is fitted with
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the search over the global modes (what `auto` compares at the model output):
+    SmoothQuant `auto`, `off` or a fixed alpha such as "0.5"; DualScale `auto`, `all` or `off`."""
+
+    smoothquant: str
+    dualscale: str
+
+    def __post_init__(self):
+        if self.dualscale not in DUALSCALE_MODES:
+            raise ValueError(f"Variant.dualscale must be one of {DUALSCALE_MODES}, got {self.dualscale!r}")
+        if self.smoothquant not in ("auto", "off") and not 0.0 <= float(self.smoothquant) <= 1.0:
+            raise ValueError(f"Variant.smoothquant must be auto, off or an alpha in [0, 1], got {self.smoothquant!r}")
+
+
+@dataclass(frozen=True)
+class SiteChoice:
+    """How one site is fitted: its calibration method and SmoothQuant alpha (None: no smoothing), and
+    the layer output SQNR on the row sample that chose them (None without a sample)."""
+
+    method: str
+    alpha: float | None = None
+    layer_sqnr_db: float | None = None
+
+    def __post_init__(self):
+        if self.method not in SITE_METHODS:
+            raise ValueError(f"SiteChoice.method must be one of {SITE_METHODS}, got {self.method!r}")
+
+
+def _frozen_channels(outliers: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    frozen = {}
+    for name, idx in outliers.items():
+        idx = np.array(idx, np.int64)  # a copy: the caller's array stays writable, this one does not
+        idx.flags.writeable = False
+        frozen[name] = idx
+    return MappingProxyType(frozen)
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """Per site: the calibration method and alpha (`sites`), DualScale yes/no with its measured gain
+    (`dual`, one decision per candidate in plan order), the input channels that run in float beside the
+    INT8 GEMM (`outliers`), and the sites kept in float altogether (`floating`)."""
+
+    sites: Mapping[str, SiteChoice]
+    dual: tuple[DualDecision, ...] = ()
+    outliers: Mapping[str, np.ndarray] = field(default_factory=dict)
+    floating: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "sites", MappingProxyType(dict(self.sites)))
+        object.__setattr__(self, "dual", tuple(self.dual))
+        object.__setattr__(self, "outliers", _frozen_channels(self.outliers))
+        object.__setattr__(self, "floating", frozenset(self.floating))
+        if missing := set(self.outliers) - set(self.sites):
+            raise ValueError(f"Recipe: outlier channels for sites without a choice: {sorted(missing)}")
+
+    @property
+    def dual_sites(self) -> tuple[str, ...]:
+        """The sites that run as two GEMMs (decided to, and not kept in float)."""
+        return tuple(d.site for d in self.dual if d.apply and d.site not in self.floating)
+
+    def in_float(self, sites: Iterable[str]) -> Recipe:
+        """The same decisions with `sites` kept in float (and no outlier split on them)."""
+        floating = frozenset(sites)
+        return replace(self, floating=floating,
+                       outliers={k: v for k, v in self.outliers.items() if k not in floating})
