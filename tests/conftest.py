@@ -158,6 +158,20 @@ def write_calib(write_npz):
     return _write
 
 
+def fvi(name, shape):
+    """A float tensor's value info."""
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    """An opset-17 model from nodes, value infos and a dict of initializer arrays (checked)."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def run_model(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

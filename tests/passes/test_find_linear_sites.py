@@ -6,24 +6,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-from conftest import WEIGHT_AXES, attention_model, build_linear_model, linear_weights
+from conftest import fvi, make_model, WEIGHT_AXES, attention_model, build_linear_model, linear_weights
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.passes import FindLinearSites
 from segquant_onnx.plan import DeclinedSite, QuantPlan
 
 
-def fvi(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
-def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def detect(model: onnx.ModelProto, exclude=()):

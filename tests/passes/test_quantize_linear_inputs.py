@@ -15,26 +15,13 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import (GELU_ALPHA, WEIGHT_AXES, attention_model, build_linear_model, calib_inputs, linear_weights,
+from conftest import (fvi, make_model, GELU_ALPHA, WEIGHT_AXES, attention_model, build_linear_model, calib_inputs, linear_weights,
                       run_model, save)
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.pipeline import quantize
 from segquant_onnx.solve.quant_math import quantize_int8, weight_scales
 
 EPS32 = 2.0**-23
-
-
-# -- helpers ------------------------------------------------------------------------------------------
-def fvi(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
-def make_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def rng_w(*shape, seed=0):
