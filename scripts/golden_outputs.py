@@ -42,7 +42,8 @@ GOLDEN_PATH = REPO_ROOT / "tests" / "golden_outputs.json"
 #: name -> the QuantConfig keyword arguments (the default config, and issue 13's search recipe)
 CONFIGS: dict[str, dict] = {
     "default": {},
-    "sq-auto_outliers-auto_target-40": {"smoothquant": "auto", "outlier_channels": "auto", "target_sqnr": 40.0},
+    "sq-auto_outliers-auto_target-40": {"smoothquant": {"mode": "auto"}, "outliers": {"mode": "auto"},
+                                        "fallback": {"target_sqnr": 40.0}},
 }
 
 #: bundled models: name -> (model file, calibration file) in segquant_onnx/data

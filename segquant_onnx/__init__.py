@@ -1,9 +1,11 @@
 """segquant-onnx: SegQuant-style post-training quantization of exported ONNX diffusion models."""
 
-__version__ = "0.1.0"
-
-from segquant_onnx.config import QuantConfig  # noqa: E402
-from segquant_onnx.errors import UserError  # noqa: E402
+from segquant_onnx.config import (
+    CalibrationConfig, DualScaleConfig, FallbackConfig, OutlierConfig, QuantConfig, RuntimeConfig, SegLinearConfig,
+    SmoothQuantConfig,
+)
+from segquant_onnx.errors import UserError
+from segquant_onnx.version import __version__
 
 
 def quantize(model, calib, config: QuantConfig = QuantConfig(), **kwargs):
@@ -13,4 +15,5 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), **kwargs):
     return _quantize(model, calib, config, **kwargs)
 
 
-__all__ = ["QuantConfig", "UserError", "quantize", "__version__"]
+__all__ = ["QuantConfig", "CalibrationConfig", "SegLinearConfig", "DualScaleConfig", "SmoothQuantConfig",
+           "OutlierConfig", "FallbackConfig", "RuntimeConfig", "UserError", "quantize", "__version__"]

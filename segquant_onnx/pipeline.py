@@ -12,18 +12,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.analysis.decide import decide, search_space
-from segquant_onnx.analysis.evaluate import compare_outputs
 from segquant_onnx.analysis.held_back import Sessions
-from segquant_onnx.analysis.layer_error import per_layer_error
+from segquant_onnx.analysis.layer_error import model_error
 from segquant_onnx.calib.calibrate import calibrate
 from segquant_onnx.calib.data import model_inputs, open_calibration
-from segquant_onnx.config import QuantConfig
+from segquant_onnx.config import DualScaleMode, QuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import finalize
-from segquant_onnx.ir.graph_io import constant_values, export_model, load_model, model_size, save_model
+from segquant_onnx.ir.graph_io import constant_values, export_model, model_size, open_source, save_model
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
-from segquant_onnx.ir.runtime import check_providers, make_session, temporary_directory
+from segquant_onnx.ir.runtime import check_providers, temporary_directory
 from segquant_onnx.params import Quantization, SiteParams
 from segquant_onnx.passes import detect_all
 from segquant_onnx.plan import QuantPlan
@@ -43,46 +42,16 @@ class Result:
     output_path: Path | None
 
 
-@dataclass(frozen=True)
-class _Source:
-    graph: gs.Graph
-    path: Path | None
-    source_dir: str | None
-    size: int
-    description: str
-    uses_external_data: bool = False
-    files: tuple[Path, ...] = ()
-
-
-def _open(model) -> _Source:
-    if isinstance(model, onnx.ModelProto):
-        return _Source(gs.import_onnx(model), None, None, model.ByteSize(), "the model")
-    loaded = load_model(model)
-    return _Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path),
-                   loaded.uses_external_data, loaded.files)
-
-
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """The passes' plan (passes.detect_all: mutates `graph` by SegLinear's exact split)."""
-    return detect_all(graph, seg_output=config.seg_output, seg_input=config.seg_input, seg_heads=config.seg_heads,
-                      exclude=config.exclude, dualscale=config.dualscale != "off")
+    seg = config.seglinear
+    return detect_all(graph, seg_output=seg.output, seg_input=seg.input, seg_heads=seg.heads,
+                      exclude=config.fallback.exclude, dualscale=config.dualscale.mode is not DualScaleMode.OFF)
 
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
-    src = _open(model)
+    src = open_source(model)
     return build_plan(canonicalize(src.graph, src.description), config)
-
-
-def _evaluate(fp_model, quantized, evaluation, config: QuantConfig, src: _Source, providers, tmp, progress: bool):
-    """Output error (and with `per_layer` each layer's) of `quantized` against `fp_model` on `evaluation`."""
-    if evaluation is None:
-        return {}, {}
-    where = dict(source_dir=src.source_dir, providers=providers, tmp_dir=tmp)
-    errors = compare_outputs(make_session(fp_model, **where), make_session(quantized, **where), evaluation,
-                             progress=progress, total=evaluation.num_feeds)
-    layers = per_layer_error(fp_model, quantized, evaluation, **where, progress=progress,
-                             total=evaluation.num_feeds) if config.per_layer else {}
-    return errors, layers
 
 
 def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, force: bool = False,
@@ -94,39 +63,43 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     skips that measurement (no float and quantized evaluation sessions: less time and memory).
     """
     started = time.perf_counter()
-    providers = check_providers(config.providers)
-    src = _open(model)
+    providers = check_providers(config.runtime.providers)
+    src = open_source(model)
     check_outputs([o for o in (output and model_output(output), report_path and report_output(report_path)) if o],
                   [*src.files, *(p for p in (calib, eval_data) if isinstance(p, (str, os.PathLike)))], force)
-    if not evaluate and (eval_data is not None or config.per_layer):
+    if not evaluate and (eval_data is not None or config.runtime.per_layer):
         raise UserError("--no-eval skips the output-error measurement: drop --eval/--per-layer/--plot, or --no-eval.")
 
     graph = canonicalize(src.graph, src.description)
     fp_model = export_model(graph)  # the reference: canonical, before any rewrite
     plan = build_plan(graph, config)
-    if not plan.sites and not config.dry_rewrite and not config.allow_unquantized:
+    dry = config.seglinear.dry_rewrite
+    if not plan.sites and not dry and not config.runtime.allow_unquantized:
         raise UserError(plan.nothing_to_quantize(src.description))
     inputs = model_inputs(graph)
-    data = open_calibration(calib, inputs, config.batch_size)
-    evaluation = None if eval_data is None else open_calibration(eval_data, inputs, config.batch_size, role="eval")
+    batch = config.calibration.batch_size
+    data = open_calibration(calib, inputs, batch)
+    evaluation = None if eval_data is None else open_calibration(eval_data, inputs, batch, role="eval")
     if evaluation is None and data.num_feeds is not None and evaluate:
         evaluation = data
 
     with temporary_directory() as tmp:
         sessions = Sessions(src.source_dir, providers, tmp)
         cal, decision, q = None, None, Quantization({}, {}, {})
-        if not config.dry_rewrite:
+        if not dry:
             space = search_space(plan, config)
             cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir, providers=providers,
-                            tmp_dir=tmp, progress=progress, **space.calibration(plan, config))
+                            tmp_dir=tmp, progress=progress, **space.calibration(plan, config.calibration))
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: constant_values(weights[name])  # noqa: E731
             decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
-            q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.percentile, progress=progress)
+            q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
+                    progress=progress)
             apply_quantization(graph, plan, q)
         quantized = finalize(graph, calibration_shapes=None if cal is None else cal.feed_shapes)
         trt_violations = check_tensorrt(quantized, src.source_dir)
-        errors, layers = _evaluate(fp_model, quantized, evaluation, config, src, providers, tmp, progress)
+        errors, layers = model_error(fp_model, quantized, evaluation, per_layer=config.runtime.per_layer,
+                                     source_dir=src.source_dir, providers=providers, tmp_dir=tmp, progress=progress)
 
     report = build_report(Outcome(
         config, plan, q, data.description, src.size, model_size(quantized), round(time.perf_counter() - started, 2),

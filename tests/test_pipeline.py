@@ -29,8 +29,8 @@ def _present(*names: str) -> str:
     return next(n for n in names if hasattr(pipeline, n))
 
 
-STAGES = ["_open", "canonicalize", _present("build_plan", "detect_all"), "calibrate", "decide", "fit",
-          _present("apply_quantization", "rewrite_all"), "finalize", "check_tensorrt", "_evaluate", "build_report",
+STAGES = ["open_source", "canonicalize", _present("build_plan", "detect_all"), "calibrate", "decide", "fit",
+          _present("apply_quantization", "rewrite_all"), "finalize", "check_tensorrt", "model_error", "build_report",
           "save_model", "write_json", "write_markdown"]
 QUANTIZING = {"calibrate", "decide", "fit", STAGES[6]}
 
@@ -72,7 +72,7 @@ def test_the_stages_run_once_each_in_the_data_flow_order(calls, write_calib, tmp
 
 
 def test_dry_rewrite_skips_the_quantizing_stages(calls, write_calib):
-    pipeline.quantize(build_linear_model("matmul"), write_calib("matmul"), QuantConfig(dry_rewrite=True),
+    pipeline.quantize(build_linear_model("matmul"), write_calib("matmul"), QuantConfig(seglinear={"dry_rewrite": True}),
                       progress=False)
     assert [name for name, _ in calls] == [s for s in STAGES if s not in QUANTIZING | {
         "save_model", "write_json", "write_markdown"}]
@@ -94,7 +94,8 @@ def test_the_result_holds_the_model_plan_params_report_and_path(write_calib, tmp
 
 
 def test_a_run_that_needs_no_held_back_feeds_opens_no_analysis_session(calls, sessions, write_calib):
-    r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8), QuantConfig(dualscale="off"),
+    r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8),
+                          QuantConfig(dualscale={"mode": "off"}),
                           progress=False, evaluate=False)
     assert sessions == []
     (calibrate,) = [kw for name, kw in calls if name == "calibrate"]
@@ -103,7 +104,8 @@ def test_a_run_that_needs_no_held_back_feeds_opens_no_analysis_session(calls, se
 
 
 def test_the_auto_choices_are_scored_in_analysis_sessions(calls, sessions, write_calib):
-    r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8), QuantConfig(smoothquant="auto"),
+    r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8),
+                          QuantConfig(smoothquant={"mode": "auto"}),
                           progress=False, evaluate=False)
     (calibrate,) = [kw for name, kw in calls if name == "calibrate"]
     assert calibrate["holdout_every"] == 4 and calibrate["keep_held_back"] == 8
@@ -116,10 +118,10 @@ def test_the_auto_choices_are_scored_in_analysis_sessions(calls, sessions, write
 def test_without_held_back_feeds_smoothquant_auto_is_left_off_and_reported_so(sessions, write_calib, caplog):
     with caplog.at_level(logging.WARNING, logger="segquant_onnx"):
         r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=3),
-                              QuantConfig(smoothquant="auto"), progress=False, evaluate=False)
+                              QuantConfig(smoothquant={"mode": "auto"}), progress=False, evaluate=False)
     assert any("no held-back feeds" in rec.getMessage() for rec in caplog.records)
     assert sessions == [] and r.report["heldback_trials"] == []
-    assert r.report["config"]["smoothquant"] == "off"
+    assert r.report["config"]["smoothquant"]["mode"] == "off"
     assert all(row["smooth_alpha"] is None for row in r.report["sites"])
 
 
@@ -140,9 +142,9 @@ def _stats() -> TensorStats:
 def test_the_report_has_the_documented_keys(write_calib):
     r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8), QuantConfig(), progress=False)
     assert tuple(r.report) == REPORT_KEYS and tuple(r.report["summary"]) == SUMMARY_KEYS
-    assert r.report["config"] == asdict(QuantConfig())
-    dry = build_report(Outcome(QuantConfig(dry_rewrite=True), QuantPlan(sites=(SITE,)), Quantization({}, {}, {}),
-                               "calib.npz", 100, 90, 0.5))
+    assert r.report["config"] == QuantConfig().as_dict()
+    dry = build_report(Outcome(QuantConfig(seglinear={"dry_rewrite": True}), QuantPlan(sites=(SITE,)),
+                               Quantization({}, {}, {}), "calib.npz", 100, 90, 0.5))
     assert tuple(dry) == REPORT_KEYS and tuple(dry["summary"]) == SUMMARY_KEYS
     assert (dry["summary"]["sites_quantized"], dry["summary"]["int8_flop_fraction"]) == (0, 0.0)
     assert (dry["heldback_trials"], dry["sensitivity"], dry["fallback"]) == ([], [], None)
@@ -157,9 +159,9 @@ def test_the_report_is_built_from_the_outcome():
     decision = Decision(recipe.in_float(["lin2"]), Variant("off", "auto"), trials=[{"outlier_cap": 0}],
                         fallback=fallback)
     q = Quantization({}, {}, {"lin": np.array([3], np.int64)}, [decision_dual], frozenset({"lin2"}))
-    report = build_report(Outcome(QuantConfig(smoothquant="auto"), plan, q, "calib.npz", 100, 60, 1.25,
+    report = build_report(Outcome(QuantConfig(smoothquant={"mode": "auto"}), plan, q, "calib.npz", 100, 60, 1.25,
                                   decision=decision, stats={"X": _stats()}))
-    assert report["config"]["smoothquant"] == "off"  # the settings as run, not as asked
+    assert report["config"]["smoothquant"]["mode"] == "off"  # the settings as run, not as asked
     assert report["outliers"]["sites"] == {"lin": [3]}
     assert report["outliers"]["ranges"] == {"lin": {"channel_amax": [50.0], "bulk_amax": 9.0}}
     assert report["outliers"]["float_flop_pct"] == round(100 * (64 / 8) / 256, 3)

@@ -32,7 +32,7 @@ def test_auto_searches_show_advancing_bars(write_calib, capsys, monkeypatch):
     for module in (held_back, choose, fit, outlier_search):
         monkeypatch.setattr(module, "tqdm", _Drawn)
     model, calib = build_linear_model("matmul"), write_calib("matmul", n=8)  # every 4th feed held back: 2
-    config = QuantConfig(calib_method="auto", smoothquant="auto")
+    config = QuantConfig(calibration={"method": "auto"}, smoothquant={"mode": "auto"})
     capsys.readouterr()
     shown = pipeline.quantize(model, calib, config, progress=True, evaluate=False)
     err = capsys.readouterr().err

@@ -25,12 +25,18 @@ log = logging.getLogger("bench")
 
 MODELOPT_PACKAGE = "nvidia-modelopt[onnx]"
 
-_NAIVE = {"calib_method": "max", "seg_output": False, "seg_input": False, "dualscale": "off"}
+_NAIVE = {"calibration": {"method": "max"}, "seglinear": {"output": False, "input": False},
+          "dualscale": {"mode": "off"}}
+
+
+def _with(base: dict, **groups: dict) -> dict:
+    """`base` (QuantConfig groups as mappings) with some fields of some groups changed."""
+    return {**base, **{g: {**base.get(g, {}), **fields} for g, fields in groups.items()}}
 
 
 @dataclass(frozen=True)
 class OursMethod:
-    """One row of segquant-onnx's feature matrix: a label, a file stem, QuantConfig fields."""
+    """One row of segquant-onnx's feature matrix: a label, a file stem, QuantConfig groups as mappings."""
 
     label: str
     slug: str
@@ -40,19 +46,20 @@ class OursMethod:
 
 # Rows before "default" are naive INT8 plus one feature; rows after it are the default plus one.
 OURS_MATRIX = (
-    OursMethod("naive INT8", "naive", dict(_NAIVE), timed=True),
-    OursMethod("+SegLinear", "seglinear", {**_NAIVE, "seg_output": True, "seg_input": True}),
-    OursMethod("+DualScale auto", "dualscale-auto", {**_NAIVE, "dualscale": "auto"}),
-    OursMethod("+DualScale all", "dualscale-all", {**_NAIVE, "dualscale": "all"}),
-    OursMethod("calib auto", "calib-auto", {**_NAIVE, "calib_method": "auto"}),
+    OursMethod("naive INT8", "naive", _with(_NAIVE), timed=True),
+    OursMethod("+SegLinear", "seglinear", _with(_NAIVE, seglinear={"output": True, "input": True})),
+    OursMethod("+DualScale auto", "dualscale-auto", _with(_NAIVE, dualscale={"mode": "auto"})),
+    OursMethod("+DualScale all", "dualscale-all", _with(_NAIVE, dualscale={"mode": "all"})),
+    OursMethod("calib auto", "calib-auto", _with(_NAIVE, calibration={"method": "auto"})),
     OursMethod("default", "default", {}, timed=True),
-    OursMethod("default + calib auto", "default-calib-auto", {"calib_method": "auto"}),
-    OursMethod("+SmoothQuant auto", "smoothquant-auto", {"smoothquant": "auto"}),
-    OursMethod("+outliers auto", "outliers-auto", {"outlier_channels": "auto"}),
-    OursMethod("default + target 40 dB", "target40", {"target_sqnr": 40.0, "max_fallback_pct": 10.0}),
-    OursMethod("default + target 40 dB, <=5% float", "target40-5pct", {"target_sqnr": 40.0, "max_fallback_pct": 5.0}),
+    OursMethod("default + calib auto", "default-calib-auto", {"calibration": {"method": "auto"}}),
+    OursMethod("+SmoothQuant auto", "smoothquant-auto", {"smoothquant": {"mode": "auto"}}),
+    OursMethod("+outliers auto", "outliers-auto", {"outliers": {"mode": "auto"}}),
+    OursMethod("default + target 40 dB", "target40", {"fallback": {"target_sqnr": 40.0, "max_fallback_pct": 10.0}}),
+    OursMethod("default + target 40 dB, <=5% float", "target40-5pct",
+               {"fallback": {"target_sqnr": 40.0, "max_fallback_pct": 5.0}}),
     OursMethod("+SmoothQuant auto + target 40 dB, <=5% float", "smoothquant-target40-5pct",
-               {"smoothquant": "auto", "target_sqnr": 40.0, "max_fallback_pct": 5.0}),
+               {"smoothquant": {"mode": "auto"}, "fallback": {"target_sqnr": 40.0, "max_fallback_pct": 5.0}}),
 )
 # (label suffix, calibrate_method, op types to quantize or None for ORT's default: every op it can)
 ORT_VARIANTS = (

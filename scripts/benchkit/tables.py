@@ -80,16 +80,16 @@ def results_table(rows: list[ResultRow]) -> str:
 def methods_table() -> str:
     from segquant_onnx import QuantConfig
 
-    default = QuantConfig()
+    d = QuantConfig()
     lines = ["| method | QuantConfig | runs |", "|---|---|---|"]
     for m in runners.OURS_MATRIX:
         fields = ", ".join(f"{k}={v!r}" for k, v in m.fields.items()) if m.fields else ""
         lines.append(f"| {m.label} | `QuantConfig({fields})` | {'--repeat' if m.timed else '1'} |")
     lines.append("")
-    lines.append(f"QuantConfig() as shipped: calib_method={default.calib_method!r}, seg_output={default.seg_output}, "
-                 f"seg_input={default.seg_input}, dualscale={default.dualscale!r} (min gain "
-                 f"{default.dualscale_min_gain_db} dB), smoothquant={default.smoothquant!r}, "
-                 f"outlier_channels={default.outlier_channels!r}, target_sqnr={default.target_sqnr}.")
+    lines.append(f"QuantConfig() as shipped: calibration method {d.calibration.method}, SegLinear output "
+                 f"{d.seglinear.output} and input {d.seglinear.input}, DualScale {d.dualscale.mode} (min gain "
+                 f"{d.dualscale.min_gain_db} dB), SmoothQuant {d.smoothquant.flag}, outlier channels "
+                 f"{d.outliers.flag}, target SQNR {d.fallback.target_sqnr}.")
     return "\n".join(lines)
 
 

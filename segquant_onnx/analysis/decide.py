@@ -29,7 +29,7 @@ from segquant_onnx.analysis.held_back import HeldBack, Sessions, bar
 from segquant_onnx.analysis.outlier_search import SearchResult, per_site_outliers
 from segquant_onnx.analysis.sensitivity import Fallback, SiteSensitivity, analyse
 from segquant_onnx.calib.calibrate import Calibration
-from segquant_onnx.config import QuantConfig
+from segquant_onnx.config import CalibrationConfig, DualScaleMode, OutlierMode, QuantConfig, SmoothQuantMode
 from segquant_onnx.errors import UserError
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import QuantPlan
@@ -59,7 +59,7 @@ class SearchSpace:
     def settings(self) -> Variant:
         return self.variants[0]
 
-    def calibration(self, plan: QuantPlan, config: QuantConfig) -> dict:
+    def calibration(self, plan: QuantPlan, config: CalibrationConfig) -> dict:
         """calibrate()'s keyword arguments for what this space needs."""
         return dict(sampled=self.sampled, sample_rows=config.sample_rows,
                     holdout_every=config.holdout_every if (self.sampled or self.output_checks) else 0,
@@ -76,21 +76,21 @@ def channel_axes(plan: QuantPlan) -> dict[str, int]:
 
 
 def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:
-    variants = [Variant(config.smoothquant, config.dualscale)]
-    if config.smoothquant == "auto":
-        variants += [replace(v, smoothquant="off") for v in variants]
-    if config.dualscale == "auto" and plan.dual:
-        variants += [replace(v, dualscale="off") for v in variants]
-    caps = (config.outlier_candidates if config.outlier_channels == "auto" else
-            (0,) if config.outlier_channels == "off" else (int(config.outlier_channels),))
-    per_site = config.smoothquant != "off" or config.calib_method == "auto" or config.outlier_channels != "off"
+    sq, ds, outliers = config.smoothquant, config.dualscale, config.outliers
+    variants = [Variant(sq.mode, ds.mode, sq.alpha)]
+    if sq.mode is SmoothQuantMode.AUTO:
+        variants += [replace(v, smoothquant=SmoothQuantMode.OFF) for v in variants]
+    if ds.mode is DualScaleMode.AUTO and plan.dual:
+        variants += [replace(v, dualscale=DualScaleMode.OFF) for v in variants]
+    per_site = (sq.mode is not SmoothQuantMode.OFF or config.calibration.method == "auto"
+                or outliers.mode is not OutlierMode.OFF)
     sites = {s.name: s for s in plan.sites}
     sampled = tuple(dict.fromkeys(
         [s.activation for s in plan.sites if s.channels_last and per_site]
         + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
-    required = config.sensitivity or config.target_sqnr is not None or config.outlier_channels == "auto"
+    required = config.fallback.ranks or outliers.mode is OutlierMode.AUTO
     checks = required or len(variants) > 1
-    return SearchSpace(tuple(variants), tuple(caps), sampled, checks, required)
+    return SearchSpace(tuple(variants), outliers.caps, sampled, checks, required)
 
 
 @dataclass(frozen=True)
@@ -125,18 +125,18 @@ class _Candidates:
     progress: bool
 
     def outliers(self, cap: int, max_flop_pct: float | None = None) -> dict[str, np.ndarray]:
-        budget = self.config.outlier_max_flop_pct if max_flop_pct is None else max_flop_pct
-        return choose_outliers(self.plan, self.cal.fit_stats, cap, self.config.outlier_ratio, budget)
+        budget = self.config.outliers.max_flop_pct if max_flop_pct is None else max_flop_pct
+        return choose_outliers(self.plan, self.cal.fit_stats, cap, self.config.outliers.ratio, budget)
 
     def recipe(self, variant: Variant, outliers: dict[str, np.ndarray]) -> Recipe:
         return choose(self.plan, self.cal.fit_stats, self.cal.samples, self.weight, self.config, variant, outliers,
                       progress=self.progress)
 
     def fitted(self, recipe: Recipe) -> Quantization:
-        return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.percentile)
+        return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.calibration.percentile)
 
 
-def _with_held_back(space: SearchSpace, cal: Calibration, config: QuantConfig) -> SearchSpace:
+def _with_held_back(space: SearchSpace, cal: Calibration, config: CalibrationConfig) -> SearchSpace:
     if not space.output_checks or cal.held_back:
         return space
     if space.held_back_required:
@@ -145,7 +145,8 @@ def _with_held_back(space: SearchSpace, cal: Calibration, config: QuantConfig) -
                         "feeds in the calibration data.")
     log.warning("fewer than %d calibration feeds: no held-back feeds to check the auto choices at the "
                 "output: SmoothQuant is left off, DualScale decided per layer", config.holdout_every)
-    return replace(space, variants=(replace(space.settings, smoothquant="off"),), output_checks=False)
+    off = replace(space.settings, smoothquant=SmoothQuantMode.OFF, alpha=None)
+    return replace(space, variants=(off,), output_checks=False)
 
 
 def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Calibration,
@@ -154,7 +155,7 @@ def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Cal
     """The recipe for `graph` (canonical, not yet quantized; left as it is): the per-site choices
     (solve.choose) of the best global trial, refined per site and with the fallback's float sites.
     Opens analysis sessions only where held-back feeds are scored."""
-    space = _with_held_back(space, cal, config)
+    space = _with_held_back(space, cal, config.calibration)
     cand = _Candidates(plan, cal, weight, config, progress)
     trials, search = [], None
     if not space.output_checks or (len(space.caps) == 1 and len(space.variants) == 1):
@@ -162,12 +163,13 @@ def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Cal
     else:
         held = HeldBack(fp_model, cal.held_back, sessions, progress)
         best = _global_trials(graph, plan, cand, held, space, trials)
-        if config.outlier_channels == "auto":
+        if config.outliers.mode is OutlierMode.AUTO:
             best, search = _outliers_per_site(graph, plan, cand, held, space.caps, best, trials)
         recipe = best.recipe
     ranking, fallback = [], None
-    if config.sensitivity or config.target_sqnr is not None:
-        ranking, fallback = analyse(graph, plan, cand.fitted(recipe), cal.held_back, config, sessions, progress)
+    if config.fallback.ranks:
+        ranking, fallback = analyse(graph, plan, cand.fitted(recipe), cal.held_back, config.fallback, sessions,
+                                    progress)
         if fallback:
             recipe = recipe.in_float(fallback.sites)
     return Decision(recipe, space.settings, trials, search, ranking, fallback)
@@ -191,15 +193,15 @@ def _global_trials(graph, plan, cand: _Candidates, held: HeldBack, space: Search
             seen.add(key)
             applied_none = {}  # smoothquant setting -> its DualScale-auto variant applied no DualScale site
             for variant in space.variants:
-                if variant.dualscale == "off" and applied_none.get(variant.smoothquant):
+                if variant.dualscale is DualScaleMode.OFF and applied_none.get(variant.smoothquant_flag):
                     b.update()
                     continue  # the same quantization as that variant: nothing to score twice
                 recipe = cand.recipe(variant, outliers)
                 q = cand.fitted(recipe)
-                applied_none[variant.smoothquant] = not q.dual
+                applied_none[variant.smoothquant_flag] = not q.dual
                 score = held.score(graph, plan, q)
                 trials.append({"outlier_cap": cap, "outlier_channels": _channels(outliers),
-                               "smoothquant": variant.smoothquant, "dualscale": variant.dualscale,
+                               "smoothquant": variant.smoothquant_flag, "dualscale": variant.dualscale.value,
                                "dual_sites": len(q.dual), "heldback_sqnr_db": round(score, 3)})
                 scored.append(_Scored(score, recipe, q, variant))
                 b.update()
@@ -207,7 +209,7 @@ def _global_trials(graph, plan, cand: _Candidates, held: HeldBack, space: Search
     single = [t for t in scored if not t.q.dual]
     if best.q.dual and single:
         plain = max(single, key=lambda t: t.score)
-        if best.score - plain.score < cand.config.dualscale_min_output_gain_db:
+        if best.score - plain.score < cand.config.dualscale.min_output_gain_db:
             best = plain  # DualScale's extra GEMMs do not pay at the output
     return best
 
@@ -217,22 +219,22 @@ def _outliers_per_site(graph, plan, cand: _Candidates, held: HeldBack, caps, bes
     (outlier_search), kept if the real quantized graph scores at least as well on the held-back feeds."""
     config = cand.config
     by_cap = {cap: cand.outliers(cap, max_flop_pct=100.0) for cap in caps}
-    solve_for = lambda outliers: cand.fitted(cand.recipe(best.variant, outliers))  # noqa: E731
-    search = per_site_outliers(graph, plan, config, held.feeds, held.reference, by_cap, solve_for, best.q.outliers,
-                               held.sessions.open, cand.progress)
+    solve_for = lambda outliers: cand.fitted(cand.recipe(best.variant, outliers))
+    search = per_site_outliers(graph, plan, config.outliers, held.feeds, held.reference, by_cap, solve_for,
+                               best.q.outliers, held.sessions.open, cand.progress)
     if search is None:
         return best, None
     recipe = cand.recipe(best.variant, search.outliers)
     refined = cand.fitted(recipe)
     refined_score = held.score(graph, plan, refined)
     trials.append({"outlier_cap": "per-site", "outlier_channels": _channels(search.outliers),
-                   "smoothquant": best.variant.smoothquant, "dualscale": best.variant.dualscale,
+                   "smoothquant": best.variant.smoothquant_flag, "dualscale": best.variant.dualscale.value,
                    "dual_sites": len(refined.dual), "heldback_sqnr_db": round(refined_score, 3),
                    "analysis_sqnr_db": round(search.heldback_sqnr_db, 3)})
     log.info("per-site outlier channels: %.2f dB on the held-back feeds (analysis graph %.2f dB), global cap %.2f dB",
              refined_score, search.heldback_sqnr_db, best.score)
     # as within a site: fewer float channels win when they cost less than outlier_min_gain_db
     fewer = _channels(search.outliers) < _channels(best.q.outliers)
-    if refined_score >= best.score or (fewer and refined_score >= best.score - config.outlier_min_gain_db):
+    if refined_score >= best.score or (fewer and refined_score >= best.score - config.outliers.min_gain_db):
         return _Scored(refined_score, recipe, refined, best.variant), search
     return best, search

@@ -14,7 +14,7 @@ import onnx
 from tqdm import tqdm
 
 from segquant_onnx.calib.calibrate import with_tensor_outputs
-from segquant_onnx.analysis.evaluate import OutputError
+from segquant_onnx.analysis.evaluate import OutputError, compare_outputs
 from segquant_onnx.ir.runtime import make_session
 
 _MAX_HOPS = 3
@@ -68,3 +68,16 @@ def per_layer_error(fp: onnx.ModelProto, q: onnx.ModelProto, feeds, *, source_di
                     if t in ref:
                         errors[layer].update(ref[t], got[t])
     return errors
+
+
+def model_error(fp: onnx.ModelProto, q: onnx.ModelProto, feeds, *, per_layer: bool, source_dir=None, providers,
+                tmp_dir=None, progress: bool = True) -> tuple[dict, dict]:
+    """Output error of `q` against `fp` on `feeds` (an evaluation data set: read once per measurement),
+    and with `per_layer` each linear layer's; ({}, {}) without feeds."""
+    if feeds is None:
+        return {}, {}
+    where = dict(source_dir=source_dir, providers=providers, tmp_dir=tmp_dir)
+    errors = compare_outputs(make_session(fp, **where), make_session(q, **where), feeds, progress=progress,
+                             total=feeds.num_feeds)
+    layers = per_layer_error(fp, q, feeds, **where, progress=progress, total=feeds.num_feeds) if per_layer else {}
+    return errors, layers

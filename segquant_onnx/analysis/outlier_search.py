@@ -29,7 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from segquant_onnx.config import QuantConfig
+from segquant_onnx.config import OutlierConfig
 from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import QuantPlan
@@ -162,7 +162,7 @@ def search_levels(model: GatedSession, levels: dict[str, SiteLevels], start: dic
     return SearchResult(chosen, score, start_sqnr_db=start_score, trials=trials)
 
 
-def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: QuantConfig, held_back: list,
+def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: OutlierConfig, held_back: list,
                       reference: list, by_cap: dict[int, dict[str, np.ndarray]],
                       solve_for: Callable[[dict], Quantization], start: dict[str, np.ndarray],
                       make_session: Callable, progress: bool = True
@@ -190,5 +190,5 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: QuantConfig, hel
     session = make_session(export_model(analysis.cleanup().toposort()))
     model = GatedSession(session, held_back, [level_gate(n, l) for n, lv in levels.items()
                                               for l in range(1, len(lv.channels))], reference)
-    budget = config.outlier_max_flop_pct / 100.0 * plan.total_flops
-    return search_levels(model, levels, start, budget, config.outlier_min_gain_db, progress)
+    budget = config.max_flop_pct / 100.0 * plan.total_flops
+    return search_levels(model, levels, start, budget, config.min_gain_db, progress)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from segquant_onnx.analysis.evaluate import OutputError
 from segquant_onnx.analysis.gates import gate_name, gated_graph
+from segquant_onnx.config import FallbackConfig
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import LinearSite, QuantPlan
 
@@ -109,8 +110,8 @@ def greedy_fallback(model: GatedModel, ranking: list[SiteSensitivity], target_db
     return Fallback(tuple(kept), round(current, 3), round(start, 3), 1.0 - spent / total, reached)
 
 
-def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[dict[str, np.ndarray]], config,
-            sessions, progress: bool = True) -> tuple[list[SiteSensitivity], Fallback | None]:
+def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[dict[str, np.ndarray]],
+            config: FallbackConfig, sessions, progress: bool = True) -> tuple[list[SiteSensitivity], Fallback | None]:
     """Sensitivity ranking and (with `config.target_sqnr`) the fallback set, at the model output on the
     `held_back` feeds, in one analysis session (`sessions.open_graph`) of `graph` (left as it is)
     quantized as `q` says with a gate per site."""

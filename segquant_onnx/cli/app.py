@@ -10,10 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-from segquant_onnx import __version__
+from segquant_onnx.version import __version__
 from segquant_onnx.calib.data import DEFAULT_DYNAMIC_BATCH
 from segquant_onnx.cli.argtypes import positive_int
-from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES, QuantConfig
+from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES, GROUPS, OutlierConfig, QuantConfig, SmoothQuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.examples import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
 from segquant_onnx.ir.outputs import markdown_path
@@ -25,22 +25,33 @@ SEG_PATTERNS = ("output", "input", "heads")
 EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli.demo", "segquant_onnx.cli.trt")
 
 
+# flag (argparse dest) -> (config group, field): where each plain quantize flag lands
+FLAG_SETTINGS = {
+    "calib_method": ("calibration", "method"), "percentile": ("calibration", "percentile"),
+    "batch_size": ("calibration", "batch_size"), "dry_rewrite": ("seglinear", "dry_rewrite"),
+    "dualscale": ("dualscale", "mode"), "dualscale_min_gain": ("dualscale", "min_gain_db"),
+    "outlier_ratio": ("outliers", "ratio"), "outlier_flops": ("outliers", "max_flop_pct"),
+    "outlier_min_gain": ("outliers", "min_gain_db"), "sensitivity": ("fallback", "sensitivity"),
+    "target_sqnr": ("fallback", "target_sqnr"), "max_fallback": ("fallback", "max_fallback_pct"),
+    "per_layer": ("runtime", "per_layer"), "allow_unquantized": ("runtime", "allow_unquantized"),
+}
+
+
 def _config(args) -> QuantConfig:
-    """The settings the subcommand's flags give; a flag the subcommand lacks keeps the dataclass default."""
-    given = {f: getattr(args, f) for f in ("calib_method", "percentile", "batch_size", "dualscale",
-                                            "dry_rewrite", "per_layer", "smoothquant", "sensitivity",
-                                            "target_sqnr", "allow_unquantized") if hasattr(args, f)}
-    renamed = {"dualscale_min_gain_db": "dualscale_min_gain", "max_fallback_pct": "max_fallback",
-               "outlier_channels": "outlier_channels", "outlier_max_flop_pct": "outlier_flops",
-               "outlier_min_gain_db": "outlier_min_gain", "outlier_ratio": "outlier_ratio"}
-    given.update({field: getattr(args, flag) for field, flag in renamed.items() if hasattr(args, flag)})
+    """The settings the subcommand's flags give; a flag the subcommand lacks keeps the config's default."""
+    groups: dict[str, dict] = {g: {} for g in GROUPS}
+    for dest, (group, name) in FLAG_SETTINGS.items():
+        if hasattr(args, dest):
+            groups[group][name] = getattr(args, dest)
+    patterns = set(args.seg_patterns) if args.seglinear else set()
+    groups["seglinear"].update(output="output" in patterns, input="input" in patterns, heads="heads" in patterns)
+    groups["fallback"]["exclude"] = tuple(args.exclude or ())
+    groups["runtime"]["providers"] = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    smooth, outliers = groups.pop("smoothquant"), groups.pop("outliers")
     return QuantConfig(
-        exclude=tuple(args.exclude or ()),
-        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-        seg_output=args.seglinear and "output" in args.seg_patterns,
-        seg_input=args.seglinear and "input" in args.seg_patterns,
-        seg_heads=args.seglinear and "heads" in args.seg_patterns,
-        **given,
+        **groups,
+        smoothquant=SmoothQuantConfig.from_flag(getattr(args, "smoothquant", SmoothQuantConfig().flag), **smooth),
+        outliers=OutlierConfig.from_flag(getattr(args, "outlier_channels", OutlierConfig().flag), **outliers),
     )
 
 
@@ -164,26 +175,27 @@ def _groups(p, titles=("SegLinear", "DualScale", "fallback and target", "runtime
     return {t: p.add_argument_group(t) for t in titles}
 
 
-def _add_model_choices(groups: dict, defaults: QuantConfig, dry_rewrite: bool = False) -> None:
+def _add_model_choices(groups: dict, d: QuantConfig, dry_rewrite: bool = False) -> None:
     """The flags that change which sites and patterns the plan holds (quantize, inspect, sensitivity)."""
     g = groups["SegLinear"]
     g.add_argument("--seglinear", action=argparse.BooleanOptionalAction, default=True,
                    help="split linears by the segments their output/input is cut into (default: on)")
-    g.add_argument("--seg-patterns", type=_patterns, default=("output", "input"), metavar="LIST",
+    default = tuple(p for p in SEG_PATTERNS if getattr(d.seglinear, p))
+    g.add_argument("--seg-patterns", type=_patterns, default=default, metavar="LIST",
                    help="SegLinear patterns to apply: output (Linear->chunk/split, also through a Reshape), "
                         "input (Concat or stack->Linear), heads (Reshape merging attention heads->Linear, "
-                        "H narrow GEMMs); default: output,input")
+                        f"H narrow GEMMs); default: {','.join(default)}")
     if dry_rewrite:
         g.add_argument("--dry-rewrite", action="store_true",
                        help="apply the structural rewrites (SegLinear) without quantizing, to check they are exact")
     g = groups["DualScale"]
-    g.add_argument("--dualscale", choices=DUALSCALE_MODES, default=defaults.dualscale,
+    g.add_argument("--dualscale", choices=DUALSCALE_MODES, default=d.dualscale.mode.value,
                    help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
                         "GEMMs: auto (where the measured gain pays), all, off (default: %(default)s)")
     groups["fallback and target"].add_argument(
         "--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
     groups["runtime"].add_argument(
-        "--providers", default=",".join(defaults.providers),
+        "--providers", default=",".join(d.runtime.providers),
         help="ONNX Runtime execution providers, comma-separated (default: %(default)s)")
 
 
@@ -201,43 +213,47 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
 
     g = groups["calibration"]
     g.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
-    g.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method,
+    c = d.calibration
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default=c.method.value,
                    help="activation clipping; auto picks per site by layer error on calibration rows held back "
                         "from the statistics (default: %(default)s)")
-    g.add_argument("--percentile", type=float, default=d.percentile,
+    g.add_argument("--percentile", type=float, default=c.percentile,
                    help="for --calib-method percentile (default: %(default)s)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=c.batch_size,
                    help=f"calibration batch when the model's batch is dynamic (default: {DEFAULT_DYNAMIC_BATCH})")
 
     _add_model_choices(groups, d, dry_rewrite=True)
     groups["DualScale"].add_argument(
-        "--dualscale-min-gain", type=float, default=d.dualscale_min_gain_db, metavar="DB",
+        "--dualscale-min-gain", type=float, default=d.dualscale.min_gain_db, metavar="DB",
         help="with --dualscale auto: the layer-output SQNR gain (dB) a site needs (default: %(default)s)")
 
     g = groups["SmoothQuant"]
-    g.add_argument("--smoothquant", default=d.smoothquant, metavar="auto|off|ALPHA",
-                   help="SmoothQuant per site: auto searches alpha in {0.25, 0.5, 0.75} or none by layer error on a "
+    alphas = ", ".join(f"{a:g}" for a in d.smoothquant.alphas)
+    g.add_argument("--smoothquant", default=d.smoothquant.flag, metavar="auto|off|ALPHA",
+                   help=f"SmoothQuant per site: auto searches alpha in {{{alphas}}} or none by layer error on a "
                         "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
 
     g = groups["outlier channels"]
-    g.add_argument("--outlier-channels", default=d.outlier_channels, metavar="auto|off|N",
+    o = d.outliers
+    g.add_argument("--outlier-channels", default=o.flag, metavar="auto|off|N",
                    help="run up to N outlier input channels per linear (calibration abs-max > --outlier-ratio x "
                         "the median channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, "
                         "by the output SQNR on held-back calibration feeds (default: %(default)s)")
-    g.add_argument("--outlier-ratio", type=float, default=d.outlier_ratio, metavar="X",
+    g.add_argument("--outlier-ratio", type=float, default=o.ratio, metavar="X",
                    help="an outlier channel's calibration abs-max exceeds X times the median channel's "
                         "(default: %(default)s)")
-    g.add_argument("--outlier-min-gain", type=float, default=d.outlier_min_gain_db, metavar="DB",
+    g.add_argument("--outlier-min-gain", type=float, default=o.min_gain_db, metavar="DB",
                    help="with --outlier-channels auto: a site takes more outlier channels only if the held-back "
                         "output SQNR gains more than DB (default: %(default)s)")
-    g.add_argument("--outlier-flops", type=float, default=d.outlier_max_flop_pct, metavar="PERCENT",
+    g.add_argument("--outlier-flops", type=float, default=o.max_flop_pct, metavar="PERCENT",
                    help="at most this share of linear FLOPs in the float outlier branches (default: %(default)s)")
 
     g = groups["fallback and target"]
-    g.add_argument("--target-sqnr", type=float, default=d.target_sqnr, metavar="DB",
+    f = d.fallback
+    g.add_argument("--target-sqnr", type=float, default=f.target_sqnr, metavar="DB",
                    help="keep the most sensitive sites in float until the output SQNR on held-back calibration "
-                        "feeds (every 4th) reaches DB")
-    g.add_argument("--max-fallback", type=float, default=d.max_fallback_pct, metavar="PERCENT",
+                        f"feeds (every {c.holdout_every}th) reaches DB")
+    g.add_argument("--max-fallback", type=float, default=f.max_fallback_pct, metavar="PERCENT",
                    help="with --target-sqnr: at most this share of linear FLOPs may stay in float "
                         "(default: %(default)s)")
     g.add_argument("--sensitivity", action="store_true",
@@ -292,11 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("sensitivity", help="rank linear sites by their effect on the output error",
                         description="Quantize each linear site alone and measure the model output SQNR on held-back "
-                                    "calibration feeds (every 4th); most sensitive first.")
+                                    f"calibration feeds (every {d.calibration.holdout_every}th); most sensitive first.")
     se.add_argument("model", metavar="MODEL")
     se.add_argument("--calib", metavar="DATA", help="calibration data (.npz or directory)")
     se.add_argument("--top", type=positive_int, default=20, help="rows to print (default: %(default)s)")
-    se.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method,
+    se.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calibration.method.value,
                     help="as for quantize (default: %(default)s)")
     se.add_argument("--report", metavar="JSON", help="write the full JSON report here (and a Markdown one beside it)")
     se.add_argument("--force", action="store_true", help="replace the report if it exists")

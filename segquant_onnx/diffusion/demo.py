@@ -1,9 +1,9 @@
 """`segquant-onnx demo`: the trained demo DiT sampled in FP32, naive INT8 and SegQuant INT8, side by side.
 
 The bundled demo model (`data/demo_dit.onnx`, trained by `scripts/train_demo_dit.py`) is quantized
-twice with its bundled trajectory calibration data: naive INT8 (`seg_output=False, seg_input=False,
-dualscale="off"`) and SegQuant (the default `QuantConfig`). Each of the three graphs then samples the same
-classes from the same noise (rectified-flow Euler through ONNX Runtime), and the command writes to DIR:
+twice with its bundled trajectory calibration data: naive INT8 (SegLinear and DualScale off) and
+SegQuant (the default `QuantConfig`). Each of the three graphs then samples the same classes from
+the same noise (rectified-flow Euler through ONNX Runtime), and the command writes to DIR:
 
 - `demo_grid.png`: per seed, rows FP32 / naive INT8 / SegQuant, one column per class;
 - `demo_step_error.png`: per Euler step, the SQNR of each quantized transformer's output vs FP32, on
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEMO_MODEL, DEMO_CALIB, DEMO_EVAL, DEMO_CONDS = ("demo_dit.onnx", "demo_dit_calib.npz", "demo_dit_eval.npz",
                                                  "demo_dit_conds.npz")
 METHODS = {
-    "naive INT8": QuantConfig(seg_output=False, seg_input=False, dualscale="off"),
+    "naive INT8": QuantConfig(seglinear={"output": False, "input": False}, dualscale={"mode": "off"}),
     "SegQuant": QuantConfig(),
 }
 CELL = 4  # grid pixels per image pixel
@@ -192,7 +192,7 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
             "step_sqnr_db_same_input": results[name]["same_input"],
             "step_sqnr_db_own_trajectory": results[name]["own_trajectory"],
             "psnr_db_per_image": psnrs, "ssim_per_image": ssims,
-            "config": {k: reports[name]["config"][k] for k in ("seg_output", "seg_input", "dualscale")},
+            "config": {k: reports[name]["config"][k] for k in ("seglinear", "dualscale")},
         }
     write_grid(out_dir / "demo_grid.png", images, seeds, classes)
     metrics["files"] = files + [str(out_dir / "demo_grid.png")]

@@ -96,6 +96,29 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(graph=graph, path=path, uses_external_data=bool(external), size_bytes=size, files=tuple(files))
 
 
+@dataclass(frozen=True)
+class Source:
+    """The model a run reads: its graph, where it lives (None for an in-memory ModelProto; external data
+    is read from `source_dir`), its size, how messages name it, and its files (inputs never written)."""
+
+    graph: gs.Graph
+    path: Path | None
+    source_dir: str | None
+    size: int
+    description: str
+    uses_external_data: bool = False
+    files: tuple[Path, ...] = ()
+
+
+def open_source(model) -> Source:
+    """`model` as a path (load_model: validated, weights lazy) or an onnx.ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        return Source(gs.import_onnx(model), None, None, model.ByteSize(), "the model")
+    loaded = load_model(model)
+    return Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path),
+                  loaded.uses_external_data, loaded.files)
+
+
 def constant_values(tensor: gs.Constant) -> np.ndarray:
     """A constant's values, read without caching them in the graph (large weights stay lazy)."""
     if isinstance(tensor._values, gs.ir.tensor.LazyValues):

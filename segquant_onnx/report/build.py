@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segquant_onnx import __version__
+from segquant_onnx.version import __version__
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.ir.linear import input_channels
 from segquant_onnx.params import Quantization
@@ -76,7 +76,7 @@ def _outliers(outcome: Outcome) -> dict:
 
 
 def _summary(outcome: Outcome, fallback) -> dict:
-    plan, q, dry = outcome.plan, outcome.quantization, outcome.config.dry_rewrite
+    plan, q, dry = outcome.plan, outcome.quantization, outcome.config.seglinear.dry_rewrite
     flops = {site.name: site.flops for site in plan.sites}
     return {
         "sites_quantized": 0 if dry else len(plan.sites) - len(fallback.sites if fallback else ()),
@@ -93,6 +93,15 @@ def _summary(outcome: Outcome, fallback) -> dict:
     }
 
 
+def _as_run(config: QuantConfig, decision) -> dict:
+    """The settings as run: SmoothQuant and DualScale as the decision ran them (auto without held-back feeds
+    leaves SmoothQuant off)."""
+    if decision is not None:
+        s = decision.settings
+        config = config.updated(smoothquant={"mode": s.smoothquant, "alpha": s.alpha}, dualscale={"mode": s.dualscale})
+    return config.as_dict()
+
+
 def build_report(outcome: Outcome) -> dict:
     """The report dict (REPORT_KEYS); strict-JSON writing and Markdown are report.render's."""
     plan, q, decision = outcome.plan, outcome.quantization, outcome.decision
@@ -101,7 +110,7 @@ def build_report(outcome: Outcome) -> dict:
         "tool": f"segquant-onnx {__version__}",
         "input": str(outcome.input) if outcome.input else None,
         "output": str(outcome.output) if outcome.output is not None else None,
-        "config": {**asdict(outcome.config), **(asdict(decision.settings) if decision else {})},
+        "config": _as_run(outcome.config, decision),
         "calibration_data": outcome.calibration_data,
         "eval_data": outcome.eval_data,
         "sites": site_rows(plan, q.params, q.floating),

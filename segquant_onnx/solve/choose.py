@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segquant_onnx.calib.observers import Stats, TensorStats
-from segquant_onnx.config import QuantConfig
+from segquant_onnx.config import CalibMethod, DualScaleMode, QuantConfig, SmoothQuantMode
 from segquant_onnx.ir.linear import as_kn, input_channel_axis, input_channels, scale_input_channels
 from segquant_onnx.params import DualDecision, DualParams, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
@@ -96,18 +96,19 @@ def _choose_site(site, st, rows, w, config: QuantConfig, variant: Variant,
                  masked: bool) -> tuple[SiteChoice, SiteParams]:
     """The (alpha, method) with the best layer SQNR on `rows` (the first candidate without rows), and
     its parameters on the fit statistics."""
-    methods = SITE_METHODS if config.calib_method == "auto" else (config.calib_method,)
+    given = config.calibration.method
+    methods = SITE_METHODS if given is CalibMethod.AUTO else (given.value,)
     smoothable = site.channels_last and st.channel_amax.size == w.shape[input_channel_axis(site)]
     alphas: tuple = (None,)
-    if smoothable and variant.smoothquant == "auto" and rows is not None:  # auto scores on the sample
-        alphas = (None,) + config.smooth_alphas
-    elif smoothable and variant.smoothquant not in ("off", "auto"):
-        alphas = (float(variant.smoothquant),)
+    if smoothable and variant.smoothquant is SmoothQuantMode.AUTO and rows is not None:  # scored on the sample
+        alphas = (None,) + config.smoothquant.alphas
+    elif smoothable and variant.smoothquant is SmoothQuantMode.FIXED:
+        alphas = (variant.alpha,)
     best = None
     for alpha in alphas:
         smooth = smoothing(st, w, site, alpha)
         for method in (methods if rows is not None else methods[:1]):
-            p = site_params(site, st, w, method, smooth, alpha, config.percentile, masked)
+            p = site_params(site, st, w, method, smooth, alpha, config.calibration.percentile, masked)
             score = layer_sqnr(rows, w, site, p) if rows is not None else None
             if best is None or (score is not None and score > best[0]):
                 best = (score, p)
@@ -126,8 +127,8 @@ def _choose_dual(site: LinearSite, kind: str, st, rows, w, single: SiteParams, c
         gain, measured = measured_dual_gain(rows, w, site, single, dual), True
     else:
         gain, measured = estimated_dual_gain(st, single, dual), False
-    apply = st.neg_amax > 0 and variant.dualscale != "off" and (
-        variant.dualscale == "all" or gain >= config.dualscale_min_gain_db)
+    apply = st.neg_amax > 0 and variant.dualscale is not DualScaleMode.OFF and (
+        variant.dualscale is DualScaleMode.ALL or gain >= config.dualscale.min_gain_db)
     return DualDecision(site.name, kind, apply, round(gain, 3), measured, site.flops)
 
 
@@ -141,12 +142,12 @@ def choose(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], weight
     sites, single = {}, {}
     for site in tqdm(plan.sites, desc="solving sites", unit="site", disable=None if progress else True, leave=False):
         st, w = bulk(site, stats, weight, outliers)
-        rows = _rows(site, samples, outliers, config.search_rows)
+        rows = _rows(site, samples, outliers, config.calibration.search_rows)
         sites[site.name], single[site.name] = _choose_site(site, st, rows, w, config, variant, site.name in outliers)
     by_name, dual = {s.name: s for s in plan.sites}, []
     for cand in tqdm(plan.dual, desc="DualScale gains", unit="site", disable=None if progress else True, leave=False):
         site = by_name[cand.site]
         st, w = bulk(site, stats, weight, outliers)
-        rows = _rows(site, samples, outliers, config.search_rows)
+        rows = _rows(site, samples, outliers, config.calibration.search_rows)
         dual.append(_choose_dual(site, cand.kind, st, rows, w, single[site.name], config, variant))
     return Recipe(sites, tuple(dual), outliers)

@@ -16,25 +16,37 @@ from types import MappingProxyType
 
 import numpy as np
 
-from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES
+from segquant_onnx.config import CalibMethod, DualScaleMode, SmoothQuantMode
 from segquant_onnx.params import DualDecision
 
-SITE_METHODS = tuple(m for m in CALIB_METHODS if m != "auto")  # what a site is fitted with
+SITE_METHODS = tuple(m.value for m in CalibMethod if m is not CalibMethod.AUTO)  # what a site is fitted with
 
 
 @dataclass(frozen=True)
 class Variant:
     """One point of the search over the global modes (what `auto` compares at the model output):
-    SmoothQuant `auto`, `off` or a fixed alpha such as "0.5"; DualScale `auto`, `all` or `off`."""
+    SmoothQuant `auto`, `off` or `fixed` (with `alpha`); DualScale `auto`, `all` or `off`. Strings are
+    converted to the modes."""
 
-    smoothquant: str
-    dualscale: str
+    smoothquant: SmoothQuantMode
+    dualscale: DualScaleMode
+    alpha: float | None = None
 
     def __post_init__(self):
-        if self.dualscale not in DUALSCALE_MODES:
-            raise ValueError(f"Variant.dualscale must be one of {DUALSCALE_MODES}, got {self.dualscale!r}")
-        if self.smoothquant not in ("auto", "off") and not 0.0 <= float(self.smoothquant) <= 1.0:
-            raise ValueError(f"Variant.smoothquant must be auto, off or an alpha in [0, 1], got {self.smoothquant!r}")
+        try:
+            object.__setattr__(self, "smoothquant", SmoothQuantMode(self.smoothquant))
+            object.__setattr__(self, "dualscale", DualScaleMode(self.dualscale))
+        except ValueError as exc:
+            raise ValueError(f"Variant: {exc}") from None
+        fixed = self.smoothquant is SmoothQuantMode.FIXED
+        if fixed != (self.alpha is not None) or (fixed and not 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"Variant.alpha must be in [0, 1] with SmoothQuant 'fixed' and only then, "
+                             f"got {self.alpha!r}")
+
+    @property
+    def smoothquant_flag(self) -> str:
+        """As `--smoothquant` writes it: auto, off or the alpha."""
+        return f"{self.alpha:g}" if self.smoothquant is SmoothQuantMode.FIXED else self.smoothquant.value
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ leaves half of fc_a's outliers in its INT8 scale. The per-site search gives fc_a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +22,7 @@ from segquant_onnx.pipeline import quantize
 from segquant_onnx.plan import LinearSite, QuantPlan
 
 K, N, ROWS = 64, 48, 16
-BASE = dict(outlier_max_flop_pct=13.0, smoothquant="off")
+BASE = dict(smoothquant={"mode": "off"}, dualscale={"mode": "off"})
 
 
 def _two_site_model(tmp_path, silu: bool = False):
@@ -55,7 +57,7 @@ def _two_site_model(tmp_path, silu: bool = False):
 
 def test_each_site_gets_the_count_that_pays_at_the_output(tmp_path):
     path, calib, held, a_channels = _two_site_model(tmp_path)
-    auto = quantize(path, calib, QuantConfig(outlier_channels="auto", dualscale="off", **BASE), eval_data=held,
+    auto = quantize(path, calib, QuantConfig(outliers={"mode": "auto", "max_flop_pct": 13.0}, **BASE), eval_data=held,
                     progress=False).report
     assert auto["outliers"]["sites"] == {"fc_a": a_channels}  # fc_b's outliers do not reach the output
     trials = auto["heldback_trials"]
@@ -70,10 +72,11 @@ def test_each_site_gets_the_count_that_pays_at_the_output(tmp_path):
     b_levels = [lv["heldback_sqnr_db"] for lv in search["fc_b"]["levels"]]
     assert max(b_levels) - min(b_levels) < 0.05  # fc_b's channels change nothing at the output
     # on unseen data too: against the best single cap for both sites (8, within the budget)
-    fixed = quantize(path, calib, QuantConfig(outlier_channels="8", dualscale="off", **BASE), eval_data=held,
+    fixed = quantize(path, calib, QuantConfig(outliers={"mode": "fixed", "count": 8, "max_flop_pct": 13.0}, **BASE),
+                     eval_data=held,
                      progress=False).report
     assert auto["output_error"]["Y"]["sqnr_db"] > fixed["output_error"]["Y"]["sqnr_db"] + 20
-    assert auto["outliers"]["float_flop_pct"] <= BASE["outlier_max_flop_pct"]
+    assert auto["outliers"]["float_flop_pct"] <= 13.0
     assert auto["tensorrt_check"] == []
 
 
@@ -90,13 +93,14 @@ def test_cli_report_lists_the_per_site_search(tmp_path, capsys):
     section = text.split("## Outlier channels per site", 1)[1].split("\n## ", 1)[0]
     (row_a,) = [line for line in section.splitlines() if line.startswith("| fc_a |")]
     assert row_a.split("|")[2].strip() == "16" and "16: " in row_a
-    assert '"outlier_min_gain_db": 0.1' in report.read_text()
+    assert json.loads(report.read_text())["config"]["outliers"]["min_gain_db"] == 0.1
 
 
 def test_level_copies_compose_with_dualscale_and_smoothing(tmp_path):
     path, calib, held, a_channels = _two_site_model(tmp_path, silu=True)
-    result = quantize(path, calib, QuantConfig(outlier_channels="auto", dualscale="all", outlier_max_flop_pct=13.0,
-                                               smoothquant="0.5"), eval_data=held, progress=False)
+    result = quantize(path, calib, QuantConfig(dualscale={"mode": "all"}, smoothquant={"mode": "fixed", "alpha": 0.5},
+                                               outliers={"mode": "auto",
+                                                         "max_flop_pct": 13.0}), eval_data=held, progress=False)
     report = result.report
     (per_site,) = [t for t in report["heldback_trials"] if t["outlier_cap"] == "per-site"]
     assert per_site["dual_sites"] == 2  # both copies and sites were built with DualScale
@@ -173,7 +177,8 @@ def test_search_is_skipped_when_the_copies_would_outgrow_the_model(tmp_path, cap
     monkeypatch.setattr(outlier_search, "COPY_BUDGET_BYTES", 0)
     path, calib, held, _ = _two_site_model(tmp_path)
     with caplog.at_level("WARNING", logger="segquant_onnx.analysis.outlier_search"):
-        report = quantize(path, calib, QuantConfig(outlier_channels="auto", dualscale="off", **BASE), eval_data=held,
+        report = quantize(path, calib, QuantConfig(outliers={"mode": "auto", "max_flop_pct": 13.0}, **BASE),
+                          eval_data=held,
                           progress=False).report
     assert "per-site outlier search skipped" in caplog.text
     assert report["outliers"]["per_site_search"] == []

@@ -23,7 +23,7 @@ from conftest import INPUT_SHAPES, build_linear_model, calib_inputs, run_model
 from segquant_onnx.calib.data import model_inputs, open_calibration
 from segquant_onnx.calib.calibrate import calibrate
 from segquant_onnx.cli import main
-from segquant_onnx.config import QuantConfig
+from segquant_onnx.config import QuantConfig, SmoothQuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.pipeline import quantize
 from segquant_onnx.plan import LinearSite
@@ -83,7 +83,9 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
     smoothquant, dualscale = MODES[mode]
     model = build_linear_model(kind)
     result = quantize(model, _calib_without_new_held_back_data(write_npz, kind), progress=False,
-                      config=QuantConfig(calib_method="max", smoothquant=smoothquant, dualscale=dualscale, sensitivity=True))
+                      config=QuantConfig(calibration={"method": "max"},
+                                         smoothquant=SmoothQuantConfig.from_flag(smoothquant),
+                                         dualscale={"mode": dualscale}, fallback={"sensitivity": True}))
     (gated,) = analysis_models
     # the composition this case is about really happened
     assert result.report["summary"]["dualscale_applied"] == (1 if "dual" in mode else 0)
@@ -105,11 +107,11 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
 
 def test_one_gate_open_equals_quantizing_that_site_alone(write_npz, analysis_models):
     calib = _calib_without_new_held_back_data(write_npz, "matmul")
-    config = QuantConfig(calib_method="max", dualscale="off", sensitivity=True)
+    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}, fallback={"sensitivity": True})
     quantize(build_linear_model("matmul"), calib, config, progress=False)
     # sensitivity=True here too, so the scales come from the same (non-held-back) feeds
-    only_fc1 = quantize(build_linear_model("matmul"), calib, QuantConfig(calib_method="max", dualscale="off", exclude=("fc2",),
-                                                                         sensitivity=True), progress=False)
+    only_fc1 = quantize(build_linear_model("matmul"), calib,
+                        config.updated(fallback={"exclude": ("fc2",)}), progress=False)
     feed = {"X": calib_inputs("matmul", 1, seed=5)}
     expected = run_model(only_fc1.model, feed)[0]
     got = run_gated(analysis_models[0], feed, {"fc1": 1.0})
@@ -190,12 +192,14 @@ def test_cli_sensitivity_ranks_the_layer_with_the_outlier_input_first(sensitive,
 
 
 def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(sensitive):
-    naive = quantize(sensitive / "model.onnx", sensitive / "calib.npz", QuantConfig(calib_method="max", dualscale="off"),
+    naive = quantize(sensitive / "model.onnx", sensitive / "calib.npz", QuantConfig(calibration={"method": "max"},
+                                                                                    dualscale={"mode": "off"}),
                      progress=False)
     assert held_back_sqnr(naive.model) < TARGET  # measured 1.34
 
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
-                      QuantConfig(calib_method="max", dualscale="off", target_sqnr=TARGET), progress=False)
+                      QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
+                                  fallback={"target_sqnr": TARGET}), progress=False)
     fb = result.report["fallback"]
     assert fb["sites"] == ("fc1",)
     assert fb["reached"] is True
@@ -215,7 +219,8 @@ def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(s
 
 def test_max_fallback_zero_keeps_everything_quantized_and_says_the_target_was_missed(sensitive):
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
-                      QuantConfig(calib_method="max", dualscale="off", target_sqnr=TARGET, max_fallback_pct=0.0), progress=False)
+                      QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
+                                  fallback={"target_sqnr": TARGET, "max_fallback_pct": 0.0}), progress=False)
     fb = result.report["fallback"]
     assert fb["sites"] == () and fb["reached"] is False
     assert fb["output_sqnr_db"] == fb["start_sqnr_db"] < TARGET
@@ -225,7 +230,8 @@ def test_max_fallback_zero_keeps_everything_quantized_and_says_the_target_was_mi
 
 def test_a_target_already_met_keeps_nothing_in_float(sensitive):
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
-                      QuantConfig(calib_method="max", dualscale="off", target_sqnr=1.0), progress=False)
+                      QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
+                                  fallback={"target_sqnr": 1.0}), progress=False)
     assert result.report["fallback"]["sites"] == () and result.report["fallback"]["reached"] is True
 
 
@@ -247,7 +253,7 @@ def test_cli_quantize_target_sqnr_summary(sensitive, tmp_path, capsys, max_fallb
 
 def test_fewer_feeds_than_holdout_every_is_a_user_error(sensitive):
     with pytest.raises(UserError, match=r"hold back every 4th calibration feed; give at least 4 feeds"):
-        quantize(sensitive / "model.onnx", sensitive / "three.npz", QuantConfig(target_sqnr=TARGET),
+        quantize(sensitive / "model.onnx", sensitive / "three.npz", QuantConfig(fallback={"target_sqnr": TARGET}),
                  progress=False)
 
 
@@ -339,7 +345,8 @@ def test_without_holdout_every_feed_is_fitted_and_sampled():
 def test_the_final_scales_use_every_feed_and_the_analysis_runs_on_the_held_back_ones(
         analysis_models, max_holdout_feeds, held):
     result = quantize(identity_model(), indexed_feeds(8),
-                      QuantConfig(sensitivity=True, max_holdout_feeds=max_holdout_feeds), progress=False)
+                      QuantConfig(calibration={"max_holdout_feeds": max_holdout_feeds},
+                                  fallback={"sensitivity": True}), progress=False)
     # the final scales use every feed; the analysis (decided on feeds 3 and 7) used scales fitted without them
     assert result.params["lin"].act_amax == 8.0
     (gated,) = analysis_models
@@ -348,7 +355,8 @@ def test_the_final_scales_use_every_feed_and_the_analysis_runs_on_the_held_back_
 
 def test_the_report_counts_only_dual_scale_sites_that_are_in_the_graph(write_calib):
     result = quantize(build_linear_model("matmul"), write_calib("matmul", n=8), progress=False,
-                      config=QuantConfig(dualscale="all", target_sqnr=200.0, max_fallback_pct=100.0))
+                      config=QuantConfig(dualscale={"mode": "all"}, fallback={"target_sqnr": 200.0,
+                                                                              "max_fallback_pct": 100.0}))
     assert result.report["fallback"]["sites"] and result.report["fallback"]["reached"]
     in_graph = sum(1 for n in result.model.graph.node if n.name.endswith("/dual_add"))
     assert result.report["summary"]["dualscale_applied"] == in_graph
@@ -358,7 +366,7 @@ def test_the_report_counts_only_dual_scale_sites_that_are_in_the_graph(write_cal
 def test_dualscale_auto_is_checked_at_the_output_only_when_it_applied_a_site(write_calib, min_gain_db, scored):
     """With DualScale auto choosing no site per layer, the `off` variant is the same quantization: one
     held-back trial, not two. When it chooses sites, both are scored and compared."""
-    config = QuantConfig(dualscale="auto", dualscale_min_gain_db=min_gain_db)
+    config = QuantConfig(dualscale={"mode": "auto", "min_gain_db": min_gain_db})
     result = quantize(build_linear_model("matmul"), write_calib("matmul", n=8), config, progress=False)
     trials = result.report["heldback_trials"]
     assert len(trials) == scored

@@ -229,7 +229,7 @@ def test_report_stays_strict_json_when_the_output_is_exact(capsys, model, calib,
 
 
 def test_no_eval_writes_the_same_model_without_measuring(capsys, tmp_path, model, calib, monkeypatch):
-    from segquant_onnx import pipeline
+    from segquant_onnx.analysis import layer_error
 
     code, out, _ = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "with.onnx", "-q")
     assert code == 0 and "SQNR" in out
@@ -237,7 +237,7 @@ def test_no_eval_writes_the_same_model_without_measuring(capsys, tmp_path, model
     def no_measuring(*args, **kwargs):
         raise AssertionError("--no-eval must not open evaluation sessions")
 
-    monkeypatch.setattr(pipeline, "compare_outputs", no_measuring)
+    monkeypatch.setattr(layer_error, "compare_outputs", no_measuring)
     code, out, _ = run(capsys, "quantize", model, "--calib", calib, "-o", tmp_path / "without.onnx", "-q",
                        "--no-eval", "--report", tmp_path / "r.json")
     assert code == 0 and "SQNR" not in out

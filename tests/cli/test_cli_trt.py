@@ -132,7 +132,8 @@ def test_build_trt_takes_the_shapes_quantize_recorded(capsys, caplog, tmp_path):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
     np.savez(tmp_path / "calib.npz", X=calib_inputs("matmul", n=6))
     out = tmp_path / "q.onnx"
-    quantize(model, tmp_path / "calib.npz", QuantConfig(batch_size=2), output=out, progress=False, evaluate=False)
+    quantize(model, tmp_path / "calib.npz", QuantConfig(calibration={"batch_size": 2}), output=out, progress=False,
+             evaluate=False)
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props[CALIBRATION_SHAPES_KEY] == "X:2x8x16"
     caplog.clear()

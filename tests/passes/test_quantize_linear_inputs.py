@@ -127,7 +127,8 @@ def quantized(tmp_path_factory):
         calib = d / f"{kind}.npz"
         x = calib_inputs(kind, n=6)
         np.savez(calib, X=x)
-        result = quantize(src, calib, QuantConfig(calib_method="max", dualscale="off"), output=d / f"{kind}_q.onnx", progress=False)
+        result = quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+                          output=d / f"{kind}_q.onnx", progress=False)
         out[kind] = (result, onnx.load(str(d / f"{kind}_q.onnx")), x)
     return out
 
@@ -234,7 +235,8 @@ def test_quantize_is_deterministic(tmp_path):
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("matmul"))
     for name in ("a.onnx", "b.onnx"):
-        quantize(src, calib, QuantConfig(calib_method="max", dualscale="off"), output=tmp_path / name, progress=False)
+        quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+                 output=tmp_path / name, progress=False)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
@@ -242,7 +244,8 @@ def test_excluded_site_stays_float(tmp_path):
     src = save(build_linear_model("gemm"), tmp_path / "m.onnx")
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("gemm"))
-    result = quantize(src, calib, QuantConfig(calib_method="max", exclude=("fc2",), dualscale="off"), output=tmp_path / "q.onnx", progress=False)
+    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}, fallback={"exclude": ("fc2",)})
+    result = quantize(src, calib, config, output=tmp_path / "q.onnx", progress=False)
     q = Q(onnx.load(str(tmp_path / "q.onnx")))
     assert [s.name for s in result.plan.sites] == ["fc1"]
     fc2 = q.nodes["fc2"]
@@ -255,7 +258,8 @@ def test_shared_activation_and_attention_get_a_dq_per_consumer(tmp_path):
     src = save(attention_model(), tmp_path / "attn.onnx")
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("matmul", n=3))
-    result = quantize(src, calib, QuantConfig(calib_method="max", dualscale="off"), output=tmp_path / "q.onnx", progress=False)
+    result = quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+                      output=tmp_path / "q.onnx", progress=False)
     model = onnx.load(str(tmp_path / "q.onnx"))
     q = Q(model)
     assert len(result.plan.sites) == 4 and len(q.ops("QuantizeLinear")) == 4
@@ -274,7 +278,8 @@ def test_tied_weight_used_by_two_sites(tmp_path):
     src = save(make_model(nodes, [fvi("X", [1, 8, 16])], [fvi("Y", [1, 8, 16])], {"W": w}), tmp_path / "m.onnx")
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("matmul", n=2))
-    quantize(src, calib, QuantConfig(calib_method="max", dualscale="off"), output=tmp_path / "q.onnx", progress=False)
+    quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+             output=tmp_path / "q.onnx", progress=False)
     q = Q(onnx.load(str(tmp_path / "q.onnx")))
     weight_dqs = [q.producer[q.nodes[n].input[1]] for n in ("a", "b")]
     assert weight_dqs[0].name != weight_dqs[1].name and "W" not in q.inits

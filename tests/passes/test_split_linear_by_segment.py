@@ -809,7 +809,7 @@ def test_single_slice_end_to_end_with_dry_rewrite(tmp_path):
     model, feeds, _ = _output_model([("slice", 2, 9, -1)])
     calib = tmp_path / "calib.npz"
     np.savez(calib, X=np.random.default_rng(1).standard_normal((3, 4, 8)).astype(np.float32).reshape(12, 8))
-    result = quantize(model, calib, QuantConfig(dry_rewrite=True), progress=False)
+    result = quantize(model, calib, QuantConfig(seglinear={"dry_rewrite": True}), progress=False)
     assert result.report["summary"]["segment_rewrites"] == 0
     assert result.report["output_error"]["out0"]["sqnr_db"] > 100
     np.testing.assert_allclose(run(result.model, feeds)["out0"], run(model, feeds)["out0"], rtol=RTOL, atol=1e-6)
@@ -913,7 +913,7 @@ def expected_segments(kind: str, script) -> dict[str, dict[str, tuple[int, ...]]
 def dry_dit(tiny_dit):
     """quantize(dry_rewrite=True) of the export: SegLinear applied, no Q/DQ; its plan is inspect's plan."""
     kind, _, path, calib, held_out, _ = tiny_dit
-    return quantize(path, calib, QuantConfig(dry_rewrite=True), eval_data=held_out, progress=False)
+    return quantize(path, calib, QuantConfig(seglinear={"dry_rewrite": True}), eval_data=held_out, progress=False)
 
 
 def test_counts_and_sizes_on_real_exports(tiny_dit, dry_dit):

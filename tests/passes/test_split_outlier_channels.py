@@ -85,9 +85,9 @@ def _outlier_model(tmp_path):
 
 def test_outlier_channels_are_found_and_pay(tmp_path):
     path, calib, held = _outlier_model(tmp_path)
-    base = dict(dualscale="off", smoothquant="off")
+    base = dict(dualscale={"mode": "off"}, smoothquant={"mode": "off"})
     off = quantize(path, calib, QuantConfig(**base), eval_data=held, progress=False)
-    on = quantize(path, calib, QuantConfig(outlier_channels="4", outlier_max_flop_pct=10, **base),
+    on = quantize(path, calib, QuantConfig(outliers={"mode": "fixed", "count": 4, "max_flop_pct": 10}, **base),
                   output=tmp_path / "q.onnx", eval_data=held, progress=False)
     assert on.report["outliers"]["sites"] == {"fc": [3, 17, 40, 41]}
     gain = on.report["output_error"]["Y"]["sqnr_db"] - off.report["output_error"]["Y"]["sqnr_db"]
@@ -95,7 +95,7 @@ def test_outlier_channels_are_found_and_pay(tmp_path):
     assert gain > 25, gain
     q = onnx.load(tmp_path / "q.onnx")
     assert [n.op_type for n in q.graph.node].count("Gather") == 1
-    auto = quantize(path, calib, QuantConfig(outlier_channels="auto", outlier_max_flop_pct=10, **base),
+    auto = quantize(path, calib, QuantConfig(outliers={"mode": "auto", "max_flop_pct": 10}, **base),
                     eval_data=held, progress=False)
     trials = auto.report["heldback_trials"]
     assert [t["outlier_cap"] for t in trials][0] == 0 and auto.report["summary"]["outlier_channels"] == 4
@@ -104,7 +104,8 @@ def test_outlier_channels_are_found_and_pay(tmp_path):
 
 def test_flop_budget_is_respected(tmp_path):
     path, calib, held = _outlier_model(tmp_path)
-    result = quantize(path, calib, QuantConfig(outlier_channels="4", outlier_max_flop_pct=1.0, dualscale="off"),
+    result = quantize(path, calib, QuantConfig(dualscale={"mode": "off"}, outliers={"mode": "fixed", "count": 4,
+                                                                                    "max_flop_pct": 1.0}),
                       eval_data=held, progress=False)
     # 4 of 64 channels is 6.25% of the site's FLOPs: over a 1% budget, so nothing is split
     assert result.report["outliers"]["sites"] == {} and result.report["outliers"]["float_flop_pct"] == 0
@@ -115,7 +116,8 @@ def test_outlier_result_builds_with_tensorrt_rtx(tmp_path):
     from segquant_onnx.tensorrt.build import build_engine
 
     path, calib, held = _outlier_model(tmp_path)
-    quantize(path, calib, QuantConfig(outlier_channels="4", outlier_max_flop_pct=10), output=tmp_path / "q.onnx",
+    quantize(path, calib, QuantConfig(outliers={"mode": "fixed", "count": 4, "max_flop_pct": 10}),
+             output=tmp_path / "q.onnx",
              progress=False)
     built = build_engine(tmp_path / "q.onnx")
     assert built.parsed and built.built, built.errors
@@ -157,10 +159,10 @@ def test_conv_outlier_channels_pay_and_build(tmp_path):
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "c.npz", X=rng.standard_normal((16, 16, 8, 8)).astype(np.float32))
     np.savez(tmp_path / "e.npz", X=rng.standard_normal((8, 16, 8, 8)).astype(np.float32))
-    off = quantize(tmp_path / "conv.onnx", tmp_path / "c.npz", QuantConfig(dualscale="off"),
+    off = quantize(tmp_path / "conv.onnx", tmp_path / "c.npz", QuantConfig(dualscale={"mode": "off"}),
                    eval_data=tmp_path / "e.npz", progress=False)
-    on = quantize(tmp_path / "conv.onnx", tmp_path / "c.npz", QuantConfig(outlier_channels="auto",
-                  outlier_max_flop_pct=20), output=tmp_path / "q.onnx", eval_data=tmp_path / "e.npz", progress=False)
+    on = quantize(tmp_path / "conv.onnx", tmp_path / "c.npz", QuantConfig(outliers={"mode": "auto", "max_flop_pct": 20}),
+                  output=tmp_path / "q.onnx", eval_data=tmp_path / "e.npz", progress=False)
     assert on.report["outliers"]["sites"] == {"conv": [2, 9]}
     (per_site,) = [t for t in on.report["heldback_trials"] if t["outlier_cap"] == "per-site"]
     assert per_site["analysis_sqnr_db"] == pytest.approx(per_site["heldback_sqnr_db"], abs=0.01)  # Conv copies too

@@ -52,8 +52,9 @@ def dual_gain_ref(fit_data: np.ndarray, sample: np.ndarray, w: np.ndarray = W) -
 FIT, SAMPLE = gelu_rows(600, seed=1), gelu_rows(200, seed=2)
 
 
-def decide(variant: Variant, **config) -> Recipe:
-    return choose(PLAN, {"X": stats_of(FIT)}, {"X": SAMPLE}, lambda name: W, QuantConfig(**config), variant)
+def decide(variant: Variant, **dualscale) -> Recipe:
+    return choose(PLAN, {"X": stats_of(FIT)}, {"X": SAMPLE}, lambda name: W,
+                  QuantConfig(dualscale=dualscale), variant)
 
 
 def test_the_measured_dual_gain_is_the_layer_sqnr_difference():
@@ -67,14 +68,14 @@ def test_the_measured_dual_gain_is_the_layer_sqnr_difference():
 def test_dualscale_auto_keeps_a_site_only_where_the_gain_reaches_the_minimum(margin, applied):
     gain = dual_gain_ref(FIT, SAMPLE)
     min_gain = round(gain, 3) + margin if margin else gain - 1e-3  # 0.0: just below the exact gain
-    (d,) = decide(Variant("off", "auto"), dualscale_min_gain_db=max(min_gain, 0.0)).dual
+    (d,) = decide(Variant("off", "auto"), min_gain_db=max(min_gain, 0.0)).dual
     assert d.apply is applied
     assert d.gain_db == pytest.approx(gain, abs=2e-3)  # reported either way
 
 
 def test_dualscale_off_and_all_do_not_look_at_the_gain():
-    huge = decide(Variant("off", "all"), dualscale_min_gain_db=1e6).dual[0]
-    off = decide(Variant("off", "off"), dualscale_min_gain_db=0.0).dual[0]
+    huge = decide(Variant("off", "all"), min_gain_db=1e6).dual[0]
+    off = decide(Variant("off", "off"), min_gain_db=0.0).dual[0]
     assert huge.apply and not off.apply
     assert off.gain_db == huge.gain_db  # measured and reported for the report either way
 
@@ -105,10 +106,11 @@ def test_the_variant_sets_the_modes_not_the_config():
     sample = np.random.default_rng(1).standard_normal((256, K)).astype(np.float32)
     sample[:, [2, 9]] *= 50
     args = (PLAN, {"X": stats_of(x)}, {"X": sample}, lambda name: W)
-    smoothed = choose(*args, QuantConfig(smoothquant="off", dualscale="off"), Variant("auto", "off"))
-    plain = choose(*args, QuantConfig(smoothquant="auto", dualscale="all"), Variant("off", "off"))
-    fixed = choose(*args, QuantConfig(), Variant("0.75", "off"))
-    assert smoothed.sites["lin"].alpha in QuantConfig().smooth_alphas
+    smoothed = choose(*args, QuantConfig(dualscale={"mode": "off"}, smoothquant={"mode": "off"}), Variant("auto",
+                                                                                                          "off"))
+    plain = choose(*args, QuantConfig(dualscale={"mode": "all"}, smoothquant={"mode": "auto"}), Variant("off", "off"))
+    fixed = choose(*args, QuantConfig(), Variant("fixed", "off", 0.75))
+    assert smoothed.sites["lin"].alpha in QuantConfig().smoothquant.alphas
     assert plain.sites["lin"].alpha is None and not plain.dual[0].apply
     assert fixed.sites["lin"].alpha == 0.75
     assert smoothed.sites["lin"].layer_sqnr_db > plain.sites["lin"].layer_sqnr_db + 3
@@ -118,7 +120,7 @@ def test_variants_are_validated():
     with pytest.raises(ValueError):
         Variant("auto", "sometimes")
     with pytest.raises(ValueError):
-        Variant("1.5", "off")
+        Variant("fixed", "off", 1.5)
 
 
 def test_choose_outliers_takes_the_largest_channels_over_the_ratio_within_the_budget():
@@ -142,7 +144,8 @@ def test_a_site_with_outliers_is_chosen_on_its_bulk():
     sample = gelu_rows(200, seed=5)
     sample[:, 5] *= 60
     outliers = {"lin": np.array([5], np.int64)}
-    recipe = choose(PLAN, {"X": stats_of(x)}, {"X": sample}, lambda name: W, QuantConfig(calib_method="auto"),
+    recipe = choose(PLAN, {"X": stats_of(x)}, {"X": sample}, lambda name: W,
+                    QuantConfig(calibration={"method": "auto"}),
                     Variant("off", "all"), outliers)
     assert recipe.sites["lin"].method == "max"  # the bulk's range is exact from the channel maxima
     bulk_fit, bulk_sample = x.copy(), sample.copy()

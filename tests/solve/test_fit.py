@@ -53,7 +53,7 @@ def fitted(recipe: Recipe, x: np.ndarray, plan=PLAN, percentile: float = 99.99):
 # -- decided on one set of statistics, fitted on another ------------------------------------------------------
 def test_a_recipe_fitted_on_other_statistics_takes_their_scales_and_keeps_its_decisions():
     fit_rows, sample = rows(512, seed=0), rows(256, seed=1)
-    config = QuantConfig(calib_method="auto")
+    config = QuantConfig(calibration={"method": "auto"})
     recipe = choose(PLAN, {"X": stats_of(fit_rows)}, {"X": sample}, weight, config, Variant("auto", "off"))
     choice = recipe.sites["lin"]
     assert choice.alpha is not None  # outlier channels: a smoothed candidate wins on this sample
@@ -76,7 +76,7 @@ def test_dual_scales_are_fitted_on_the_statistics_given_after_smoothing():
     a_fit = quick_gelu(rows(400, seed=5, channels=(3,), factor=20.0))
     a_all = np.concatenate([a_fit, 2.0 * quick_gelu(rows(100, seed=6, channels=(3,), factor=20.0))])
     recipe = choose(DUAL_PLAN, {"X": stats_of(a_fit)}, {"X": a_fit[:200]}, weight,
-                    QuantConfig(), Variant("0.5", "all"))
+                    QuantConfig(), Variant("fixed", "all", 0.5))
     assert [d.apply for d in recipe.dual] == [True]
     q = fitted(recipe, a_all, plan=DUAL_PLAN)
     smooth = q.params["lin"].smooth
@@ -104,11 +104,11 @@ def heavy_tailed() -> np.ndarray:
 def test_a_fixed_calibration_method_gives_the_threshold_of_its_formula(method, reference, with_sample):
     x = heavy_tailed()
     st = stats_of(x)
-    config = QuantConfig(calib_method=method, percentile=99.9)
+    config = QuantConfig(calibration={"method": method, "percentile": 99.9})
     samples = {"X": x[:256]} if with_sample else {}
     recipe = choose(PLAN, {"X": st}, samples, weight, config, Variant("off", "off"))
     assert recipe.sites["lin"].method == method
-    p = fit(PLAN, recipe, {"X": st}, weight, percentile=config.percentile).params["lin"]
+    p = fit(PLAN, recipe, {"X": st}, weight, percentile=config.calibration.percentile).params["lin"]
     expected = reference(st, 99.9)
     assert expected < 0.7 * st.amax  # clipped: a method that fell back to max would fail below
     assert p.method == method and p.act_amax == expected

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import build_linear_model, calib_inputs, run_model
-from segquant_onnx.config import QuantConfig
+from segquant_onnx.config import QuantConfig, SmoothQuantConfig
 from segquant_onnx.calib.observers import TensorStats
 from segquant_onnx.pipeline import quantize
 from segquant_onnx.plan import DualSite, LinearSite, QuantPlan
@@ -207,8 +207,9 @@ def test_fake_quant_is_rint_and_saturate_times_scale():
 # -- solve: layer_sqnr, smoothed_weight, the searches -----------------------------------------------
 def solve(plan, stats, weight, config: QuantConfig, samples) -> Quantization:
     """choose -> fit on the same statistics, with the config's modes as the one variant."""
-    recipe = choose(plan, stats, samples, weight, config, Variant(config.smoothquant, config.dualscale))
-    return fit(plan, recipe, stats, weight, percentile=config.percentile)
+    recipe = choose(plan, stats, samples, weight, config, Variant(config.smoothquant.mode, config.dualscale.mode,
+                                                                  config.smoothquant.alpha))
+    return fit(plan, recipe, stats, weight, percentile=config.calibration.percentile)
 
 
 def outlier_rows(n: int, k: int = 32, seed: int = 0, channels=(1, 9, 20), factor: float = 50.0) -> np.ndarray:
@@ -262,10 +263,10 @@ def _reference_params(stats: TensorStats, w, site, trans_b, alpha):
 @pytest.mark.parametrize("op, trans_b", [("MatMul", False), ("Gemm", True)])
 def test_solve_smoothquant_auto_picks_the_alpha_with_the_best_layer_sqnr(op, trans_b):
     plan, stats, w, calib, sample, site = _one_site_problem(op, trans_b)
-    config = QuantConfig(smoothquant="auto")
+    config = QuantConfig(smoothquant={"mode": "auto"})
     p = solve(plan, stats, lambda name: w, config, {"X": sample}).params["lin"]
     scores = {}
-    for alpha in (None,) + config.smooth_alphas:
+    for alpha in (None,) + config.smoothquant.alphas:
         smooth, amax, ws = _reference_params(stats["X"], w, site, trans_b, alpha)
         scores[alpha] = layer_sqnr_ref(sample, w, trans_b, smooth, float(scale_from_amax(amax)), ws)
     best = max(scores, key=scores.get)
@@ -282,10 +283,11 @@ def test_solve_smoothquant_auto_picks_the_alpha_with_the_best_layer_sqnr(op, tra
 
 def test_solve_fixed_alpha_and_off():
     plan, stats, w, _, sample, site = _one_site_problem()
-    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="0.75"), {"X": sample}).params["lin"]
+    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant={"mode": "fixed", "alpha": 0.75}),
+              {"X": sample}).params["lin"]
     assert p.alpha == 0.75
     np.testing.assert_array_equal(p.smooth, smoothing_vector(stats["X"].channel_amax, np.abs(w).max(1), 0.75))
-    off = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="off"), {"X": sample}).params["lin"]
+    off = solve(plan, stats, lambda name: w, QuantConfig(smoothquant={"mode": "off"}), {"X": sample}).params["lin"]
     assert off.smooth is None and off.alpha is None and off.act_amax == stats["X"].amax
 
 
@@ -303,7 +305,7 @@ def test_a_conv_sharing_its_input_with_a_matmul_is_not_smoothed(mode):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     feeds = [{"X": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(8)]
-    r = quantize(model, feeds, QuantConfig(smoothquant=mode), progress=False)
+    r = quantize(model, feeds, QuantConfig(smoothquant=SmoothQuantConfig.from_flag(mode)), progress=False)
     assert r.params["conv"].smooth is None
     assert mode == "auto" or r.params["mm"].alpha == 0.5
 
@@ -315,7 +317,7 @@ def test_solve_calib_method_auto_picks_the_method_with_the_best_layer_sqnr():
     calib[7, 5] = 900.0
     stats = {"X": stats_of(calib)}
     sample = outlier_rows(256, 32, seed=1, factor=1.0)
-    p = solve(plan, stats, lambda name: w, QuantConfig(calib_method="auto"), {"X": sample}).params["lin"]
+    p = solve(plan, stats, lambda name: w, QuantConfig(calibration={"method": "auto"}), {"X": sample}).params["lin"]
     scores = {m: layer_sqnr_ref(sample, w, False, None, float(scale_from_amax(activation_amax(stats["X"], m))),
                                 weight_scales(w, 1)) for m in METHODS}
     assert p.method == max(scores, key=scores.get)
@@ -325,7 +327,8 @@ def test_solve_calib_method_auto_picks_the_method_with_the_best_layer_sqnr():
 
 def test_solve_without_a_sample_uses_the_configured_method_and_no_smoothing():
     plan, stats, w, _, _, _ = _one_site_problem()
-    p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant="auto", calib_method="auto"), {}).params["lin"]
+    p = solve(plan, stats, lambda name: w, QuantConfig(calibration={"method": "auto"}, smoothquant={"mode": "auto"}),
+              {}).params["lin"]
     assert (p.smooth, p.method, p.layer_sqnr_db, p.act_amax) == (None, "max", None, stats["X"].amax)
 
 
@@ -338,7 +341,7 @@ def test_solve_dual_takes_polarity_statistics_after_smoothing():
     site = site_of("MatMul", k, n)
     plan = QuantPlan(sites=(site,), dual=(DualSite("lin", "act", "quick_gelu"),))
     stats = {"X": stats_of(a)}
-    config = QuantConfig(smoothquant="0.5", dualscale="all")
+    config = QuantConfig(dualscale={"mode": "all"}, smoothquant={"mode": "fixed", "alpha": 0.5})
     q = solve(plan, stats, lambda name: w, config, {"X": a[:200]})
     smooth = q.params["lin"].smooth
     assert smooth is not None
@@ -380,7 +383,9 @@ def outlier_runs(tmp_path_factory):
     runs = {}
     for mode, method in [("off", "max"), ("auto", "max"), ("0.5", "max"), ("auto", "auto")]:
         runs[mode, method] = quantize(_proj_model(), d / "calib.npz",
-                                      QuantConfig(smoothquant=mode, calib_method=method, dualscale="off"),
+                                      QuantConfig(calibration={"method": method},
+                                                  smoothquant=SmoothQuantConfig.from_flag(mode),
+                                                  dualscale={"mode": "off"}),
                                       eval_data=d / "eval.npz", progress=False)
     return runs
 
@@ -394,7 +399,7 @@ def test_smoothquant_auto_beats_no_smoothing_on_held_out_data(outlier_runs):
 
 def test_smoothquant_auto_reports_the_chosen_alpha(outlier_runs):
     (row,) = outlier_runs["auto", "max"].report["sites"]
-    assert row["smooth_alpha"] in QuantConfig().smooth_alphas  # measured: 0.5
+    assert row["smooth_alpha"] in QuantConfig().smoothquant.alphas  # measured: 0.5
     assert row["layer_sqnr_db"] > 36.0  # measured 40.07, on the held-back sample
     (off,) = outlier_runs["off", "max"].report["sites"]
     assert off["smooth_alpha"] is None
@@ -418,7 +423,8 @@ def test_the_smoothed_graph_computes_fq_x_over_s_times_fq_s_w(outlier_runs):
 @pytest.mark.parametrize("kind", ["matmul", "gemm"])
 def test_a_fixed_alpha_applies_everywhere_possible(kind, tmp_path):
     np.savez(tmp_path / "c.npz", X=calib_inputs(kind, 8))
-    r = quantize(build_linear_model(kind), tmp_path / "c.npz", QuantConfig(smoothquant="0.5"), progress=False)
+    r = quantize(build_linear_model(kind), tmp_path / "c.npz", QuantConfig(smoothquant={"mode": "fixed",
+                                                                                        "alpha": 0.5}), progress=False)
     assert [row["smooth_alpha"] for row in r.report["sites"]] == [0.5, 0.5]
     assert sorted(nd.name for nd in r.model.graph.node if nd.name.endswith("/smooth")) == ["fc1/smooth", "fc2/smooth"]
 
@@ -426,7 +432,8 @@ def test_a_fixed_alpha_applies_everywhere_possible(kind, tmp_path):
 @pytest.mark.parametrize("mode", ["auto", "0.5"])
 def test_conv_sites_are_never_smoothed(mode, tmp_path):
     np.savez(tmp_path / "c.npz", X=calib_inputs("conv", 8))
-    r = quantize(build_linear_model("conv"), tmp_path / "c.npz", QuantConfig(smoothquant=mode), progress=False)
+    r = quantize(build_linear_model("conv"), tmp_path / "c.npz",
+                 QuantConfig(smoothquant=SmoothQuantConfig.from_flag(mode)), progress=False)
     assert [row["smooth_alpha"] for row in r.report["sites"]] == [None, None]
     assert all(p.smooth is None for p in r.params.values())
     assert not [nd for nd in r.model.graph.node if nd.name.endswith("/smooth")]
@@ -434,7 +441,9 @@ def test_conv_sites_are_never_smoothed(mode, tmp_path):
 
 def test_a_fixed_alpha_needs_no_row_sample(tmp_path):
     np.savez(tmp_path / "c.npz", X=_outlier_inputs(3, 1))  # 3 feeds < holdout_every = 4
-    r = quantize(_proj_model(), tmp_path / "c.npz", QuantConfig(smoothquant="0.5", dualscale="off"), progress=False)
+    r = quantize(_proj_model(), tmp_path / "c.npz", QuantConfig(dualscale={"mode": "off"},
+                                                                smoothquant={"mode": "fixed",
+                                                                             "alpha": 0.5}), progress=False)
     assert r.report["sites"][0]["smooth_alpha"] == 0.5
 
 

@@ -15,9 +15,10 @@ from segquant_onnx.tensorrt.check import check_tensorrt
 
 EXAMPLE_CONFIGS = {
     "default": QuantConfig(),
-    "dualscale-all": QuantConfig(dualscale="all"),
-    "seglinear-off": QuantConfig(seg_output=False, seg_input=False),
-    "smoothquant-outliers": QuantConfig(smoothquant="0.5", outlier_channels="4"),
+    "dualscale-all": QuantConfig(dualscale={"mode": "all"}),
+    "seglinear-off": QuantConfig(seglinear={"output": False, "input": False}),
+    "smoothquant-outliers": QuantConfig(smoothquant={"mode": "fixed", "alpha": 0.5}, outliers={"mode": "fixed",
+                                                                                               "count": 4}),
 }
 
 
@@ -37,7 +38,8 @@ def test_pipeline_output_for_each_linear_kind_passes(tmp_path, kind):
     from segquant_onnx.pipeline import quantize
 
     np.savez(tmp_path / "calib.npz", X=calib_inputs(kind, n=4))
-    result = quantize(build_linear_model(kind), tmp_path / "calib.npz", QuantConfig(dualscale="all"), progress=False)
+    result = quantize(build_linear_model(kind), tmp_path / "calib.npz", QuantConfig(dualscale={"mode": "all"}),
+                      progress=False)
     assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node) >= 2
     assert check_tensorrt(result.model) == []
 
