@@ -33,13 +33,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.formats import QuantFormat
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import QuantizedInput, dequantized_weight_input, quantize_activation_input, site_node
 from segquant_onnx.params import DualParams, Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, SITES_FOUND, SMOOTHED, QuantizedSite
 from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite, QuantPlan
-from segquant_onnx.solve.quant_math import quantize_int8
 
 QUICK_GELU_BETA = 1.702
 # ops that move or relabel values without changing them (Cast only between float types)
@@ -253,13 +253,14 @@ class DualScaleActivations:
                 updated.append(site)
                 continue
             node, _, _ = site_node(nodes, site, self.name)
-            updated.append(QuantizedSite.of(site, self._split(graph, namer, node, site, params.dual[site.name])))
+            updated.append(QuantizedSite.of(site, self._split(graph, namer, node, site, params.dual[site.name],
+                                                              params.format)))
         graph.cleanup().toposort()
         return updated
 
     @staticmethod
     def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite,
-               p: DualParams) -> tuple[QuantizedInput, ...]:
+               p: DualParams, fmt: QuantFormat) -> tuple[QuantizedInput, ...]:
         ia, iw, axis = site.activation_input_index, site.weight_input_index, site.weight_axis
         pos, neg = f"{site.name}/pos", f"{site.name}/neg"
         a, w, y = node.inputs[ia], node.inputs[iw], node.outputs[0]
@@ -278,10 +279,10 @@ class DualScaleActivations:
         graph.nodes.append(neg_node)
         node.inputs[ia] = relu_out
 
-        pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale)
-        neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale)
-        wq = quantize_int8(constant_values(w), p.weight_scale, axis)
-        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis)
+        pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, fmt=fmt)
+        neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, fmt=fmt)
+        wq = fmt.quantize(constant_values(w), p.weight_scale, axis)
+        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis, fmt=fmt)
         # one DequantizeLinear per consumer, both reading the same INT8 initializer and scales
         neg_dq = gs.Variable(namer(neg, "weight_dequantized"), np.float32, pos_w.dequantized.shape)
         graph.nodes.append(gs.Node("DequantizeLinear", namer(neg, "weight_dq"), {"axis": axis},

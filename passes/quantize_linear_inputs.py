@@ -21,7 +21,6 @@ from segquant_onnx.ir.qdq import dequantized_weight_input, quantize_activation_i
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, QUANTIZED, SITES_FOUND, QuantizedSite
 from segquant_onnx.plan import LinearSite, QuantPlan
-from segquant_onnx.solve.quant_math import quantize_int8
 
 
 class QuantizeLinearInputs:
@@ -44,10 +43,12 @@ class QuantizeLinearInputs:
                 continue
             node, _, w = site_node(nodes, site, self.name)
             p = params.params[site.name]
-            act = quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale)
-            wq = quantize_int8(constant_values(w), p.weight_scale, site.weight_axis)
+            fmt = params.format
+            act = quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale,
+                                            fmt=fmt)
+            wq = fmt.quantize(constant_values(w), p.weight_scale, site.weight_axis)
             weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq,
-                                              p.weight_scale, site.weight_axis)
+                                              p.weight_scale, site.weight_axis, fmt=fmt)
             updated.append(QuantizedSite.of(site, (act, weight)))
         graph.cleanup()
         return updated

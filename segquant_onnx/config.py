@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
 from segquant_onnx.errors import UserError
+from segquant_onnx.formats import FORMATS, QuantFormat
 
 
 class _Mode(str, Enum):
@@ -63,7 +64,24 @@ class OutlierMode(_Mode):
     FIXED = "fixed"  # up to `count` channels per site
 
 
+class Precision(_Mode):
+    """What the linear sites are quantized to (weights and activations)."""
+
+    INT8 = "int8"  # W8A8 INT8
+    FP8 = "fp8"  # W8A8 FP8 E4M3FN (opset 19)
+
+
+class HighPrecision(_Mode):
+    """The dtype of the graph's unquantized rest."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
 CALIB_METHODS = tuple(m.value for m in CalibMethod)
+PRECISIONS = tuple(m.value for m in Precision)
+HIGH_PRECISIONS = tuple(m.value for m in HighPrecision)
 DUALSCALE_MODES = tuple(m.value for m in DualScaleMode)
 
 
@@ -271,9 +289,26 @@ class RuntimeConfig:
             raise UserError("--providers is empty; name at least one ONNX Runtime execution provider.")
 
 
-GROUPS = {"calibration": CalibrationConfig, "seglinear": SegLinearConfig, "dualscale": DualScaleConfig,
-          "smoothquant": SmoothQuantConfig, "outliers": OutlierConfig, "fallback": FallbackConfig,
-          "runtime": RuntimeConfig}
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """format: what the linear sites are quantized to (see Precision). high_precision: the dtype the rest
+    of the graph is written in (an fp32 model's rest converted where calibrated ranges allow)."""
+
+    format: Precision = Precision.INT8
+    high_precision: HighPrecision = HighPrecision.FP32
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", Precision.parse(self.format, "--precision"))
+        object.__setattr__(self, "high_precision", HighPrecision.parse(self.high_precision, "--high-precision"))
+
+    @property
+    def quant_format(self) -> QuantFormat:
+        return FORMATS[self.format.value]
+
+
+GROUPS = {"precision": PrecisionConfig, "calibration": CalibrationConfig, "seglinear": SegLinearConfig,
+          "dualscale": DualScaleConfig, "smoothquant": SmoothQuantConfig, "outliers": OutlierConfig,
+          "fallback": FallbackConfig, "runtime": RuntimeConfig}
 
 
 @dataclass(frozen=True)
@@ -281,6 +316,7 @@ class QuantConfig:
     """How to quantize: one frozen group per stage or feature (each given as its class or a mapping of its
     fields)."""
 
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seglinear: SegLinearConfig = field(default_factory=SegLinearConfig)
     dualscale: DualScaleConfig = field(default_factory=DualScaleConfig)
@@ -301,6 +337,9 @@ class QuantConfig:
             elif not isinstance(value, cls):
                 raise UserError(f"QuantConfig.{name} must be a {cls.__name__} or a mapping of its fields, "
                                 f"not {type(value).__name__}.")
+        if self.precision.format is Precision.FP8 and self.calibration.method is CalibMethod.ENTROPY:
+            raise UserError("--calib-method entropy is defined on INT8's uniform levels; with --precision fp8 use "
+                            "max, percentile, mse or auto.")
         searches = self.fallback.ranks or self.outliers.mode is OutlierMode.AUTO
         if searches and self.calibration.holdout_every < 2:
             raise UserError("holdout_every must be at least 2 for sensitivity, --target-sqnr or "

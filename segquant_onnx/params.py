@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segquant_onnx.formats import INT8, QuantFormat
+
 
 @dataclass(frozen=True)
 class SiteParams:
@@ -67,10 +69,12 @@ class DualDecision:
 
 @dataclass
 class Quantization:
-    """Everything solve decided: scales, DualScale sites, outlier channels, sites left in float."""
+    """Everything solve decided: scales, DualScale sites, outlier channels, sites left in float, and the
+    number format the scales are for (what the passes store and write Q/DQ in)."""
 
     params: dict[str, SiteParams]
     dual: dict
     outliers: dict[str, np.ndarray]
     decisions: list = field(default_factory=list)  # DualScale decisions, for the report
     floating: frozenset = frozenset()
+    format: QuantFormat = INT8

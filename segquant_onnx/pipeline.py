@@ -51,7 +51,7 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
     src = open_source(model)
-    return build_plan(canonicalize(src.graph, src.description), config)
+    return build_plan(canonicalize(src.graph, src.description, config.precision.quant_format.min_opset), config)
 
 
 def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, force: bool = False,
@@ -70,7 +70,10 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     if not evaluate and (eval_data is not None or config.runtime.per_layer):
         raise UserError("--no-eval skips the output-error measurement: drop --eval/--per-layer/--plot, or --no-eval.")
 
-    graph = canonicalize(src.graph, src.description)
+    fmt = config.precision.quant_format
+    if config.precision.high_precision != "fp32":  # wired in with the range-aware converter (ir/high_precision)
+        raise UserError("--high-precision fp16/bf16 is not available yet; use fp32.")
+    graph = canonicalize(src.graph, src.description, fmt.min_opset)
     fp_model = export_model(graph)  # the reference: canonical, before any rewrite
     plan = build_plan(graph, config)
     dry = config.seglinear.dry_rewrite
@@ -94,7 +97,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
             weight = lambda name: constant_values(weights[name])  # noqa: E731
             decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
-                    progress=progress)
+                    fmt=fmt, progress=progress)
             apply_quantization(graph, plan, q)
         quantized = finalize(graph, calibration_shapes=None if cal is None else cal.feed_shapes)
         trt_violations = check_tensorrt(quantized, src.source_dir)

@@ -133,7 +133,8 @@ class _Candidates:
                       progress=self.progress)
 
     def fitted(self, recipe: Recipe) -> Quantization:
-        return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.calibration.percentile)
+        return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.calibration.percentile,
+                   fmt=self.config.precision.quant_format)
 
 
 def _with_held_back(space: SearchSpace, cal: Calibration, config: CalibrationConfig) -> SearchSpace:

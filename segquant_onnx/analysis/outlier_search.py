@@ -119,7 +119,7 @@ def build_level_graph(graph: gs.Graph, plan: QuantPlan, levels: dict[str, SiteLe
                 dual[copy] = q.dual[name]
                 dual_copies.append(replace(duals[name], site=copy))
     apply_quantization(g, replace(plan, sites=plan.sites + tuple(copies), dual=plan.dual + tuple(dual_copies)),
-                       Quantization(params, dual, outliers))
+                       Quantization(params, dual, outliers, format=base.format))
     return g
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from segquant_onnx.version import __version__
 from segquant_onnx.calib.data import DEFAULT_DYNAMIC_BATCH
 from segquant_onnx.cli.argtypes import positive_int
-from segquant_onnx.config import CALIB_METHODS, DUALSCALE_MODES, GROUPS, OutlierConfig, QuantConfig, SmoothQuantConfig
+from segquant_onnx.config import (CALIB_METHODS, DUALSCALE_MODES, GROUPS, HIGH_PRECISIONS, PRECISIONS, OutlierConfig,
+                                  QuantConfig, SmoothQuantConfig)
 from segquant_onnx.errors import UserError
 from segquant_onnx.examples import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
 from segquant_onnx.ir.outputs import markdown_path
@@ -27,6 +28,7 @@ EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli.demo", "segquant_onnx.cli.
 
 # flag (argparse dest) -> (config group, field): where each plain quantize flag lands
 FLAG_SETTINGS = {
+    "precision": ("precision", "format"), "high_precision": ("precision", "high_precision"),
     "calib_method": ("calibration", "method"), "percentile": ("calibration", "percentile"),
     "batch_size": ("calibration", "batch_size"), "dry_rewrite": ("seglinear", "dry_rewrite"),
     "dualscale": ("dualscale", "mode"), "dualscale_min_gain": ("dualscale", "min_gain_db"),
@@ -158,6 +160,8 @@ class _Parser(argparse.ArgumentParser):
 EXAMPLES = """examples:
   segquant-onnx quantize model.onnx --calib calib.npz -o model_int8.onnx
       the default: SegLinear, DualScale where it pays, INT8 weights and activations
+  segquant-onnx quantize model.onnx --calib calib.npz -o model_fp8.onnx --precision fp8
+      FP8 E4M3 weights and activations (opset 19; Hopper/Ada/Blackwell TensorRT)
   segquant-onnx quantize model.onnx --calib calib.npz --eval eval.npz -o q.onnx --report q.json
       measure the output error on held-out data and write a JSON + Markdown report
   segquant-onnx quantize model.onnx --calib calib.npz -o q.onnx --smoothquant auto --outlier-channels auto \\
@@ -166,8 +170,8 @@ EXAMPLES = """examples:
 """
 
 
-QUANTIZE_GROUPS = ("input and output", "calibration", "SegLinear", "DualScale", "SmoothQuant", "outlier channels",
-                   "fallback and target", "evaluation and report", "runtime")
+QUANTIZE_GROUPS = ("input and output", "precision", "calibration", "SegLinear", "DualScale", "SmoothQuant",
+                   "outlier channels", "fallback and target", "evaluation and report", "runtime")
 
 
 def _groups(p, titles=("SegLinear", "DualScale", "fallback and target", "runtime")) -> dict:
@@ -210,6 +214,14 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g.add_argument("--force", action="store_true", help="replace OUT, the report and the plot if they exist")
     g.add_argument("--allow-unquantized", action="store_true",
                    help="write the model even if no linear site can be quantized (otherwise exit 2)")
+
+    g = groups["precision"]
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision.format.value,
+                   help="what the linear sites are quantized to: int8, or fp8 (E4M3FN, amax/448 scales, opset 19) "
+                        "(default: %(default)s)")
+    g.add_argument("--high-precision", choices=HIGH_PRECISIONS, default=d.precision.high_precision.value,
+                   help="dtype of the unquantized rest of an fp32 model; tensors whose calibrated range does not "
+                        "fit fp16 stay fp32 (default: %(default)s)")
 
     g = groups["calibration"]
     g.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
@@ -292,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate and write a quantized model", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Calibrate on DATA, insert INT8 Q/DQ on every linear site, write OUT.")
+                       description="Calibrate on DATA, insert INT8 (or FP8) Q/DQ on every linear site, write OUT.")
     _add_quantize_options(q, d)
     q.set_defaults(func=_cmd_quantize)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
-from onnx_graphsurgeon.logger import G_LOGGER
 
 from segquant_onnx.errors import UserError
+from segquant_onnx.ir.graph_io import gs_quiet
 from segquant_onnx.ir.runtime import quiet_onnxruntime, third_party_verbose
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,16 @@ def refuse_quantized(graph: gs.Graph, source: str) -> None:
         )
 
 
-def _raise_opset(graph: gs.Graph) -> gs.Graph:
-    if graph.opset >= MIN_OPSET:
+def _raise_opset(graph: gs.Graph, min_opset: int, source: str) -> gs.Graph:
+    if graph.opset >= min_opset:
         return graph
-    log.info("converting opset %d -> %d", graph.opset, MIN_OPSET)
-    model = version_converter.convert_version(gs.export_onnx(graph), MIN_OPSET)
+    log.info("converting opset %d -> %d", graph.opset, min_opset)
+    try:
+        model = version_converter.convert_version(gs.export_onnx(graph), min_opset)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user needs one sentence
+        raise UserError(f"{source} has opset {graph.opset} and onnx's version converter could not raise it to "
+                        f"{min_opset} ({type(exc).__name__}: {exc}); export the model with opset {min_opset} "
+                        "or later.") from None
     return gs.import_onnx(model)
 
 
@@ -83,13 +88,12 @@ def _third_party_quiet():
         yield
         return
     symbolic = logging.getLogger(_SYMBOLIC_MODULE)
-    gs_severity, symbolic_level = G_LOGGER.severity, symbolic.level
-    G_LOGGER.severity = G_LOGGER.ERROR
+    symbolic_level = symbolic.level
     symbolic.setLevel(logging.ERROR)
     try:
-        yield
+        with gs_quiet():
+            yield
     finally:
-        G_LOGGER.severity = gs_severity
         symbolic.setLevel(symbolic_level)
 
 
@@ -157,9 +161,11 @@ def _name_nodes(graph: gs.Graph) -> None:
             taken.add(name)
 
 
-def canonicalize(graph: gs.Graph, source: str = "the model") -> gs.Graph:
+def canonicalize(graph: gs.Graph, source: str = "the model", min_opset: int = MIN_OPSET) -> gs.Graph:
+    """The graph the passes match on. `min_opset`: the opset the Q/DQ to be written need (13: per-channel
+    INT8; 19: FP8)."""
     refuse_quantized(graph, source)
-    graph = _raise_opset(graph)
+    graph = _raise_opset(graph, max(min_opset, MIN_OPSET), source)
     # ONNX Runtime (which folds constants) lags behind onnx's newest IR version: use the lowest the
     # opsets allow
     opsets = list(graph.import_domains or []) or [onnx.helper.make_opsetid("", graph.opset)]

@@ -6,6 +6,7 @@ renamed into place, so a failure never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import onnx.external_data_helper as ext
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from segquant_onnx.errors import UserError
 
@@ -26,6 +28,25 @@ log = logging.getLogger(__name__)
 
 # Protobuf refuses to serialize a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 1024**3)
+
+
+@contextlib.contextmanager
+def gs_quiet():
+    """onnx-graphsurgeon's warnings (printed to stdout, where `inspect --json -` writes; e.g. that numpy has
+    no FLOAT8E4M3FN type, which it handles) only with -v (INFO on the "segquant_onnx" logger)."""
+    if logging.getLogger("segquant_onnx").isEnabledFor(logging.INFO):
+        yield
+        return
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = severity
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    with gs_quiet():
+        return gs.import_onnx(model)
 
 
 @dataclass
@@ -81,7 +102,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         size += int(info.length) if info.length else data_file.stat().st_size
         files += [data_file] if data_file not in files else []
 
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     external_names = {t.name for t in external}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
@@ -113,7 +134,7 @@ class Source:
 def open_source(model) -> Source:
     """`model` as a path (load_model: validated, weights lazy) or an onnx.ModelProto."""
     if isinstance(model, onnx.ModelProto):
-        return Source(gs.import_onnx(model), None, None, model.ByteSize(), "the model")
+        return Source(import_graph(model), None, None, model.ByteSize(), "the model")
     loaded = load_model(model)
     return Source(loaded.graph, loaded.path, str(loaded.path.parent), loaded.size_bytes, str(loaded.path),
                   loaded.uses_external_data, loaded.files)

@@ -1,9 +1,10 @@
 """Building blocks for Q/DQ insertion in an onnx-graphsurgeon graph (used by the passes' rewrites).
 
     consumer(x, ...)  -> consumer(DQ(Q(x, s), s), ...)          activation: per tensor
-    consumer(W, ...)  -> consumer(DQ(Wq, s_w, axis), ...)       weight: INT8 stored, per output channel
+    consumer(W, ...)  -> consumer(DQ(Wq, s_w, axis), ...)       weight: stored quantized, per output channel
 
-Every Q/DQ written here is symmetric (zero point 0 of the quantized dtype), carries an explicit
+The stored type is the format's (formats.py: INT8, or FP8 E4M3FN whose zero point's type makes the Q/DQ
+FP8). Every Q/DQ written here is symmetric (zero point 0 of the quantized dtype), carries an explicit
 `axis`, and feeds exactly one consumer input (TensorRT cannot share a DQ between consumers). Each
 insertion returns a QuantizedInput: what the consumer read before and the DQ output it reads now
 (analysis/gates.py builds its blends from these, after the production rewrite).
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.formats import INT8, QuantFormat
 from segquant_onnx.ir.naming import Namer
 
 
@@ -47,12 +49,12 @@ def _const(namer: Namer, layer: str, part: str, values: np.ndarray) -> gs.Consta
 
 
 def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node,
-                              index: int, scale: float, part: str = "input") -> QuantizedInput:
+                              index: int, scale: float, part: str = "input", fmt: QuantFormat = INT8) -> QuantizedInput:
     """consumer.inputs[index] = DQ(Q(x, scale), scale), per tensor."""
     x = consumer.inputs[index]
     s = _const(namer, layer, f"{part}_scale", np.array(scale, np.float32))
-    zp = _const(namer, layer, f"{part}_zero_point", np.array(0, np.int8))
-    q_out = gs.Variable(namer(layer, f"{part}_quantized"), dtype=np.int8, shape=x.shape)
+    zp = _const(namer, layer, f"{part}_zero_point", fmt.zero())
+    q_out = gs.Variable(namer(layer, f"{part}_quantized"), dtype=fmt.dtype, shape=x.shape)
     dq_out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=np.float32, shape=x.shape)
     graph.nodes.append(gs.Node("QuantizeLinear", namer(layer, f"{part}_q"), {"axis": 1},
                                inputs=[x, s, zp], outputs=[q_out]))
@@ -64,12 +66,12 @@ def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consume
 
 def dequantized_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node, index: int,
                              weight_q: np.ndarray, scale: np.ndarray, axis: int,
-                             part: str = "weight") -> QuantizedInput:
-    """consumer.inputs[index] = DQ(weight_q, scale, axis): INT8 stored, per output channel."""
+                             part: str = "weight", fmt: QuantFormat = INT8) -> QuantizedInput:
+    """consumer.inputs[index] = DQ(weight_q, scale, axis): stored in the format's type, per output channel."""
     w = consumer.inputs[index]
-    wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(np.int8))
+    wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(fmt.dtype))
     s = _const(namer, layer, f"{part}_scale", scale.astype(np.float32))
-    zp = _const(namer, layer, f"{part}_zero_point", np.zeros(scale.shape, np.int8))
+    zp = _const(namer, layer, f"{part}_zero_point", fmt.zero(scale.shape))
     out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=np.float32, shape=list(weight_q.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"), {"axis": axis},
                                inputs=[wq, s, zp], outputs=[out]))

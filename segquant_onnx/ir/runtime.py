@@ -43,6 +43,15 @@ def check_providers(providers: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(providers)
 
 
+def has_fp8_qdq(model: onnx.ModelProto) -> bool:
+    """Whether any QuantizeLinear/DequantizeLinear of `model` works in a float8 type (by its zero point)."""
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and inits.get(n.input[2]) in fp8
+               for n in model.graph.node)
+
+
 def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
                  tmp_dir: str | None = None) -> ort.InferenceSession:
     """A session for `model`, whose external-data tensors (if any) live in `source_dir`.
@@ -52,6 +61,11 @@ def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAU
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = quiet_onnxruntime()
+    if has_fp8_qdq(model):
+        # ORT's CPU optimizer fuses Q/DQ + Gemm/MatMul/Conv into its QGemm/QLinear* kernels, which accept
+        # 8-bit integers only: with FP8 the fused graph fails its type check. Unfused, the DQ -> op
+        # computes exactly what the graph says.
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
         if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:  # external tensors stay where they are
             if source_dir:

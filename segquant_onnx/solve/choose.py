@@ -15,35 +15,37 @@ from tqdm import tqdm
 
 from segquant_onnx.calib.observers import Stats, TensorStats
 from segquant_onnx.config import CalibMethod, DualScaleMode, QuantConfig, SmoothQuantMode
+from segquant_onnx.formats import INT8, QuantFormat
 from segquant_onnx.ir.linear import as_kn, input_channel_axis, input_channels, scale_input_channels
 from segquant_onnx.params import DualDecision, DualParams, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.solve.fit import Weights, bulk, site_dual_params, site_params, smoothing
 from segquant_onnx.solve.quant_math import fake_quant, sqnr_db
-from segquant_onnx.solve.recipe import SITE_METHODS, Recipe, SiteChoice, Variant
+from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant, site_methods
 
 
-def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams) -> float:
+def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams, fmt: QuantFormat = INT8) -> float:
     """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]."""
     x_s = rows if p.smooth is None else rows / p.smooth
     w_s = scale_input_channels(w, site, p.smooth)
     y = rows.astype(np.float64) @ as_kn(w, site)
-    y_q = fake_quant(x_s, np.float32(p.act_scale)) @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis), site)
+    y_q = (fake_quant(x_s, np.float32(p.act_scale), fmt=fmt)
+           @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis, fmt), site))
     return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
 
 
 def measured_dual_gain(rows: np.ndarray, w: np.ndarray, site: LinearSite, single: SiteParams,
-                       dual: DualParams) -> float:
+                       dual: DualParams, fmt: QuantFormat = INT8) -> float:
     """Layer output SQNR(dual) - SQNR(single) in dB on sampled activation rows [R, K].
 
     Y = rows @ W; single: fq(rows, s) @ fq(W); dual: (fq(relu(rows), s+) + fq(min(rows, 0), s-)) @ fq(W).
     """
-    wq = fake_quant(w, single.weight_scale, site.weight_axis)
+    wq = fake_quant(w, single.weight_scale, site.weight_axis, fmt)
     w_kn, wq_kn = as_kn(w, site), as_kn(wq, site)
     y = rows.astype(np.float64) @ w_kn
-    y_single = fake_quant(rows, np.float32(single.act_scale)) @ wq_kn
-    y_dual = (fake_quant(np.maximum(rows, 0), np.float32(dual.pos_scale))
-              + fake_quant(np.minimum(rows, 0), np.float32(dual.neg_scale))) @ wq_kn
+    y_single = fake_quant(rows, np.float32(single.act_scale), fmt=fmt) @ wq_kn
+    y_dual = (fake_quant(np.maximum(rows, 0), np.float32(dual.pos_scale), fmt=fmt)
+              + fake_quant(np.minimum(rows, 0), np.float32(dual.neg_scale), fmt=fmt)) @ wq_kn
     signal = float((y**2).sum())
     return sqnr_db(signal, float(((y - y_dual) ** 2).sum())) - sqnr_db(signal, float(((y - y_single) ** 2).sum()))
 
@@ -51,7 +53,8 @@ def measured_dual_gain(rows: np.ndarray, w: np.ndarray, site: LinearSite, single
 def estimated_dual_gain(stats: TensorStats, single: SiteParams, dual: DualParams) -> float:
     """Input rounding-noise power with one scale over the sum with two (uniform noise s^2/12 each).
 
-    Used where no row sample fits the op (Conv over NCHW); an estimate, and reported as one.
+    Used where no row sample fits the op (Conv over NCHW); an estimate, and reported as one. For FP8 the
+    grid is relative, so this overstates the gain on small values; still, both scales shrink the same way.
     """
     n, n_neg = max(stats.count, 1), stats.neg_count
     single_noise = n * single.act_scale**2
@@ -96,8 +99,8 @@ def _choose_site(site, st, rows, w, config: QuantConfig, variant: Variant,
                  masked: bool) -> tuple[SiteChoice, SiteParams]:
     """The (alpha, method) with the best layer SQNR on `rows` (the first candidate without rows), and
     its parameters on the fit statistics."""
-    given = config.calibration.method
-    methods = SITE_METHODS if given is CalibMethod.AUTO else (given.value,)
+    given, fmt = config.calibration.method, config.precision.quant_format
+    methods = site_methods(fmt) if given is CalibMethod.AUTO else (given.value,)
     smoothable = site.channels_last and st.channel_amax.size == w.shape[input_channel_axis(site)]
     alphas: tuple = (None,)
     if smoothable and variant.smoothquant is SmoothQuantMode.AUTO and rows is not None:  # scored on the sample
@@ -108,8 +111,8 @@ def _choose_site(site, st, rows, w, config: QuantConfig, variant: Variant,
     for alpha in alphas:
         smooth = smoothing(st, w, site, alpha)
         for method in (methods if rows is not None else methods[:1]):
-            p = site_params(site, st, w, method, smooth, alpha, config.calibration.percentile, masked)
-            score = layer_sqnr(rows, w, site, p) if rows is not None else None
+            p = site_params(site, st, w, method, smooth, alpha, config.calibration.percentile, masked, fmt)
+            score = layer_sqnr(rows, w, site, p, fmt) if rows is not None else None
             if best is None or (score is not None and score > best[0]):
                 best = (score, p)
     score, p = best
@@ -120,11 +123,12 @@ def _choose_dual(site: LinearSite, kind: str, st, rows, w, single: SiteParams, c
                  variant: Variant) -> DualDecision:
     """DualScale on the (smoothed) bulk: `all` wherever there is a negative part, `auto` where the gain
     on the row sample (estimated from the polarity statistics without one) reaches the minimum."""
-    dual = site_dual_params(site, st, w, single.smooth)
+    fmt = config.precision.quant_format
+    dual = site_dual_params(site, st, w, single.smooth, fmt)
     w = scale_input_channels(w, site, single.smooth)
     if rows is not None and len(rows):
         rows = rows if single.smooth is None else rows / single.smooth
-        gain, measured = measured_dual_gain(rows, w, site, single, dual), True
+        gain, measured = measured_dual_gain(rows, w, site, single, dual, fmt), True
     else:
         gain, measured = estimated_dual_gain(st, single, dual), False
     apply = st.neg_amax > 0 and variant.dualscale is not DualScaleMode.OFF and (

@@ -8,7 +8,9 @@ statistics to score its candidates, the pipeline on every calibration feed for t
 - the activation's clipping threshold: the recipe's method on X's histogram; for X / s or for the INT8
   bulk of an outlier split (whose histograms are not observed) the exact maximum from the per-channel
   maxima, so method `max`.
-- DualScale: s+ = amax(X > 0) / 127 and s- = |amax(X < 0)| / 128 of the (smoothed) bulk.
+- DualScale: s+ = amax(X > 0) / 127 and s- = |amax(X < 0)| / 128 of the (smoothed) bulk (FP8: both / 448).
+
+Scales are for the format given (formats.py: INT8 by default, FP8 E4M3FN).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from segquant_onnx.calib.observers import Stats, TensorStats
 from segquant_onnx.ir.linear import input_channel_amax, scale_input_channels, zero_input_channels
 from segquant_onnx.params import DualParams, Quantization, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
-from segquant_onnx.solve.quant_math import (INT8_MAX, INT8_NEG_LEVELS, activation_amax, scale_from_amax,
-                                            smoothing_vector, weight_scales)
+from segquant_onnx.formats import INT8, QuantFormat
+from segquant_onnx.solve.quant_math import activation_amax, scale_from_amax, smoothing_vector, weight_scales
 from segquant_onnx.solve.recipe import Recipe
 
 Weights = Callable[[str], np.ndarray]  # initializer name -> values
@@ -58,39 +60,42 @@ def smoothing(st: TensorStats, w: np.ndarray, site: LinearSite, alpha: float | N
 
 
 def site_params(site: LinearSite, st: TensorStats, w: np.ndarray, method: str, smooth: np.ndarray | None,
-                alpha: float | None, percentile: float, masked: bool = False) -> SiteParams:
+                alpha: float | None, percentile: float, masked: bool = False, fmt: QuantFormat = INT8) -> SiteParams:
     """Scales of X / s (`smooth`; None: X) and of s * W, with the activation clipped by `method`."""
     if smooth is None and not masked:
-        amax = activation_amax(st, method, percentile)
+        amax = activation_amax(st, method, percentile, fmt)
     else:
         method = "max"  # see the module docstring
         amax = float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
-    return SiteParams(amax, float(scale_from_amax(amax)),
-                      weight_scales(scale_input_channels(w, site, smooth), site.weight_axis), method, smooth, alpha)
+    return SiteParams(amax, float(scale_from_amax(amax, fmt.qmax)),
+                      weight_scales(scale_input_channels(w, site, smooth), site.weight_axis, fmt.qmax), method, smooth,
+                      alpha)
 
 
-def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int) -> DualParams:
-    """s_pos = max(x) / 127 on [0, 127]; s_neg = |min(x)| / 128 on [-128, 0]; weight per channel.
+def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int,
+                fmt: QuantFormat = INT8) -> DualParams:
+    """s_pos = max(x) / 127 on [0, 127]; s_neg = |min(x)| / 128 on [-128, 0]; weight per channel (FP8: / 448).
 
     `pos_amax` and `neg_amax` are magnitudes (`neg_amax = -min(x)`; its sign is ignored). Dead
     polarities get the smallest positive scale (scale_from_amax's floor).
     """
     return DualParams(
-        pos_scale=float(scale_from_amax(pos_amax, INT8_MAX)),
-        neg_scale=float(scale_from_amax(abs(neg_amax), INT8_NEG_LEVELS)),
-        weight_scale=weight_scales(weight, axis),
+        pos_scale=float(scale_from_amax(pos_amax, fmt.qmax)),
+        neg_scale=float(scale_from_amax(abs(neg_amax), fmt.neg_levels)),
+        weight_scale=weight_scales(weight, axis, fmt.qmax),
     )
 
 
-def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: np.ndarray | None) -> DualParams:
+def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: np.ndarray | None,
+                     fmt: QuantFormat = INT8) -> DualParams:
     """DualScale parameters of the (bulk) site from its polarity statistics, after smoothing."""
     pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
                 (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
-    return dual_params(pos, neg, scale_input_channels(w, site, smooth), site.weight_axis)
+    return dual_params(pos, neg, scale_input_channels(w, site, smooth), site.weight_axis, fmt)
 
 
 def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
-        progress: bool = False) -> Quantization:
+        fmt: QuantFormat = INT8, progress: bool = False) -> Quantization:
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
     Sites kept in float get scales too (reported as float, never inserted). `progress`: a bar per site."""
@@ -99,10 +104,10 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
         choice = recipe.sites[site.name]
         st, w = bulk(site, stats, weight, recipe.outliers)
         params[site.name] = site_params(site, st, w, choice.method, smoothing(st, w, site, choice.alpha),
-                                        choice.alpha, percentile, masked=site.name in recipe.outliers)
+                                        choice.alpha, percentile, masked=site.name in recipe.outliers, fmt=fmt)
         params[site.name] = replace(params[site.name], layer_sqnr_db=choice.layer_sqnr_db)
     sites, dual = {s.name: s for s in plan.sites}, {}
     for name in recipe.dual_sites:
         st, w = bulk(sites[name], stats, weight, recipe.outliers)
-        dual[name] = site_dual_params(sites[name], st, w, params[name].smooth)
-    return Quantization(params, dual, dict(recipe.outliers), list(recipe.dual), recipe.floating)
+        dual[name] = site_dual_params(sites[name], st, w, params[name].smooth, fmt)
+    return Quantization(params, dual, dict(recipe.outliers), list(recipe.dual), recipe.floating, fmt)

@@ -1,7 +1,8 @@
 """Quantization math: pure numpy, no graphs.
 
-Conventions (TensorRT is the consumer): symmetric, zero point 0; INT8 grid [-128, 127] with
-scale = threshold / 127; scales float32, finite and strictly positive.
+Conventions (TensorRT is the consumer): symmetric, zero point 0; scale = threshold / qmax of the format
+(INT8: [-128, 127], qmax 127; FP8 E4M3FN: qmax 448, see formats.py); scales float32, finite and strictly
+positive.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from segquant_onnx.calib.observers import TensorStats
+from segquant_onnx.formats import INT8, QuantFormat
 
 INT8_MAX = 127
 INT8_NEG_LEVELS = 128  # a negative-only tensor (DualScale's negative branch) uses all of [-128, 0]
@@ -31,13 +33,15 @@ def percentile_amax(stats: TensorStats, percentile: float) -> float:
     return float(min(edge, stats.amax))
 
 
-def mse_amax(stats: TensorStats, qmax: int = INT8_MAX) -> float:
+def mse_amax(stats: TensorStats, qmax: int = INT8_MAX, fmt: QuantFormat = INT8) -> float:
     """Clipping threshold T minimising the expected squared error of symmetric quantization.
 
     With bin centres c and counts n: E(T) = N_in(T) * (T/qmax)^2 / 12 + sum_{c > T} n_c (c - T)^2,
     i.e. uniform rounding noise inside the range plus clipping error outside. Evaluated at every
-    bin edge with cumulative sums (O(bins)).
+    bin edge with cumulative sums (O(bins)). FP8 (a relative grid): fp8_mse_amax.
     """
+    if fmt.dtype is not np.int8:
+        return fp8_mse_amax(stats, fmt)
     n = stats.hist.astype(np.float64)
     edges = stats.bin_edges
     centers = (edges[:-1] + edges[1:]) / 2
@@ -53,6 +57,35 @@ def mse_amax(stats: TensorStats, qmax: int = INT8_MAX) -> float:
     err = inside * (t / qmax) ** 2 / 12 + tail2 - 2 * t * tail1 + t**2 * tail0
     k = int(np.argmin(err))
     return float(min(t[k], stats.amax)) if stats.amax > 0 else 0.0
+
+
+def fp8_step(u: np.ndarray) -> np.ndarray:
+    """The E4M3FN grid step at magnitude u (in units of the scale): 2^(e - 3) for u in [2^e, 2^(e+1)),
+    e >= -6 (normal numbers, 3 mantissa bits); 2^-9 below 2^-6 (subnormals)."""
+    e = np.floor(np.log2(np.maximum(u, 2.0**-6)))
+    return 2.0 ** (e - 3)
+
+
+def fp8_mse_amax(stats: TensorStats, fmt: QuantFormat, candidates: int = 256) -> float:
+    """mse_amax for FP8 E4M3FN: E(T) = sum_{c <= T} n_c step(c / s)^2 s^2 / 12 + sum_{c > T} n_c (c - T)^2
+    with s = T / qmax: rounding noise where the value falls on the grid (uniform within its step), clipping
+    error above. `candidates` thresholds spread over the histogram's edges."""
+    n = stats.hist.astype(np.float64)
+    if stats.amax <= 0 or n.sum() == 0:
+        return 0.0
+    edges = stats.bin_edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    ks = np.unique(np.linspace(0, len(n) - 1, min(candidates, len(n))).astype(int))
+    best_err, best_t = np.inf, float(stats.amax)
+    for k in ks:
+        t = float(edges[k + 1])
+        s = t / fmt.qmax
+        inside = centers <= t
+        err = float((n[inside] * (fp8_step(centers[inside] / s) * s) ** 2 / 12).sum()
+                    + (n[~inside] * (centers[~inside] - t) ** 2).sum())
+        if err < best_err:
+            best_err, best_t = err, t
+    return float(min(best_t, stats.amax))
 
 
 def entropy_amax(stats: TensorStats, levels: int = INT8_MAX + 1, stride: int = 16) -> float:
@@ -84,14 +117,16 @@ def entropy_amax(stats: TensorStats, levels: int = INT8_MAX + 1, stride: int = 1
     return float(min(stats.bin_edges[best_i], stats.amax))
 
 
-def activation_amax(stats: TensorStats, method: str, percentile: float = 99.99) -> float:
+def activation_amax(stats: TensorStats, method: str, percentile: float = 99.99, fmt: QuantFormat = INT8) -> float:
     if method == "max":
         return stats.amax
     if method == "percentile":
         return percentile_amax(stats, percentile)
     if method == "mse":
-        return mse_amax(stats)
+        return mse_amax(stats, fmt=fmt)
     if method == "entropy":
+        if fmt.dtype is not np.int8:
+            raise ValueError("entropy calibration is defined on INT8's uniform levels, not on FP8")
         return entropy_amax(stats)
     raise ValueError(f"unknown calibration method {method!r}")
 
@@ -116,28 +151,18 @@ def weight_scales(w: np.ndarray, axis: int, qmax: int = INT8_MAX) -> np.ndarray:
     return scale_from_amax(np.abs(w).max(axis=other) if other else np.abs(w), qmax)
 
 
-def _broadcast(scale: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return scale.reshape(shape)
-
-
 def quantize_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
     """round-half-to-even(x / scale), saturated to [-128, 127] (ONNX QuantizeLinear semantics)."""
-    s = scale if axis is None or np.ndim(scale) == 0 else _broadcast(scale, x.ndim, axis)
-    return np.clip(np.rint(x.astype(np.float32) / s), -128, 127).astype(np.int8)
+    return INT8.quantize(x, scale, axis)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
-    s = scale if axis is None or np.ndim(scale) == 0 else _broadcast(scale, q.ndim, axis)
-    return q.astype(np.float32) * s
+    return INT8.dequantize(q, scale, axis)
 
 
-def fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
-    """dequantize(quantize_int8(x, scale)) in float64: what a Q->DQ pair computes."""
-    q = quantize_int8(x, scale, axis)
-    s = scale if axis is None or np.ndim(scale) == 0 else _broadcast(scale, q.ndim, axis)
-    return q.astype(np.float64) * s
+def fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None = None, fmt: QuantFormat = INT8) -> np.ndarray:
+    """dequantize(quantize(x, scale)) in float64: what a Q->DQ pair computes (INT8 unless `fmt`)."""
+    return fmt.fake_quant(x, scale, axis)
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:

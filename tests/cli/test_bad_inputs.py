@@ -175,6 +175,10 @@ CASES = [
     ("quantize: --dualscale nope", lambda ws: _q(ws, "--dualscale", "nope"), ["--dualscale", "--help"]),
     ("quantize: --seg-patterns bogus", lambda ws: _q(ws, "--seg-patterns", "bogus"), ["--seg-patterns", "bogus"]),
     ("quantize: unknown flag", lambda ws: _q(ws, "--frobnicate"), ["--frobnicate"]),
+    ("quantize: --precision fp4", lambda ws: _q(ws, "--precision", "fp4"), ["--precision", "--help"]),
+    ("quantize: --high-precision fp64", lambda ws: _q(ws, "--high-precision", "fp64"), ["--high-precision"]),
+    ("quantize: fp8 with entropy", lambda ws: _q(ws, "--precision", "fp8", "--calib-method", "entropy"),
+     ["--calib-method entropy", "fp8"]),
     # inspect
     ("inspect: no model", lambda ws: ["inspect"], ["MODEL"]),
     ("inspect: missing model", lambda ws: ["inspect", ws.inputs / "nope.onnx"], ["does not exist"]),

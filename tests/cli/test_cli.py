@@ -201,9 +201,9 @@ def test_quantize_help_is_grouped_and_ends_with_examples(capsys):
         main(["quantize", "--help"])
     out = capsys.readouterr().out
     headings = [line[:-1] for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
-    assert headings == ["options", "input and output", "calibration", "SegLinear", "DualScale", "SmoothQuant",
+    assert headings == ["options", "input and output", "precision", "calibration", "SegLinear", "DualScale", "SmoothQuant",
                         "outlier channels", "fallback and target", "evaluation and report", "runtime", "examples"]
-    assert out.count("segquant-onnx quantize model.onnx") == 3
+    assert out.count("segquant-onnx quantize model.onnx") == 4
 
 
 def _strict_json(text: str):
