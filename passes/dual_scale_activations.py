@@ -36,7 +36,8 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.formats import QuantFormat
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import QuantizedInput, dequantized_weight_input, quantize_activation_input, site_node
+from segquant_onnx.ir.qdq import (FLOAT_DTYPES, QuantizedInput, dequantized_weight_input, quantize_activation_input,
+                                  quantized_weight, site_node)
 from segquant_onnx.params import DualParams, Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, SITES_FOUND, SMOOTHED, QuantizedSite
 from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite, QuantPlan
@@ -224,9 +225,9 @@ class DualScaleActivations:
         if found is None:
             return None
         kind, x = found
-        if x.dtype != np.float32 or act.dtype != np.float32:
+        if x.dtype not in FLOAT_DTYPES or act.dtype != x.dtype:
             return f"{kind} computes in {np.dtype(x.dtype).name if x.dtype else 'unknown dtype'}, " \
-                   "only float32 activations are dual-scaled"
+                   "only float32 and float16 activations are dual-scaled"
         return DualSite(site.name, act.name, kind)
 
     def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
@@ -265,9 +266,9 @@ class DualScaleActivations:
         pos, neg = f"{site.name}/pos", f"{site.name}/neg"
         a, w, y = node.inputs[ia], node.inputs[iw], node.outputs[0]
 
-        relu_out = gs.Variable(namer(pos, "relu_output"), np.float32, a.shape)
-        min_out = gs.Variable(namer(neg, "min_output"), np.float32, a.shape)
-        zero = gs.Constant(namer(neg, "zero"), np.array(0, np.float32))
+        relu_out = gs.Variable(namer(pos, "relu_output"), a.dtype, a.shape)
+        min_out = gs.Variable(namer(neg, "min_output"), a.dtype, a.shape)
+        zero = gs.Constant(namer(neg, "zero"), np.array(0, a.dtype))
         graph.nodes.append(gs.Node("Relu", namer(pos, "relu"), inputs=[a], outputs=[relu_out]))
         graph.nodes.append(gs.Node("Min", namer(neg, "min"), inputs=[a, zero], outputs=[min_out]))
 
@@ -281,10 +282,10 @@ class DualScaleActivations:
 
         pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, fmt=fmt)
         neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, fmt=fmt)
-        wq = fmt.quantize(constant_values(w), p.weight_scale, axis)
-        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, p.weight_scale, axis, fmt=fmt)
+        wq, ws = quantized_weight(w, p.weight_scale, axis, fmt)
+        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, ws, axis, fmt=fmt)
         # one DequantizeLinear per consumer, both reading the same INT8 initializer and scales
-        neg_dq = gs.Variable(namer(neg, "weight_dequantized"), np.float32, pos_w.dequantized.shape)
+        neg_dq = gs.Variable(namer(neg, "weight_dequantized"), pos_w.dequantized.dtype, pos_w.dequantized.shape)
         graph.nodes.append(gs.Node("DequantizeLinear", namer(neg, "weight_dq"), {"axis": axis},
                                    inputs=list(pos_w.dequantized.inputs[0].inputs), outputs=[neg_dq]))
         neg_node.inputs[iw] = neg_dq

@@ -22,8 +22,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.linear import trans_b
+from segquant_onnx.ir.qdq import FLOAT_DTYPES
 from segquant_onnx.passes.base import CANONICAL, QUANTIZE, SEGMENTS_SPLIT, SITES_FOUND
 from segquant_onnx.plan import DeclinedSite, LinearSite, QuantPlan
+
+
+def _name(dtype) -> str:
+    return np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else f"ONNX type {dtype}"
 
 
 def _volume(shape) -> int:
@@ -64,8 +69,9 @@ class FindLinearSites:
         for pattern in self.exclude:
             if pattern.search(node.name):
                 return f"excluded by --exclude '{pattern.pattern}'"
-        if x.dtype != np.float32 or w.dtype != np.float32:
-            return f"dtype {x.dtype}/{w.dtype} is not float32 (only fp32 models are quantized for now)"
+        if x.dtype not in FLOAT_DTYPES or w.dtype != x.dtype:
+            return (f"dtype {_name(x.dtype)}/{_name(w.dtype)}: only float32 and float16 linears (activation and "
+                    "weight alike) are quantized")
         shape = tuple(int(d) for d in w.shape)
         if node.op == "MatMul":
             if len(shape) != 2:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import dequantized_weight_input, quantize_activation_input, site_node
+from segquant_onnx.ir.qdq import dequantized_weight_input, quantize_activation_input, quantized_weight, site_node
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, QUANTIZED, SITES_FOUND, QuantizedSite
 from segquant_onnx.plan import LinearSite, QuantPlan
@@ -46,9 +45,9 @@ class QuantizeLinearInputs:
             fmt = params.format
             act = quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale,
                                             fmt=fmt)
-            wq = fmt.quantize(constant_values(w), p.weight_scale, site.weight_axis)
-            weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq,
-                                              p.weight_scale, site.weight_axis, fmt=fmt)
+            wq, ws = quantized_weight(w, p.weight_scale, site.weight_axis, fmt)
+            weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq, ws,
+                                              site.weight_axis, fmt=fmt)
             updated.append(QuantizedSite.of(site, (act, weight)))
         graph.cleanup()
         return updated

@@ -51,11 +51,11 @@ class SmoothActivations:
                 updated.append(site)
                 continue
             node, x, w = site_node(nodes, site, self.name)
-            inv = gs.Constant(namer(site.name, "smooth_inv_scale"), (1.0 / smooth).astype(np.float32))
+            inv = gs.Constant(namer(site.name, "smooth_inv_scale"), (1.0 / smooth).astype(x.dtype))
             x_s = gs.Variable(namer(site.name, "smoothed_input"), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", namer(site.name, "smooth"), inputs=[x, inv], outputs=[x_s]))
             w_s = gs.Constant(namer(site.name, "smoothed_weight"),
-                              np.ascontiguousarray(scale_input_channels(constant_values(w), site, smooth), np.float32))
+                              np.ascontiguousarray(scale_input_channels(constant_values(w), site, smooth), w.dtype))
             node.inputs[site.activation_input_index] = x_s
             node.inputs[site.weight_input_index] = w_s
             updated.append(replace(site, activation=x_s.name, weight=w_s.name))

@@ -61,7 +61,7 @@ class SplitOutlierChannels:
             node, x, w = site_node(nodes, site, self.name)
             w_full = constant_values(w)
             k = input_channels(site)
-            mask = np.ones(k, np.float32)
+            mask = np.ones(k, x.dtype)
             mask[idx] = 0
             if site.op == "Conv":  # channels on axis 1 of N, C, spatial...
                 mask = mask.reshape([1, k] + [1] * (w_full.ndim - 2))
@@ -71,14 +71,14 @@ class SplitOutlierChannels:
                                        inputs=[x, gs.Constant(namer(site.name, "bulk_mask_values"), mask)],
                                        outputs=[x_m]))
             w_b = gs.Constant(namer(site.name, "bulk_weight"),
-                              np.ascontiguousarray(zero_input_channels(w_full, site, idx), np.float32))
+                              np.ascontiguousarray(zero_input_channels(w_full, site, idx), w.dtype))
             x_o = gs.Variable(namer(layer, "input"), dtype=x.dtype)
             y_o = gs.Variable(namer(layer, "output"), dtype=x.dtype)
             graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": 1 if site.op == "Conv" else -1},
                                        inputs=[x, gs.Constant(namer(layer, "channels"), idx.astype(np.int64))],
                                        outputs=[x_o]))
             if site.op == "Conv":  # the same convolution over the outlier input channels, no bias
-                w_o = np.ascontiguousarray(w_full[:, idx], np.float32)
+                w_o = np.ascontiguousarray(w_full[:, idx], w.dtype)
                 graph.nodes.append(gs.Node("Conv", namer(layer, "Conv"), dict(node.attrs),
                                            inputs=[x_o, gs.Constant(namer(layer, "weight"), w_o)], outputs=[y_o]))
             else:  # the outlier channels' rows of W as a [k, N] matrix
@@ -87,7 +87,7 @@ class SplitOutlierChannels:
                     w_o = w_o * float(node.attrs.get("alpha", 1.0))  # Gemm scales A @ B by alpha
                 graph.nodes.append(gs.Node("MatMul", namer(layer, "MatMul"),
                                            inputs=[x_o, gs.Constant(namer(layer, "weight"),
-                                                                    np.ascontiguousarray(w_o, np.float32))],
+                                                                    np.ascontiguousarray(w_o, w.dtype))],
                                            outputs=[y_o]))
             y = node.outputs[0]
             y_bulk = gs.Variable(namer(site.name, "bulk_output"), dtype=y.dtype, shape=y.shape)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
@@ -52,7 +53,7 @@ def add_gates(graph: gs.Graph, quantized: Mapping[str, Sequence[QuantizedInput]]
             if id(qi.original) not in blends:
                 exact = qi.original
                 if isinstance(exact, gs.Constant):  # a weight: blend with a float copy of it
-                    values = constant_values(exact).astype(np.float32)
+                    values = constant_values(exact).astype(qi.dequantized.dtype or np.float32)
                     exact = gs.Constant(namer(qi.layer, f"{qi.part}_float"), np.require(values, requirements="C"))
                 out, nodes = _blend(namer, qi.layer, qi.part, exact, qi.dequantized, gate)
                 after.setdefault(id(qi.dequantized.inputs[0]), []).extend(nodes)
@@ -63,12 +64,24 @@ def add_gates(graph: gs.Graph, quantized: Mapping[str, Sequence[QuantizedInput]]
     return gates
 
 
+def typed_gate(namer: Namer, prefix: str, gate: gs.Variable, dtype) -> tuple[gs.Tensor, list[gs.Node]]:
+    """The float32 gate as `dtype` (a Cast where that is float16: Mul needs one type), and the nodes."""
+    if np.dtype(dtype) == np.float32:
+        return gate, []
+    typed = gs.Variable(namer(prefix, "gate_typed"), dtype=np.dtype(dtype), shape=[])
+    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return typed, [gs.Node("Cast", namer(prefix, "gate_cast"), {"to": to}, inputs=[gate], outputs=[typed])]
+
+
 def _blend(namer: Namer, layer: str, part: str, exact: gs.Tensor, quantized: gs.Variable,
            gate: gs.Variable) -> tuple[gs.Variable, list[gs.Node]]:
-    """exact + gate * (quantized - exact), and the three nodes that compute it."""
-    diff = gs.Variable(namer(layer, f"{part}_quant_error"), dtype=np.float32)
-    scaled = gs.Variable(namer(layer, f"{part}_gated_error"), dtype=np.float32)
-    out = gs.Variable(namer(layer, f"{part}_gated"), dtype=np.float32, shape=quantized.shape)
-    return out, [gs.Node("Sub", namer(layer, f"{part}_gate_sub"), inputs=[quantized, exact], outputs=[diff]),
+    """exact + gate * (quantized - exact), and the nodes that compute it (the float32 gate cast to the
+    site's type first where that is float16)."""
+    dtype = np.dtype(quantized.dtype or np.float32)
+    diff = gs.Variable(namer(layer, f"{part}_quant_error"), dtype=dtype)
+    scaled = gs.Variable(namer(layer, f"{part}_gated_error"), dtype=dtype)
+    out = gs.Variable(namer(layer, f"{part}_gated"), dtype=dtype, shape=quantized.shape)
+    gate, cast = typed_gate(namer, f"{layer}/{part}", gate, dtype)
+    return out, [*cast, gs.Node("Sub", namer(layer, f"{part}_gate_sub"), inputs=[quantized, exact], outputs=[diff]),
                  gs.Node("Mul", namer(layer, f"{part}_gate_mul"), inputs=[diff, gate], outputs=[scaled]),
                  gs.Node("Add", namer(layer, f"{part}_gate_add"), inputs=[exact, scaled], outputs=[out])]

@@ -35,6 +35,7 @@ from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.params import Quantization
 from segquant_onnx.rewrite import apply_quantization
+from segquant_onnx.analysis.gates import typed_gate
 from segquant_onnx.analysis.sensitivity import GatedSession
 from segquant_onnx.ir.linear import input_channels
 
@@ -106,6 +107,8 @@ def build_level_graph(graph: gs.Graph, plan: QuantPlan, levels: dict[str, SiteLe
             g.nodes.append(gs.Node(node.op, copy, dict(node.attrs), inputs=list(node.inputs), outputs=[y_l]))
             gate = gs.Variable(level_gate(name, level), np.float32, shape=[])
             g.inputs.append(gate)
+            gate, cast = typed_gate(namer, copy, gate, y.dtype or np.float32)
+            g.nodes.extend(cast)
             diff, scaled = (gs.Variable(namer(copy, part), dtype=y.dtype) for part in ("delta", "gated_delta"))
             out = y if level == len(lv.channels) - 1 else gs.Variable(namer(copy, "blend"), dtype=y.dtype)
             g.nodes.append(gs.Node("Sub", namer(copy, "sub"), inputs=[y_l, y0], outputs=[diff]))

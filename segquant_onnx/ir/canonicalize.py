@@ -16,6 +16,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
@@ -27,6 +28,7 @@ from segquant_onnx.ir.runtime import quiet_onnxruntime, third_party_verbose
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13
+HALF_OPSET = 19
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul",
@@ -165,6 +167,8 @@ def canonicalize(graph: gs.Graph, source: str = "the model", min_opset: int = MI
     """The graph the passes match on. `min_opset`: the opset the Q/DQ to be written need (13: per-channel
     INT8; 19: FP8)."""
     refuse_quantized(graph, source)
+    if any(isinstance(t, gs.Constant) and t.dtype == np.float16 for t in graph.tensors().values()):
+        min_opset = max(min_opset, HALF_OPSET)  # a float16 Q/DQ scale (the DQ's output type) needs opset 19
     graph = _raise_opset(graph, max(min_opset, MIN_OPSET), source)
     # ONNX Runtime (which folds constants) lags behind onnx's newest IR version: use the lowest the
     # opsets allow

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.formats import INT8, QuantFormat
+from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 
 
@@ -44,6 +45,20 @@ def site_node(nodes: dict[str, gs.Node], site, pass_name: str) -> tuple[gs.Node,
     return node, x, w
 
 
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # the float types a site computes in
+
+
+def scale_values(scale, dtype) -> np.ndarray:
+    """`scale` in the site's float type (a DequantizeLinear outputs its scale's type): float32, or float16
+    rounded to nearest and kept at least float16's smallest normal (a scale must stay > 0 and finite).
+    What is stored is what the weights are quantized with."""
+    scale = np.asarray(scale, np.float32)
+    if np.dtype(dtype) == np.float16:
+        tiny, top = float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)
+        return np.clip(scale, tiny, top).astype(np.float16)
+    return scale
+
+
 def _const(namer: Namer, layer: str, part: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(namer(layer, part), np.require(values, requirements='C'))  # keeps 0-d scalars 0-d
 
@@ -52,10 +67,11 @@ def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consume
                               index: int, scale: float, part: str = "input", fmt: QuantFormat = INT8) -> QuantizedInput:
     """consumer.inputs[index] = DQ(Q(x, scale), scale), per tensor."""
     x = consumer.inputs[index]
-    s = _const(namer, layer, f"{part}_scale", np.array(scale, np.float32))
+    dtype = np.dtype(x.dtype or np.float32)
+    s = _const(namer, layer, f"{part}_scale", scale_values(np.array(scale, np.float32), dtype))
     zp = _const(namer, layer, f"{part}_zero_point", fmt.zero())
     q_out = gs.Variable(namer(layer, f"{part}_quantized"), dtype=fmt.dtype, shape=x.shape)
-    dq_out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=np.float32, shape=x.shape)
+    dq_out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=dtype, shape=x.shape)
     graph.nodes.append(gs.Node("QuantizeLinear", namer(layer, f"{part}_q"), {"axis": 1},
                                inputs=[x, s, zp], outputs=[q_out]))
     graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"), {"axis": 1},
@@ -64,15 +80,22 @@ def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consume
     return QuantizedInput(layer, part, consumer, index, x, dq_out)
 
 
+def quantized_weight(w: gs.Constant, scale: np.ndarray, axis: int, fmt: QuantFormat) -> tuple[np.ndarray, np.ndarray]:
+    """(stored weight, scale in the weight's float type): `w` quantized with the scale as it is stored."""
+    s = scale_values(scale, w.dtype)
+    return fmt.quantize(constant_values(w).astype(np.float32), s.astype(np.float32), axis), s
+
+
 def dequantized_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node, index: int,
                              weight_q: np.ndarray, scale: np.ndarray, axis: int,
                              part: str = "weight", fmt: QuantFormat = INT8) -> QuantizedInput:
-    """consumer.inputs[index] = DQ(weight_q, scale, axis): stored in the format's type, per output channel."""
+    """consumer.inputs[index] = DQ(weight_q, scale, axis): stored in the format's type, per output channel;
+    the DQ outputs the scale's float type (quantized_weight gives both)."""
     w = consumer.inputs[index]
     wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(fmt.dtype))
-    s = _const(namer, layer, f"{part}_scale", scale.astype(np.float32))
+    s = _const(namer, layer, f"{part}_scale", scale_values(scale, scale.dtype))
     zp = _const(namer, layer, f"{part}_zero_point", fmt.zero(scale.shape))
-    out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=np.float32, shape=list(weight_q.shape))
+    out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=s.values.dtype, shape=list(weight_q.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"), {"axis": axis},
                                inputs=[wq, s, zp], outputs=[out]))
     consumer.inputs[index] = out

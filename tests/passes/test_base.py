@@ -89,12 +89,12 @@ def _seg_declined_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def _fp16_gelu_model() -> onnx.ModelProto:
-    """X (fp16) -> Gelu -> Cast(float) -> MatMul(W): a GELU site that computes in float16."""
+def _fp64_gelu_model() -> onnx.ModelProto:
+    """X (fp64) -> Gelu -> Cast(float) -> MatMul(W): a GELU site that computes in float64."""
     nodes = [helper.make_node("Gelu", ["X"], ["a16"], name="gelu"),
              helper.make_node("Cast", ["a16"], ["a"], name="cast", to=TensorProto.FLOAT),
              helper.make_node("MatMul", ["a", "W"], ["Y"], name="fc")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [1, 4, 16])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.DOUBLE, [1, 4, 16])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 8])],
                               [numpy_helper.from_array(np.ones((16, 8), np.float32), "W")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
@@ -104,8 +104,9 @@ def _fp16_gelu_model() -> onnx.ModelProto:
     (SplitLinearBySegment, _seg_declined_model, DeclinedSite("fc", "MatMul", "SegLinear: output also feeds Relu")),
     (FindLinearSites, attention_model,
      DeclinedSite("qk", "MatMul", "activation x activation product (e.g. attention) is not quantized")),
-    (DualScaleActivations, _fp16_gelu_model,
-     DeclinedSite("fc", "MatMul", "gelu_op computes in float16, only float32 activations are dual-scaled")),
+    (DualScaleActivations, _fp64_gelu_model,
+     DeclinedSite("fc", "MatMul", "gelu_op computes in float64, only float32 and float16 activations are "
+                                  "dual-scaled")),
 ])
 def test_each_detecting_pass_adds_to_a_new_frozen_plan_and_declines_with_a_reason(make_pass, model, declined):
     graph = canonical(model())

@@ -279,13 +279,21 @@ def test_non_activations_are_not_matched(nodes):
     assert duals == [] and declined == []
 
 
-def test_float16_activation_is_declined_with_a_reason():
+def test_float16_activation_cast_to_float32_is_dual_scaled():
     nodes = [_n("Sigmoid", ["H"], "s"), _n("Mul", ["H", "s"], "act16")]
     cast = [helper.make_node("Cast", ["act16"], ["act"], name="cast", to=TensorProto.FLOAT)]
     model = make_model(nodes + cast, input_dtype=TensorProto.FLOAT16)
     sites, duals, declined = detect(canonical(model))
+    assert [s.name for s in sites] == [SITE] and [d.kind for d in duals] == ["silu"] and declined == []
+
+
+def test_float64_activation_is_declined_with_a_reason():
+    nodes = [_n("Sigmoid", ["H"], "s"), _n("Mul", ["H", "s"], "act64")]
+    cast = [helper.make_node("Cast", ["act64"], ["act"], name="cast", to=TensorProto.FLOAT)]
+    model = make_model(nodes + cast, input_dtype=TensorProto.DOUBLE)
+    sites, duals, declined = detect(canonical(model))
     assert [s.name for s in sites] == [SITE] and duals == []
-    assert len(declined) == 1 and declined[0].name == SITE and "float16" in declined[0].reason
+    assert len(declined) == 1 and declined[0].name == SITE and "float64" in declined[0].reason
 
 
 def test_match_activation_rejects_graph_input():
