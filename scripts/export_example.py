@@ -49,6 +49,8 @@ DYNAMO_OPSET = 18
 
 #: Relative tolerance of the ONNX Runtime check: max|ort - torch| / max|torch|.
 VERIFY_RTOL = 1e-4
+HALF_VERIFY_RTOL = 5e-2  # torch's CPU float16 kernels and ONNX Runtime's round differently
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 #: Tiny SD3 (MMDiT): inner dim 4 * 16 = 64; the last block is ``context_pre_only``.
 SD3_TINY_CONFIG: dict[str, Any] = {
@@ -137,7 +139,7 @@ def input_shapes(model_kind: str, batch: int = 1) -> dict[str, tuple[int, ...]]:
     raise ValueError(f"unknown model kind {model_kind!r}; expected 'sd3', 'flux' or 'pixart'")
 
 
-def make_calibration(model_kind: str, n_samples: int, seed: int) -> dict[str, np.ndarray]:
+def make_calibration(model_kind: str, n_samples: int, seed: int, dtype: str = "fp32") -> dict[str, np.ndarray]:
     """Random but realistically distributed inputs, one array per graph input, axis 0 = samples.
 
     Latents, text embeddings and pooled embeddings are N(0, 1). The timestep follows each model's own
@@ -145,7 +147,8 @@ def make_calibration(model_kind: str, n_samples: int, seed: int) -> dict[str, np
     uniform in [0, 1) (the model multiplies it by 1000 itself). PixArt's size conditions are what its
     pipeline passes for the one latent size the graph has: resolution (height, width) in pixels and
     aspect ratio height / width = 1. Each sample has batch 1, so the arrays have the graph input shapes
-    with the batch dimension replaced by ``n_samples``.
+    with the batch dimension replaced by ``n_samples``. ``dtype`` "fp16" gives float16 arrays (for a
+    half-precision export), drawn from the same float32 values.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -163,7 +166,7 @@ def make_calibration(model_kind: str, n_samples: int, seed: int) -> dict[str, np
         pixels = PIXART_TINY_CONFIG["sample_size"] * PIXART_VAE_SCALE
         data["resolution"] = np.full(shapes["resolution"], pixels, np.float32)
         data["aspect_ratio"] = np.ones(shapes["aspect_ratio"], np.float32)
-    return data
+    return {k: v.astype(NP_DTYPES[dtype]) for k, v in data.items()}
 
 
 def _build_sd3(seed: int):
@@ -302,7 +305,7 @@ def _squeeze_dim_translation():
 
 def _export_and_verify(
     wrapper, model_kind: str, config: dict[str, Any], out_path, dynamo: bool, seed: int, batch: int,
-    translations: dict | None = None,
+    translations: dict | None = None, dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Export ``wrapper`` to ``out_path``, check it with ONNX Runtime, return a summary dict.
 
@@ -317,12 +320,14 @@ def _export_and_verify(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     names = tuple(getattr(wrapper, "input_names", INPUT_NAMES))
     # Verification inputs come from a seed distinct from the weights' and the calibration sets'.
-    feeds = make_calibration(model_kind, n_samples=batch, seed=seed + 1000)
+    feeds = make_calibration(model_kind, n_samples=batch, seed=seed + 1000, dtype=dtype)
     feeds = {name: feeds[name] for name in names}
     args = tuple(torch.from_numpy(feeds[name]) for name in names)
+    if dtype != "fp32":  # weights and computation in half precision, as such models are shipped
+        wrapper = wrapper.to(getattr(torch, {"fp16": "float16"}[dtype]))
 
     with torch.no_grad():
-        reference = wrapper(*args).numpy()
+        reference = wrapper(*args).float().numpy()
 
     opset = DYNAMO_OPSET if dynamo else TORCHSCRIPT_OPSET
     logger.info("exporting %s (dynamo=%s, opset %d) to %s", model_kind, dynamo, opset, out_path)
@@ -369,13 +374,14 @@ def _export_and_verify(
 
     session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
     (result,) = session.run([OUTPUT_NAME], feeds)
-    max_abs = float(np.max(np.abs(result - reference)))
+    max_abs = float(np.max(np.abs(result.astype(np.float32) - reference)))
     rel = max_abs / max(float(np.max(np.abs(reference))), 1e-12)
     logger.info(
         "ONNX Runtime vs torch: max abs diff %.3e, relative %.3e (output %s)", max_abs, rel, result.shape
     )
-    if not rel <= VERIFY_RTOL:
-        raise RuntimeError(f"ONNX output differs from torch: relative error {rel:.3e} > {VERIFY_RTOL:.0e}")
+    rtol = VERIFY_RTOL if dtype == "fp32" else HALF_VERIFY_RTOL
+    if not rel <= rtol:
+        raise RuntimeError(f"ONNX output differs from torch: relative error {rel:.3e} > {rtol:.0e}")
 
     return {
         "model": model_kind,
@@ -384,6 +390,7 @@ def _export_and_verify(
         "opset": opset,
         "seed": seed,
         "batch": batch,
+        "dtype": dtype,
         "config": dict(config),
         "input_shapes": {name: tuple(feeds[name].shape) for name in names},
         "output_shape": tuple(result.shape),
@@ -394,16 +401,16 @@ def _export_and_verify(
     }
 
 
-def export_sd3_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1) -> dict[str, Any]:
-    """Build the tiny SD3 transformer from ``seed``, export it to ``out_path`` and verify it."""
+def export_sd3_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1, dtype: str = "fp32") -> dict[str, Any]:
+    """Build the tiny SD3 transformer from ``seed``, export it to ``out_path`` (in ``dtype``) and verify it."""
     wrapper = _build_sd3(seed)
-    return _export_and_verify(wrapper, "sd3", SD3_TINY_CONFIG, out_path, dynamo, seed, batch)
+    return _export_and_verify(wrapper, "sd3", SD3_TINY_CONFIG, out_path, dynamo, seed, batch, dtype=dtype)
 
 
-def export_flux_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1) -> dict[str, Any]:
-    """Build the tiny FLUX transformer from ``seed``, export it to ``out_path`` and verify it."""
+def export_flux_tiny(out_path, dynamo: bool, seed: int = 0, batch: int = 1, dtype: str = "fp32") -> dict[str, Any]:
+    """Build the tiny FLUX transformer from ``seed``, export it to ``out_path`` (in ``dtype``) and verify it."""
     wrapper = _build_flux(seed, decompose_rms_norm=not dynamo)
-    return _export_and_verify(wrapper, "flux", FLUX_TINY_CONFIG, out_path, dynamo, seed, batch)
+    return _export_and_verify(wrapper, "flux", FLUX_TINY_CONFIG, out_path, dynamo, seed, batch, dtype=dtype)
 
 
 def export_pixart_tiny(
@@ -443,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dynamo", action="store_true", help="use the dynamo exporter (opset 18)")
     parser.add_argument("--name", default=None, help="file stem; default <model>_tiny[_dynamo]")
     parser.add_argument("--seed", type=int, default=0, help="weights seed; calib/eval use seed+1/seed+2")
+    parser.add_argument("--dtype", choices=sorted(NP_DTYPES), default="fp32",
+                        help="weights, computation and inputs (sd3 and flux; fp16 as half models ship)")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=8, help="held-out samples; 0 to skip")
     args = parser.parse_args(argv)
@@ -462,15 +471,20 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     onnx_path = out_dir / f"{name}.onnx"
-    EXPORTERS[args.model](onnx_path, dynamo=args.dynamo, seed=args.seed)
+    if args.dtype != "fp32" and args.model == "pixart":
+        parser.error("--dtype fp16 is for --model sd3 and flux")
+    if args.dtype != "fp32" and args.out_dir is None:
+        parser.error("--out-dir is required with --dtype fp16 (the bundled example is fp32)")
+    extra = {"dtype": args.dtype} if args.dtype != "fp32" else {}
+    EXPORTERS[args.model](onnx_path, dynamo=args.dynamo, seed=args.seed, **extra)
     written = [onnx_path]
 
     calib_path = out_dir / f"{name}_calib.npz"
-    _save_npz(calib_path, make_calibration(args.model, args.calib_samples, seed=args.seed + 1))
+    _save_npz(calib_path, make_calibration(args.model, args.calib_samples, seed=args.seed + 1, dtype=args.dtype))
     written.append(calib_path)
     if args.eval_samples > 0:
         eval_path = out_dir / f"{name}_eval.npz"
-        _save_npz(eval_path, make_calibration(args.model, args.eval_samples, seed=args.seed + 2))
+        _save_npz(eval_path, make_calibration(args.model, args.eval_samples, seed=args.seed + 2, dtype=args.dtype))
         written.append(eval_path)
 
     for path in written:
