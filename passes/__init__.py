@@ -17,19 +17,21 @@ from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import PLAN, QUANTIZE, Pass, PreconditionError, QuantizedSite, run_order
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
 from segquant_onnx.passes.find_linear_sites import FindLinearSites
+from segquant_onnx.passes.quantize_attention import QuantizeAttention
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
 from segquant_onnx.passes.smooth_activations import SmoothActivations
 from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 from segquant_onnx.passes.split_outlier_channels import SplitOutlierChannels
 from segquant_onnx.plan import QuantPlan
 
-__all__ = ["DualScaleActivations", "FindLinearSites", "Pass", "PreconditionError", "QuantizeLinearInputs",
+__all__ = ["DualScaleActivations", "FindLinearSites", "Pass", "PreconditionError", "QuantizeAttention",
+           "QuantizeLinearInputs",
            "QuantizedSite", "SmoothActivations", "SplitLinearBySegment", "SplitOutlierChannels", "detect_all",
            "passes", "rewrite_all"]
 
 
 def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
-           exclude: tuple[str, ...] = (), dualscale: bool = True) -> tuple[Pass, ...]:
+           exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False) -> tuple[Pass, ...]:
     """The run order, for detection and for rewriting alike (a new pass is one line here)."""
     return run_order((
         SplitLinearBySegment(seg_output, seg_input, seg_heads),
@@ -38,17 +40,18 @@ def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool =
         SmoothActivations(),
         DualScaleActivations(dualscale),
         QuantizeLinearInputs(),
+        QuantizeAttention(attention),
     ))
 
 
 def detect_all(graph: gs.Graph, *, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
-               exclude: tuple[str, ...] = (), dualscale: bool = True) -> QuantPlan:
+               exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False) -> QuantPlan:
     """The plan of a canonicalized graph: every pass's findings and declines, in run order. Plan-stage
     passes (SegLinear) rewrite what they found right away, so `graph` is mutated: the sites are those
     of the graph that will be quantized."""
     plan = QuantPlan(sites=())
     for p in passes(seg_output=seg_output, seg_input=seg_input, seg_heads=seg_heads, exclude=exclude,
-                    dualscale=dualscale):
+                    dualscale=dualscale, attention=attention):
         plan = p.detect(graph, plan)
         if p.stage == PLAN:
             p.rewrite(graph, list(plan.segments), None)

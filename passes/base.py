@@ -38,6 +38,7 @@ OUTLIERS_SPLIT = "outliers split"
 SMOOTHED = "smoothed"
 DUAL_QUANTIZED = "dual sites quantized"
 QUANTIZED = "quantized"
+ATTENTION_QUANTIZED = "attention quantized"
 
 PLAN, QUANTIZE = "plan", "quantize"
 

@@ -292,10 +292,13 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class PrecisionConfig:
     """format: what the linear sites are quantized to (see Precision). high_precision: the dtype the rest
-    of the graph is written in (an fp32 model's rest converted where calibrated ranges allow)."""
+    of the graph is written in (an fp32 model's rest converted where calibrated ranges allow).
+    quantize_attention: per-tensor Q/DQ on both inputs of the attention products (Q @ K^T, softmax @ V),
+    the placement TensorRT's fused MHA kernels take (passes/quantize_attention.py)."""
 
     format: Precision = Precision.INT8
     high_precision: HighPrecision = HighPrecision.FP32
+    quantize_attention: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "format", Precision.parse(self.format, "--precision"))

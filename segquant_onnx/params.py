@@ -78,3 +78,4 @@ class Quantization:
     decisions: list = field(default_factory=list)  # DualScale decisions, for the report
     floating: frozenset = frozenset()
     format: QuantFormat = INT8
+    attention: dict = field(default_factory=dict)  # attention product -> (scale of input a, of input b)

@@ -46,7 +46,8 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """The passes' plan (passes.detect_all: mutates `graph` by SegLinear's exact split)."""
     seg = config.seglinear
     return detect_all(graph, seg_output=seg.output, seg_input=seg.input, seg_heads=seg.heads,
-                      exclude=config.fallback.exclude, dualscale=config.dualscale.mode is not DualScaleMode.OFF)
+                      exclude=config.fallback.exclude, dualscale=config.dualscale.mode is not DualScaleMode.OFF,
+                      attention=config.precision.quantize_attention)
 
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:

@@ -83,17 +83,28 @@ class DualSite:
 
 
 @dataclass(frozen=True)
+class AttentionSite:
+    """An activation x activation MatMul (Q @ K^T, softmax @ V) whose two inputs get per-tensor Q/DQ
+    (`--quantize-attention`); `inputs` are its input tensors, in order."""
+
+    name: str
+    inputs: tuple[str, str]
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     sites: tuple[LinearSite, ...]
     declined: tuple[DeclinedSite, ...] = ()
     segments: tuple[SegmentMatch, ...] = ()
     dual: tuple[DualSite, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    attention: tuple[AttentionSite, ...] = ()
 
     @property
     def observed_tensors(self) -> tuple[str, ...]:
         """Tensors calibration must observe, each once, in plan order."""
-        return tuple(dict.fromkeys(s.activation for s in self.sites))
+        attention = (t for a in self.attention for t in a.inputs)
+        return tuple(dict.fromkeys([*(s.activation for s in self.sites), *attention]))
 
     @property
     def total_flops(self) -> int:
@@ -115,6 +126,7 @@ class QuantPlan:
             "segments": [asdict(m) for m in self.segments],
             "dual": [asdict(d) for d in self.dual],
             "notes": list(self.notes),
+            "attention": [asdict(a) for a in self.attention],
         }
 
     def to_json(self) -> str:
@@ -131,4 +143,5 @@ class QuantPlan:
             segments=tuple(SegmentMatch(**{**m, "sizes": tuple(m["sizes"])}) for m in data.get("segments", ())),
             dual=tuple(DualSite(**d) for d in data.get("dual", ())),
             notes=tuple(data.get("notes", ())),
+            attention=tuple(AttentionSite(a["name"], tuple(a["inputs"])) for a in data.get("attention", ())),
         )

@@ -29,6 +29,7 @@ EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli.demo", "segquant_onnx.cli.
 # flag (argparse dest) -> (config group, field): where each plain quantize flag lands
 FLAG_SETTINGS = {
     "precision": ("precision", "format"), "high_precision": ("precision", "high_precision"),
+    "quantize_attention": ("precision", "quantize_attention"),
     "calib_method": ("calibration", "method"), "percentile": ("calibration", "percentile"),
     "batch_size": ("calibration", "batch_size"), "dry_rewrite": ("seglinear", "dry_rewrite"),
     "dualscale": ("dualscale", "mode"), "dualscale_min_gain": ("dualscale", "min_gain_db"),
@@ -222,6 +223,9 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g.add_argument("--high-precision", choices=HIGH_PRECISIONS, default=d.precision.high_precision.value,
                    help="dtype of the unquantized rest of an fp32 model; tensors whose calibrated range does not "
                         "fit fp16 stay fp32 (default: %(default)s)")
+    g.add_argument("--quantize-attention", action="store_true",
+                   help="also quantize the attention products (Q @ K^T, softmax @ V) per tensor, as TensorRT's "
+                        "fused MHA kernels take them; best with --precision fp8")
 
     g = groups["calibration"]
     g.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")

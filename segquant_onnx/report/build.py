@@ -3,9 +3,9 @@
 Keys (REPORT_KEYS, in this order): `tool`, `input`, `output`, `config` (the settings as run),
 `calibration_data`, `eval_data`, `sites` (one row per linear site: scales, method, alpha, layer SQNR,
 or `float`), `declined`, `segments`, `dualscale` (every candidate's gain and whether it runs as two
-GEMMs), `heldback_trials` (the global choices scored at the output), `outliers` (`sites`,
-`per_site_search`, `ranges`, `float_flop_pct`), `sensitivity`, `fallback`, `summary` (SUMMARY_KEYS),
-`output_error`, `layer_error`, `tensorrt_check`, `seconds`.
+GEMMs), `heldback_trials` (the global choices scored at the output), `attention` (the quantized attention
+products' input scales), `outliers` (`sites`, `per_site_search`, `ranges`, `float_flop_pct`), `sensitivity`,
+`fallback`, `summary` (SUMMARY_KEYS), `output_error`, `layer_error`, `tensorrt_check`, `seconds`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from segquant_onnx.calib.observers import Stats
 
 REPORT_KEYS = ("tool", "input", "output", "config", "calibration_data", "eval_data", "sites", "declined", "segments",
-               "dualscale", "heldback_trials", "outliers", "sensitivity", "fallback", "summary", "output_error",
-               "layer_error", "tensorrt_check", "seconds")
+               "dualscale", "heldback_trials", "attention", "outliers", "sensitivity", "fallback", "summary",
+               "output_error", "layer_error", "tensorrt_check", "seconds")
 SUMMARY_KEYS = ("sites_quantized", "segment_rewrites", "dualscale_candidates", "dualscale_applied",
                 "dualscale_extra_flop_pct", "outlier_sites", "outlier_channels", "sites_declined",
                 "int8_flop_fraction", "size_before", "size_after")
@@ -118,6 +118,7 @@ def build_report(outcome: Outcome) -> dict:
         "segments": [asdict(m) for m in plan.segments],
         "dualscale": [{**asdict(d), "apply": d.site in q.dual} for d in q.decisions],
         "heldback_trials": decision.trials if decision else [],
+        "attention": {name: list(scales) for name, scales in q.attention.items()},
         "outliers": _outliers(outcome),
         "sensitivity": [asdict(r) for r in decision.sensitivity] if decision else [],
         "fallback": asdict(fallback) if fallback else None,

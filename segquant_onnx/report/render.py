@@ -71,9 +71,12 @@ def _mb(n: int) -> str:
 
 def format_summary(report: dict) -> str:
     s = report["summary"]
+    fmt = report.get("config", {}).get("precision", {}).get("format", "int8").upper()
+    attention = report.get("attention") or {}
     lines = [
         f"SegLinear split {s['segment_rewrites']} linears into segments",
-        f"quantized {s['sites_quantized']} linear sites ({100 * s['int8_flop_fraction']:.1f}% of linear FLOPs in INT8), "
+        f"quantized {s['sites_quantized']} linear sites ({100 * s['int8_flop_fraction']:.1f}% of linear FLOPs in "
+        f"{fmt}), "
         f"declined {s['sites_declined']}",
         f"model size {_mb(s['size_before'])} -> {_mb(s['size_after'])}",
     ]
@@ -82,8 +85,10 @@ def format_summary(report: dict) -> str:
         lines.insert(1, f"DualScale on {s['dualscale_applied']} of {s['dualscale_candidates']} SiLU/GELU -> linear sites "
                         f"(+{s['dualscale_extra_flop_pct']:.1f}% GEMM FLOPs"
                         + (f", layer gain {min(gains):.1f} to {max(gains):.1f} dB)" if gains else ")"))
-    if report["declined"]:
-        lines += [f"  skipped {n} x {r}" for r, n in Counter(d["reason"] for d in report["declined"]).items()]
+    if attention:
+        lines.append(f"attention: {len(attention)} products (Q @ K^T, softmax @ V) quantized per tensor in {fmt}")
+    skipped = Counter(d["reason"] for d in report["declined"] if d["name"] not in attention)
+    lines += [f"  skipped {n} x {r}" for r, n in skipped.items()]
     fb = report.get("fallback")
     if fb:
         lines.append(f"fallback: {len(fb['sites'])} sites kept in float, held-back output SQNR "

@@ -110,4 +110,6 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
     for name in recipe.dual_sites:
         st, w = bulk(sites[name], stats, weight, recipe.outliers)
         dual[name] = site_dual_params(sites[name], st, w, params[name].smooth, fmt)
-    return Quantization(params, dual, dict(recipe.outliers), list(recipe.dual), recipe.floating, fmt)
+    attention = {a.name: tuple(float(scale_from_amax(stats[t].amax, fmt.qmax)) for t in a.inputs)
+                 for a in plan.attention}  # abs-max: the softmax output is bounded, Q/K/V are searched by no one
+    return Quantization(params, dual, dict(recipe.outliers), list(recipe.dual), recipe.floating, fmt, attention)

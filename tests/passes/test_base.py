@@ -15,13 +15,13 @@ from conftest import attention_model, build_linear_model
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes import (DualScaleActivations, FindLinearSites, Pass, PreconditionError,
-                                  QuantizeLinearInputs, SmoothActivations, SplitLinearBySegment,
+                                  QuantizeAttention, QuantizeLinearInputs, SmoothActivations, SplitLinearBySegment,
                                   SplitOutlierChannels, detect_all, passes, rewrite_all)
 from segquant_onnx.passes.base import PLAN, QUANTIZE, run_order
 from segquant_onnx.plan import DeclinedSite, QuantPlan
 
 ORDER = ["split_linear_by_segment", "find_linear_sites", "split_outlier_channels", "smooth_activations",
-         "dual_scale_activations", "quantize_linear_inputs"]
+         "dual_scale_activations", "quantize_linear_inputs", "quantize_attention"]
 
 
 def canonical(model: onnx.ModelProto) -> gs.Graph:
@@ -63,7 +63,7 @@ def test_run_order_is_the_list_for_detection_and_for_rewriting(monkeypatch):
         return recorded
 
     for cls in (SplitLinearBySegment, FindLinearSites, SplitOutlierChannels, SmoothActivations,
-                DualScaleActivations, QuantizeLinearInputs):
+                DualScaleActivations, QuantizeLinearInputs, QuantizeAttention):
         for method in ("detect", "rewrite"):
             monkeypatch.setattr(cls, method, spy(method, getattr(cls, method)))
     graph = canonical(build_linear_model("matmul"))
