@@ -19,6 +19,7 @@ import re
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.linear import trans_b
@@ -28,7 +29,10 @@ from segquant_onnx.plan import DeclinedSite, LinearSite, QuantPlan
 
 
 def _name(dtype) -> str:
-    return np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else f"ONNX type {dtype}"
+    """numpy's name of a dtype; onnx-graphsurgeon keeps types numpy lacks (bfloat16) as ONNX type numbers."""
+    if isinstance(dtype, (type, np.dtype)):
+        return np.dtype(dtype).name
+    return onnx.helper.tensor_dtype_to_string(dtype).removeprefix("TensorProto.").lower() if dtype else "unknown"
 
 
 def _volume(shape) -> int:
@@ -71,7 +75,7 @@ class FindLinearSites:
                 return f"excluded by --exclude '{pattern.pattern}'"
         if x.dtype not in FLOAT_DTYPES or w.dtype != x.dtype:
             return (f"dtype {_name(x.dtype)}/{_name(w.dtype)}: only float32 and float16 linears (activation and "
-                    "weight alike) are quantized")
+                    "weight alike) are quantized; export bfloat16 models in float16 or float32")
         shape = tuple(int(d) for d in w.shape)
         if node.op == "MatMul":
             if len(shape) != 2:

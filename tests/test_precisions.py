@@ -116,3 +116,21 @@ def test_fp16_diffusion_exports_quantize_end_to_end(fp16_export, fmt, floor, tmp
     assert r.report["output_error"]["out"]["sqnr_db"] > floor
     q = onnx.load(tmp_path / "q.onnx")
     assert {t.data_type for t in q.graph.initializer if t.name.endswith("_scale")} == {TensorProto.FLOAT16}
+
+
+def test_a_bfloat16_model_is_refused_in_one_sentence_naming_the_type(tmp_path):
+    import ml_dtypes
+
+    m = to_fp16(build_linear_model("matmul"))
+    for i, t in enumerate(m.graph.initializer):
+        if t.data_type == TensorProto.FLOAT16:
+            values = numpy_helper.to_array(t).astype(np.float32).astype(ml_dtypes.bfloat16)
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, t.name))
+    for v in [*m.graph.input, *m.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    onnx.save(m, tmp_path / "bf16.onnx")
+    np.savez(tmp_path / "c.npz", X=calib_inputs("matmul", 4))
+    from segquant_onnx import UserError
+
+    with pytest.raises(UserError, match="bfloat16/bfloat16: only float32 and float16 linears.*float16 or float32"):
+        quantize(tmp_path / "bf16.onnx", tmp_path / "c.npz", QuantConfig(), progress=False)
