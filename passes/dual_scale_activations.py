@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.formats import QuantFormat
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import (FLOAT_DTYPES, QuantizedInput, dequantized_weight_input, quantize_activation_input,
+from segquant_onnx.ir.qdq import (QuantizedInput, float_dtype, dequantized_weight_input, quantize_activation_input,
                                   quantized_weight, site_node)
 from segquant_onnx.params import DualParams, Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, SITES_FOUND, SMOOTHED, QuantizedSite
@@ -190,7 +190,8 @@ def _look_through(t: gs.Tensor) -> gs.Tensor:
     """Walk back through ops that only move values (Cast only from float to float)."""
     while (node := _producer(t, *LOOK_THROUGH)) is not None and node.inputs:
         if node.op == "Cast" and (int(node.attrs.get("to", -1)) not in _FLOAT_TYPES
-                                  or node.inputs[0].dtype not in (np.float32, np.float16, np.float64)):
+                                  or node.inputs[0].dtype not in (np.float32, np.float16, np.float64)
+                                  and float_dtype(node.inputs[0].dtype) is None):
             break
         t = node.inputs[0]
     return t
@@ -225,9 +226,9 @@ class DualScaleActivations:
         if found is None:
             return None
         kind, x = found
-        if x.dtype not in FLOAT_DTYPES or act.dtype != x.dtype:
+        if float_dtype(x.dtype) is None or float_dtype(act.dtype) != float_dtype(x.dtype):
             return f"{kind} computes in {np.dtype(x.dtype).name if x.dtype else 'unknown dtype'}, " \
-                   "only float32 and float16 activations are dual-scaled"
+                   "only float32, float16 and bfloat16 activations are dual-scaled"
         return DualSite(site.name, act.name, kind)
 
     def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
@@ -268,7 +269,7 @@ class DualScaleActivations:
 
         relu_out = gs.Variable(namer(pos, "relu_output"), a.dtype, a.shape)
         min_out = gs.Variable(namer(neg, "min_output"), a.dtype, a.shape)
-        zero = gs.Constant(namer(neg, "zero"), np.array(0, a.dtype))
+        zero = gs.Constant(namer(neg, "zero"), np.array(0, float_dtype(a.dtype) or np.float32))
         graph.nodes.append(gs.Node("Relu", namer(pos, "relu"), inputs=[a], outputs=[relu_out]))
         graph.nodes.append(gs.Node("Min", namer(neg, "min"), inputs=[a, zero], outputs=[min_out]))
 

@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.linear import trans_b
-from segquant_onnx.ir.qdq import FLOAT_DTYPES
+from segquant_onnx.ir.qdq import float_dtype
 from segquant_onnx.passes.base import CANONICAL, QUANTIZE, SEGMENTS_SPLIT, SITES_FOUND
 from segquant_onnx.plan import DeclinedSite, LinearSite, QuantPlan
 
@@ -73,9 +73,9 @@ class FindLinearSites:
         for pattern in self.exclude:
             if pattern.search(node.name):
                 return f"excluded by --exclude '{pattern.pattern}'"
-        if x.dtype not in FLOAT_DTYPES or w.dtype != x.dtype:
-            return (f"dtype {_name(x.dtype)}/{_name(w.dtype)}: only float32 and float16 linears (activation and "
-                    "weight alike) are quantized; export bfloat16 models in float16 or float32")
+        if float_dtype(x.dtype) is None or float_dtype(w.dtype) != float_dtype(x.dtype):
+            return (f"dtype {_name(x.dtype)}/{_name(w.dtype)}: only float32, float16 and bfloat16 linears "
+                    "(activation and weight alike) are quantized")
         shape = tuple(int(d) for d in w.shape)
         if node.op == "MatMul":
             if len(shape) != 2:

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import site_node
+from segquant_onnx.ir.qdq import float_dtype, site_node
 from segquant_onnx.ir.linear import scale_input_channels
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import OUTLIERS_SPLIT, QUANTIZE, SITES_FOUND, SMOOTHED
@@ -51,11 +51,12 @@ class SmoothActivations:
                 updated.append(site)
                 continue
             node, x, w = site_node(nodes, site, self.name)
-            inv = gs.Constant(namer(site.name, "smooth_inv_scale"), (1.0 / smooth).astype(x.dtype))
+            inv = gs.Constant(namer(site.name, "smooth_inv_scale"), (1.0 / smooth).astype(float_dtype(x.dtype)))
             x_s = gs.Variable(namer(site.name, "smoothed_input"), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", namer(site.name, "smooth"), inputs=[x, inv], outputs=[x_s]))
             w_s = gs.Constant(namer(site.name, "smoothed_weight"),
-                              np.ascontiguousarray(scale_input_channels(constant_values(w), site, smooth), w.dtype))
+                              np.ascontiguousarray(scale_input_channels(constant_values(w), site, smooth),
+                                                   float_dtype(w.dtype)))
             node.inputs[site.activation_input_index] = x_s
             node.inputs[site.weight_input_index] = w_s
             updated.append(replace(site, activation=x_s.name, weight=w_s.name))

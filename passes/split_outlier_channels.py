@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import site_node
+from segquant_onnx.ir.qdq import float_dtype, site_node
 from segquant_onnx.ir.linear import input_channels, weight_is_nk, zero_input_channels
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import OUTLIERS_SPLIT, QUANTIZE, SITES_FOUND
@@ -61,7 +61,7 @@ class SplitOutlierChannels:
             node, x, w = site_node(nodes, site, self.name)
             w_full = constant_values(w)
             k = input_channels(site)
-            mask = np.ones(k, x.dtype)
+            mask = np.ones(k, float_dtype(x.dtype))
             mask[idx] = 0
             if site.op == "Conv":  # channels on axis 1 of N, C, spatial...
                 mask = mask.reshape([1, k] + [1] * (w_full.ndim - 2))
@@ -71,14 +71,14 @@ class SplitOutlierChannels:
                                        inputs=[x, gs.Constant(namer(site.name, "bulk_mask_values"), mask)],
                                        outputs=[x_m]))
             w_b = gs.Constant(namer(site.name, "bulk_weight"),
-                              np.ascontiguousarray(zero_input_channels(w_full, site, idx), w.dtype))
+                              np.ascontiguousarray(zero_input_channels(w_full, site, idx), float_dtype(w.dtype)))
             x_o = gs.Variable(namer(layer, "input"), dtype=x.dtype)
             y_o = gs.Variable(namer(layer, "output"), dtype=x.dtype)
             graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": 1 if site.op == "Conv" else -1},
                                        inputs=[x, gs.Constant(namer(layer, "channels"), idx.astype(np.int64))],
                                        outputs=[x_o]))
             if site.op == "Conv":  # the same convolution over the outlier input channels, no bias
-                w_o = np.ascontiguousarray(w_full[:, idx], w.dtype)
+                w_o = np.ascontiguousarray(w_full[:, idx], float_dtype(w.dtype))
                 graph.nodes.append(gs.Node("Conv", namer(layer, "Conv"), dict(node.attrs),
                                            inputs=[x_o, gs.Constant(namer(layer, "weight"), w_o)], outputs=[y_o]))
             else:  # the outlier channels' rows of W as a [k, N] matrix
@@ -87,7 +87,7 @@ class SplitOutlierChannels:
                     w_o = w_o * float(node.attrs.get("alpha", 1.0))  # Gemm scales A @ B by alpha
                 graph.nodes.append(gs.Node("MatMul", namer(layer, "MatMul"),
                                            inputs=[x_o, gs.Constant(namer(layer, "weight"),
-                                                                    np.ascontiguousarray(w_o, w.dtype))],
+                                                                    np.ascontiguousarray(w_o, float_dtype(w.dtype)))],
                                            outputs=[y_o]))
             y = node.outputs[0]
             y_bulk = gs.Variable(namer(site.name, "bulk_output"), dtype=y.dtype, shape=y.shape)

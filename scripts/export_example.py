@@ -50,7 +50,9 @@ DYNAMO_OPSET = 18
 #: Relative tolerance of the ONNX Runtime check: max|ort - torch| / max|torch|.
 VERIFY_RTOL = 1e-4
 HALF_VERIFY_RTOL = 5e-2  # torch's CPU float16 kernels and ONNX Runtime's round differently
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+BF16_VERIFY_RTOL = 5e-2  # torch computes in bfloat16 (8 mantissa bits), the check in float32 (measured 7e-3, 1.2e-2)
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}  # bf16: .npz holds float32
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 #: Tiny SD3 (MMDiT): inner dim 4 * 16 = 64; the last block is ``context_pre_only``.
 SD3_TINY_CONFIG: dict[str, Any] = {
@@ -148,7 +150,9 @@ def make_calibration(model_kind: str, n_samples: int, seed: int, dtype: str = "f
     pipeline passes for the one latent size the graph has: resolution (height, width) in pixels and
     aspect ratio height / width = 1. Each sample has batch 1, so the arrays have the graph input shapes
     with the batch dimension replaced by ``n_samples``. ``dtype`` "fp16" gives float16 arrays (for a
-    half-precision export), drawn from the same float32 values.
+    half-precision export), drawn from the same float32 values; "bf16" float32 arrays holding bfloat16
+    values (for a bfloat16 export: .npz has no bfloat16 type, and segquant-onnx reads float32 data for
+    bfloat16 inputs).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -166,6 +170,10 @@ def make_calibration(model_kind: str, n_samples: int, seed: int, dtype: str = "f
         pixels = PIXART_TINY_CONFIG["sample_size"] * PIXART_VAE_SCALE
         data["resolution"] = np.full(shapes["resolution"], pixels, np.float32)
         data["aspect_ratio"] = np.ones(shapes["aspect_ratio"], np.float32)
+    if dtype == "bf16":  # bfloat16 values, stored as float32 (.npz has no bfloat16; the model's sessions read it)
+        import ml_dtypes
+
+        data = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in data.items()}
     return {k: v.astype(NP_DTYPES[dtype]) for k, v in data.items()}
 
 
@@ -324,7 +332,9 @@ def _export_and_verify(
     feeds = {name: feeds[name] for name in names}
     args = tuple(torch.from_numpy(feeds[name]) for name in names)
     if dtype != "fp32":  # weights and computation in half precision, as such models are shipped
-        wrapper = wrapper.to(getattr(torch, {"fp16": "float16"}[dtype]))
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        wrapper = wrapper.to(torch_dtype)
+        args = tuple(a.to(torch_dtype) for a in args)
 
     with torch.no_grad():
         reference = wrapper(*args).float().numpy()
@@ -372,14 +382,19 @@ def _export_and_verify(
     if graph_inputs != list(names) or graph_outputs != [OUTPUT_NAME]:
         raise RuntimeError(f"unexpected graph I/O: inputs {graph_inputs}, outputs {graph_outputs}")
 
-    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    if dtype == "bf16":  # ONNX Runtime's CPU has no bfloat16 kernels: check the float32 shadow
+        from segquant_onnx.ir.runtime import float32_shadow
+
+        session = ort.InferenceSession(float32_shadow(proto).SerializeToString(), providers=["CPUExecutionProvider"])
+    else:
+        session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
     (result,) = session.run([OUTPUT_NAME], feeds)
     max_abs = float(np.max(np.abs(result.astype(np.float32) - reference)))
     rel = max_abs / max(float(np.max(np.abs(reference))), 1e-12)
     logger.info(
         "ONNX Runtime vs torch: max abs diff %.3e, relative %.3e (output %s)", max_abs, rel, result.shape
     )
-    rtol = VERIFY_RTOL if dtype == "fp32" else HALF_VERIFY_RTOL
+    rtol = {"fp32": VERIFY_RTOL, "fp16": HALF_VERIFY_RTOL, "bf16": BF16_VERIFY_RTOL}[dtype]
     if not rel <= rtol:
         raise RuntimeError(f"ONNX output differs from torch: relative error {rel:.3e} > {rtol:.0e}")
 
@@ -451,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="file stem; default <model>_tiny[_dynamo]")
     parser.add_argument("--seed", type=int, default=0, help="weights seed; calib/eval use seed+1/seed+2")
     parser.add_argument("--dtype", choices=sorted(NP_DTYPES), default="fp32",
-                        help="weights, computation and inputs (sd3 and flux; fp16 as half models ship)")
+                        help="weights, computation and inputs (sd3 and flux; fp16/bf16 as half models ship)")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=8, help="held-out samples; 0 to skip")
     args = parser.parse_args(argv)
@@ -472,9 +487,9 @@ def main(argv: list[str] | None = None) -> int:
 
     onnx_path = out_dir / f"{name}.onnx"
     if args.dtype != "fp32" and args.model == "pixart":
-        parser.error("--dtype fp16 is for --model sd3 and flux")
+        parser.error("--dtype fp16/bf16 is for --model sd3 and flux")
     if args.dtype != "fp32" and args.out_dir is None:
-        parser.error("--out-dir is required with --dtype fp16 (the bundled example is fp32)")
+        parser.error("--out-dir is required with --dtype fp16/bf16 (the bundled example is fp32)")
     extra = {"dtype": args.dtype} if args.dtype != "fp32" else {}
     EXPORTERS[args.model](onnx_path, dynamo=args.dynamo, seed=args.seed, **extra)
     written = [onnx_path]

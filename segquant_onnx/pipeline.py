@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -20,7 +21,7 @@ from segquant_onnx.config import DualScaleMode, QuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import finalize
-from segquant_onnx.ir.graph_io import constant_values, export_model, model_size, open_source, save_model
+from segquant_onnx.ir.graph_io import constant_values, export_model, gs_quiet, model_size, open_source, save_model
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
 from segquant_onnx.ir.runtime import check_providers, temporary_directory
 from segquant_onnx.params import Quantization, SiteParams
@@ -52,7 +53,8 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
     src = open_source(model)
-    return build_plan(canonicalize(src.graph, src.description, config.precision.quant_format.min_opset), config)
+    with gs_quiet():
+        return build_plan(canonicalize(src.graph, src.description, config.precision.quant_format.min_opset), config)
 
 
 def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, force: bool = False,
@@ -62,7 +64,14 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
     Writes `output` (atomically) when given. Output error is measured against the floating-point
     graph on `eval_data`, or on the calibration data when it can be read twice; `evaluate=False`
     skips that measurement (no float and quantized evaluation sessions: less time and memory).
+    onnx-graphsurgeon's warnings (hundreds on a bfloat16 model) show only with -v.
     """
+    with gs_quiet():
+        return _quantize(model, calib, config, output, force, eval_data, report_path, progress, evaluate)
+
+
+def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data, report_path, progress: bool,
+              evaluate: bool) -> Result:
     started = time.perf_counter()
     providers = check_providers(config.runtime.providers)
     src = open_source(model)
@@ -95,7 +104,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
             cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir, providers=providers,
                             tmp_dir=tmp, progress=progress, **space.calibration(plan, config.calibration))
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-            weight = lambda name: constant_values(weights[name])  # noqa: E731
+            weight = lambda name: np.asarray(constant_values(weights[name]), np.float32)  # noqa: E731
             decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress)

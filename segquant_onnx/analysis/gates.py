@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import QuantizedInput
+from segquant_onnx.ir.qdq import QuantizedInput, float_dtype
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.rewrite import apply_quantization
@@ -53,7 +53,7 @@ def add_gates(graph: gs.Graph, quantized: Mapping[str, Sequence[QuantizedInput]]
             if id(qi.original) not in blends:
                 exact = qi.original
                 if isinstance(exact, gs.Constant):  # a weight: blend with a float copy of it
-                    values = constant_values(exact).astype(qi.dequantized.dtype or np.float32)
+                    values = constant_values(exact).astype(float_dtype(qi.dequantized.dtype) or np.float32)
                     exact = gs.Constant(namer(qi.layer, f"{qi.part}_float"), np.require(values, requirements="C"))
                 out, nodes = _blend(namer, qi.layer, qi.part, exact, qi.dequantized, gate)
                 after.setdefault(id(qi.dequantized.inputs[0]), []).extend(nodes)
@@ -66,10 +66,11 @@ def add_gates(graph: gs.Graph, quantized: Mapping[str, Sequence[QuantizedInput]]
 
 def typed_gate(namer: Namer, prefix: str, gate: gs.Variable, dtype) -> tuple[gs.Tensor, list[gs.Node]]:
     """The float32 gate as `dtype` (a Cast where that is float16: Mul needs one type), and the nodes."""
-    if np.dtype(dtype) == np.float32:
+    dtype = float_dtype(dtype) or np.dtype(np.float32)
+    if dtype == np.float32:
         return gate, []
-    typed = gs.Variable(namer(prefix, "gate_typed"), dtype=np.dtype(dtype), shape=[])
-    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    typed = gs.Variable(namer(prefix, "gate_typed"), dtype=dtype, shape=[])
+    to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     return typed, [gs.Node("Cast", namer(prefix, "gate_cast"), {"to": to}, inputs=[gate], outputs=[typed])]
 
 
@@ -77,7 +78,7 @@ def _blend(namer: Namer, layer: str, part: str, exact: gs.Tensor, quantized: gs.
            gate: gs.Variable) -> tuple[gs.Variable, list[gs.Node]]:
     """exact + gate * (quantized - exact), and the nodes that compute it (the float32 gate cast to the
     site's type first where that is float16)."""
-    dtype = np.dtype(quantized.dtype or np.float32)
+    dtype = float_dtype(quantized.dtype) or np.dtype(np.float32)
     diff = gs.Variable(namer(layer, f"{part}_quant_error"), dtype=dtype)
     scaled = gs.Variable(namer(layer, f"{part}_gated_error"), dtype=dtype)
     out = gs.Variable(namer(layer, f"{part}_gated"), dtype=dtype, shape=quantized.shape)

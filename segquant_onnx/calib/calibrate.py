@@ -58,7 +58,8 @@ def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name in names:
         if name not in present:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(tensors[name].dtype)
+            dtype = tensors[name].dtype  # a numpy type, or the ONNX type number of one numpy lacks (bfloat16)
+            elem = dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(dtype)
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return model
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.errors import UserError
@@ -62,8 +63,11 @@ class InputSpec:
 
 
 def model_inputs(graph: gs.Graph) -> list[InputSpec]:
+    """The data each graph input takes: its own type, except bfloat16, which .npz cannot hold and which the
+    sessions run through a float32 shadow of the graph (ir.runtime.float32_shadow): float32 data."""
     return [
-        InputSpec(t.name, np.dtype(t.dtype), tuple(t.shape) if t.shape is not None else ())
+        InputSpec(t.name, np.dtype(np.float32) if t.dtype == onnx.TensorProto.BFLOAT16 else np.dtype(t.dtype),
+                  tuple(t.shape) if t.shape is not None else ())
         for t in graph.inputs
     ]
 

@@ -23,6 +23,7 @@ from onnx import version_converter
 
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.graph_io import gs_quiet
+from segquant_onnx.ir.qdq import BFLOAT16, float_dtype
 from segquant_onnx.ir.runtime import quiet_onnxruntime, third_party_verbose
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,9 @@ def canonicalize(graph: gs.Graph, source: str = "the model", min_opset: int = MI
     """The graph the passes match on. `min_opset`: the opset the Q/DQ to be written need (13: per-channel
     INT8; 19: FP8)."""
     refuse_quantized(graph, source)
-    if any(isinstance(t, gs.Constant) and t.dtype == np.float16 for t in graph.tensors().values()):
-        min_opset = max(min_opset, HALF_OPSET)  # a float16 Q/DQ scale (the DQ's output type) needs opset 19
+    half = (np.dtype(np.float16), BFLOAT16)
+    if any(isinstance(t, gs.Constant) and float_dtype(t.dtype) in half for t in graph.tensors().values()):
+        min_opset = max(min_opset, HALF_OPSET)  # a 16-bit float Q/DQ scale (the DQ's output type) needs opset 19
     graph = _raise_opset(graph, max(min_opset, MIN_OPSET), source)
     # ONNX Runtime (which folds constants) lags behind onnx's newest IR version: use the lowest the
     # opsets allow
@@ -176,7 +178,10 @@ def canonicalize(graph: gs.Graph, source: str = "the model", min_opset: int = MI
     graph.ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     with _third_party_quiet():
         graph = infer_shapes(graph)  # shapes first: folding Shape -> Gather -> Div -> Slice needs them
-        graph.fold_constants(error_ok=True).cleanup()
+        # ONNX Runtime (gs folds with it) has no bfloat16 CPU kernels: one bfloat16 op in the constant subgraph
+        # fails the whole fold, so bfloat16 graphs fold part by part (the Shape -> Slice chains are int64)
+        bf16 = any(t.dtype == onnx.TensorProto.BFLOAT16 for t in graph.tensors().values())
+        graph.fold_constants(error_ok=True, partitioning="recursive" if bf16 else None).cleanup()
         _remove_identities(graph)
         graph = infer_shapes(graph)
     graph.toposort()

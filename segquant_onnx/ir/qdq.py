@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.formats import INT8, QuantFormat
@@ -45,17 +47,30 @@ def site_node(nodes: dict[str, gs.Node], site, pass_name: str) -> tuple[gs.Node,
     return node, x, w
 
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # the float types a site computes in
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)  # the float types a site computes in
+
+
+def float_dtype(dtype) -> np.dtype | None:
+    """A tensor's float type as numpy's (bfloat16 as ml_dtypes'; onnx-graphsurgeon keeps it as the ONNX type
+    number 16), or None when it is not one of FLOAT_DTYPES."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, int) and not isinstance(dtype, bool):
+        dtype = BFLOAT16 if dtype == onnx.TensorProto.BFLOAT16 else onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    dtype = np.dtype(dtype)
+    return dtype if dtype in FLOAT_DTYPES else None
 
 
 def scale_values(scale, dtype) -> np.ndarray:
-    """`scale` in the site's float type (a DequantizeLinear outputs its scale's type): float32, or float16
-    rounded to nearest and kept at least float16's smallest normal (a scale must stay > 0 and finite).
-    What is stored is what the weights are quantized with."""
+    """`scale` in the site's float type (a DequantizeLinear outputs its scale's type): float32, or float16 /
+    bfloat16 rounded to nearest and kept at least that type's smallest normal (a scale must stay > 0 and
+    finite). What is stored is what the weights are quantized with."""
     scale = np.asarray(scale, np.float32)
-    if np.dtype(dtype) == np.float16:
-        tiny, top = float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)
-        return np.clip(scale, tiny, top).astype(np.float16)
+    dtype = float_dtype(dtype) or np.dtype(np.float32)
+    if dtype != np.float32:
+        info = ml_dtypes.finfo(dtype)
+        return np.clip(scale, float(info.tiny), float(info.max)).astype(dtype)
     return scale
 
 
@@ -67,7 +82,7 @@ def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consume
                               index: int, scale: float, part: str = "input", fmt: QuantFormat = INT8) -> QuantizedInput:
     """consumer.inputs[index] = DQ(Q(x, scale), scale), per tensor."""
     x = consumer.inputs[index]
-    dtype = np.dtype(x.dtype or np.float32)
+    dtype = float_dtype(x.dtype) or np.dtype(np.float32)
     s = _const(namer, layer, f"{part}_scale", scale_values(np.array(scale, np.float32), dtype))
     zp = _const(namer, layer, f"{part}_zero_point", fmt.zero())
     q_out = gs.Variable(namer(layer, f"{part}_quantized"), dtype=fmt.dtype, shape=x.shape)

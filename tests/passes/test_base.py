@@ -105,8 +105,8 @@ def _fp64_gelu_model() -> onnx.ModelProto:
     (FindLinearSites, attention_model,
      DeclinedSite("qk", "MatMul", "activation x activation product (e.g. attention) is not quantized")),
     (DualScaleActivations, _fp64_gelu_model,
-     DeclinedSite("fc", "MatMul", "gelu_op computes in float64, only float32 and float16 activations are "
-                                  "dual-scaled")),
+     DeclinedSite("fc", "MatMul", "gelu_op computes in float64, only float32, float16 and bfloat16 activations "
+                                  "are dual-scaled")),
 ])
 def test_each_detecting_pass_adds_to_a_new_frozen_plan_and_declines_with_a_reason(make_pass, model, declined):
     graph = canonical(model())
