@@ -241,7 +241,32 @@ def v_output_bias_softmax():
     return g.model(g.node("Softmax", [g.act(yb, name="y")], "Z", name="softmax", axis=-1))
 
 
+def v_scale_type_q():
+    """An fp16 input quantized with a float32 scale (ONNX needs the input's type)."""
+    g = G(19)
+    w = g.weight(scale=np.full(6, 0.01, np.float16))
+    return g.model(g.node("MatMul", [g.act("X", scale=np.float32(0.05)), w], "Y", name="mm"),
+                   x_type=TensorProto.FLOAT16)
+
+
+def v_scale_type_dq():
+    """A float32 weight scale (so a float32 DQ output) into a MatMul whose activation stays float16."""
+    g = G(19)
+    w = g.weight(scale=np.full(6, 0.01, np.float32))
+    return g.model(g.node("MatMul", ["X", w], "Y", name="mm"), x_type=TensorProto.FLOAT16)
+
+
+def v_attention_one_side():
+    """Q @ K^T with Q/DQ on Q only: TensorRT's fused MHA takes both or neither."""
+    g = G(17)
+    k = g.node("Transpose", ["X"], "kT", perm=[0, 2, 1])
+    return g.model(g.node("MatMul", [g.act("X"), k], "scores", name="qk"))
+
+
 VIOLATING = {
+    "scale-type-q": (v_scale_type_q, {"scale-type"}),
+    "scale-type-dq": (v_scale_type_dq, {"scale-type"}),
+    "attention-one-side": (v_attention_one_side, {"attention-qdq"}),
     "opset-axis": (v_opset_axis, {"opset", "axis"}),
     "opset-fp8": (lambda: _fp8(17), {"opset"}),
     "opset-int4": (v_opset_int4, {"opset"}),

@@ -89,6 +89,13 @@ RULES: dict[str, tuple[str, str]] = {
                      f"{_PLACEMENT} (Q/DQ commute only through data-movement ops)"),
     "output-qdq": ("no Q/DQ on the output of a weighted op whose consumer runs in float (residual Add)",
                    f"{_PLACEMENT} (quantize the inputs of weighted ops; residual Add fuses into the epilogue)"),
+    "scale-type": ("a QuantizeLinear's input has its scale's float type; a DequantizeLinear (which outputs its "
+                   "scale's type) feeds a GEMM whose other float inputs have that type",
+                   "ONNX QuantizeLinear-19/21 (x and y_scale share T1), DequantizeLinear-19/21 (y has x_scale's "
+                   "type); a strongly typed TensorRT builds the types as written"),
+    "attention-qdq": ("an activation x activation MatMul (attention) has Q/DQ on both inputs or on neither",
+                      f"{_GUIDE} (fused multi-head attention in explicit quantization takes Q/DQ before both "
+                      "batched GEMMs); one quantized input leaves the product unfused and in float"),
 }
 
 UNSUPPORTED_OPS = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
@@ -130,7 +137,32 @@ def check_tensorrt(model: onnx.ModelProto, base_dir: str | None = None) -> list[
                                  f"{', ...' if len(users) > 3 else ''}); give each consumer its own DequantizeLinear"))
         if op in GEMM_OPS:
             out += [Violation(*v) for v in check_gemm(g, node)]
+            out += [Violation(rule, name, msg) for rule, msg in _check_types_and_attention(g, node)]
     return out
+
+
+def _dq_of(g: GraphIndex, name: str) -> onnx.NodeProto | None:
+    _, p = g.source(name)
+    return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+
+def _check_types_and_attention(g: GraphIndex, node: onnx.NodeProto) -> Iterator[tuple[str, str]]:
+    """scale-type for the DequantizeLinear inputs of a GEMM; attention-qdq for an activation product."""
+    inputs = [i for i in node.input[:2] if i]
+    dqs = {i: _dq_of(g, i) for i in inputs}
+    float_types = {i: g.dtypes.get(i) for i in inputs if dqs[i] is None and g.dtypes.get(i) in SCALE_TYPES}
+    for i, dq in dqs.items():
+        scale = g.constant(dq.input[1]) if dq is not None and len(dq.input) > 1 else None
+        others = {t for j, t in float_types.items() if j != i}
+        if scale is not None and others and scale.data_type not in others:
+            yield "scale-type", (f"DequantizeLinear '{g.name(dq)}' outputs {_TYPE(scale.data_type)} (its scale's type) "
+                                 f"into {node.op_type} '{g.name(node)}', whose other input is "
+                                 f"{', '.join(sorted(_TYPE(t) for t in others))}; write the scale in that type")
+    if node.op_type == "MatMul" and len(inputs) == 2 and not any(g.is_static(i) for i in inputs):
+        quantized = [i for i in inputs if dqs[i] is not None]
+        if len(quantized) == 1:
+            yield "attention-qdq", (f"only input '{quantized[0]}' of the activation product {g.name(node)} is "
+                                    "quantized; give both inputs Q/DQ (--quantize-attention) or neither")
 
 
 def _check_qdq(g: GraphIndex, node: onnx.NodeProto) -> Iterator[tuple[str, str]]:
@@ -141,6 +173,11 @@ def _check_qdq(g: GraphIndex, node: onnx.NodeProto) -> Iterator[tuple[str, str]]
     per_channel = dims is not None and math.prod(dims) > 1
     blocked = "block_size" in a or (per_channel and len(dims) > 1)
 
+    in_type = g.dtypes.get(data)
+    if is_q and scale is not None and in_type in SCALE_TYPES and scale.data_type in SCALE_TYPES \
+            and in_type != scale.data_type:
+        yield "scale-type", (f"input '{data}' is {_TYPE(in_type)}, the scale {_TYPE(scale.data_type)}; ONNX needs "
+                             "them equal: write the scale in the input's type")
     if scale is None and not (len(node.input) > 1 and g.is_static(node.input[1])):
         yield "scale-constant", (f"scale '{node.input[1] if len(node.input) > 1 else ''}' is computed from graph "
                                  "inputs; TensorRT needs a build-time constant")
