@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.analysis.decide import decide, search_space
 from segquant_onnx.analysis.held_back import Sessions
 from segquant_onnx.analysis.layer_error import model_error
-from segquant_onnx.calib.calibrate import calibrate
+from segquant_onnx.calib.calibrate import calibrate, observe_ranges, rest_feeds
 from segquant_onnx.calib.data import model_inputs, open_calibration
 from segquant_onnx.config import DualScaleMode, QuantConfig
 from segquant_onnx.errors import UserError
@@ -23,6 +23,7 @@ from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import finalize
 from segquant_onnx.ir.graph_io import constant_values, export_model, gs_quiet, model_size, open_source, save_model
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
+from segquant_onnx.ir.rest_precision import convert_rest, float32_tensors
 from segquant_onnx.ir.runtime import check_providers, temporary_directory
 from segquant_onnx.params import Quantization, SiteParams
 from segquant_onnx.passes import detect_all
@@ -80,10 +81,9 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
     if not evaluate and (eval_data is not None or config.runtime.per_layer):
         raise UserError("--no-eval skips the output-error measurement: drop --eval/--per-layer/--plot, or --no-eval.")
 
-    fmt = config.precision.quant_format
-    if config.precision.high_precision != "fp32":  # wired in with the range-aware converter (ir/high_precision)
-        raise UserError("--high-precision fp16/bf16 is not available yet; use fp32.")
-    graph = canonicalize(src.graph, src.description, fmt.min_opset)
+    fmt, rest_dtype = config.precision.quant_format, config.precision.high_precision.value
+    # a 16-bit float Q/DQ scale (the rest's type) needs opset 19
+    graph = canonicalize(src.graph, src.description, max(fmt.min_opset, 19 if rest_dtype != "fp32" else 0))
     fp_model = export_model(graph)  # the reference: canonical, before any rewrite
     plan = build_plan(graph, config)
     dry = config.seglinear.dry_rewrite
@@ -98,7 +98,7 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
 
     with temporary_directory() as tmp:
         sessions = Sessions(src.source_dir, providers, tmp)
-        cal, decision, q = None, None, Quantization({}, {}, {})
+        cal, decision, q, rest = None, None, Quantization({}, {}, {}), None
         if not dry:
             space = search_space(plan, config)
             cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir, providers=providers,
@@ -109,6 +109,11 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress)
             apply_quantization(graph, plan, q)
+            if rest_dtype != "fp32":
+                ranges = {} if rest_dtype == "bf16" else observe_ranges(
+                    export_model(graph), float32_tensors(graph), rest_feeds(data, cal), source_dir=src.source_dir,
+                    providers=providers, tmp_dir=tmp)
+                rest = convert_rest(graph, rest_dtype, ranges)
         quantized = finalize(graph, calibration_shapes=None if cal is None else cal.feed_shapes)
         trt_violations = check_tensorrt(quantized, src.source_dir)
         errors, layers = model_error(fp_model, quantized, evaluation, per_layer=config.runtime.per_layer,
@@ -118,7 +123,7 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
         config, plan, q, data.description, src.size, model_size(quantized), round(time.perf_counter() - started, 2),
         input=src.path, output=output, eval_data=None if evaluation is None else evaluation.description,
         decision=decision, stats=None if cal is None else cal.stats, output_error=errors, layer_error=layers,
-        tensorrt_check=trt_violations))
+        tensorrt_check=trt_violations, rest=rest))
     out_path = None if output is None else save_model(quantized, output, source_dir=src.source_dir,
                                                       external=True if src.uses_external_data else None)
     if report_path is not None:

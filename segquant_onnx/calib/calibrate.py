@@ -7,6 +7,7 @@ as graph outputs.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -62,6 +63,35 @@ def with_outputs(graph: gs.Graph, names: tuple[str, ...]) -> onnx.ModelProto:
             elem = dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(dtype)
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return model
+
+
+def observe_ranges(model: onnx.ModelProto, names: tuple[str, ...], feeds, *, source_dir: str | None, providers,
+                   tmp_dir: str | None = None) -> dict[str, float]:
+    """Abs-max of each float tensor in `names` of `model` over `feeds` (what --high-precision fp16 checks
+    against float16's range, on the quantized graph: tensors the rewrite made are observed too)."""
+    session = make_session(with_tensor_outputs(model, names), source_dir, providers, tmp_dir)
+    available = {o.name for o in session.get_outputs()}
+    fetch = [n for n in names if n in available]
+    ranges: dict[str, float] = {}
+    for feed in feeds:
+        for name, value in zip(fetch, session.run(fetch, feed)):
+            if value.size and np.issubdtype(value.dtype, np.floating):
+                ranges[name] = max(ranges.get(name, 0.0), float(np.abs(value).max()))
+        for name in names:
+            if name in feed:
+                ranges[name] = max(ranges.get(name, 0.0), float(np.abs(feed[name]).max(initial=0)))
+    return ranges
+
+
+RANGE_FEEDS = 16  # calibration feeds the range pass reads (the first ones)
+
+
+def rest_feeds(data: CalibrationData, cal: Calibration) -> list[dict[str, np.ndarray]]:
+    """The feeds observe_ranges reads: the first RANGE_FEEDS calibration feeds where the data can be read
+    again, else the held-back feeds calibration kept (a one-pass iterable of feeds)."""
+    if data.num_feeds is None:
+        return list(cal.held_back)
+    return list(itertools.islice(iter(data), RANGE_FEEDS))
 
 
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,

@@ -4,7 +4,8 @@ Keys (REPORT_KEYS, in this order): `tool`, `input`, `output`, `config` (the sett
 `calibration_data`, `eval_data`, `sites` (one row per linear site: scales, method, alpha, layer SQNR,
 or `float`), `declined`, `segments`, `dualscale` (every candidate's gain and whether it runs as two
 GEMMs), `heldback_trials` (the global choices scored at the output), `attention` (the quantized attention
-products' input scales), `outliers` (`sites`, `per_site_search`, `ranges`, `float_flop_pct`), `sensitivity`,
+products' input scales), `high_precision` (the rest's conversion: nodes converted, kept float32 and why),
+`outliers` (`sites`, `per_site_search`, `ranges`, `float_flop_pct`), `sensitivity`,
 `fallback`, `summary` (SUMMARY_KEYS), `output_error`, `layer_error`, `tensorrt_check`, `seconds`.
 """
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from segquant_onnx.calib.observers import Stats
 
 REPORT_KEYS = ("tool", "input", "output", "config", "calibration_data", "eval_data", "sites", "declined", "segments",
-               "dualscale", "heldback_trials", "attention", "outliers", "sensitivity", "fallback", "summary",
+               "dualscale", "heldback_trials", "attention", "high_precision", "outliers", "sensitivity", "fallback", "summary",
                "output_error", "layer_error", "tensorrt_check", "seconds")
 SUMMARY_KEYS = ("sites_quantized", "segment_rewrites", "dualscale_candidates", "dualscale_applied",
                 "dualscale_extra_flop_pct", "outlier_sites", "outlier_channels", "sites_declined",
@@ -55,6 +56,7 @@ class Outcome:
     output_error: dict = field(default_factory=dict)  # output name -> OutputError
     layer_error: dict = field(default_factory=dict)  # layer name -> OutputError
     tensorrt_check: list = field(default_factory=list)  # tensorrt.check violations
+    rest: Any = None  # ir.rest_precision.RestReport when the rest was converted (--high-precision)
 
 
 def _outliers(outcome: Outcome) -> dict:
@@ -119,6 +121,7 @@ def build_report(outcome: Outcome) -> dict:
         "dualscale": [{**asdict(d), "apply": d.site in q.dual} for d in q.decisions],
         "heldback_trials": decision.trials if decision else [],
         "attention": {name: list(scales) for name, scales in q.attention.items()},
+        "high_precision": outcome.rest.to_dict() if outcome.rest is not None else None,
         "outliers": _outliers(outcome),
         "sensitivity": [asdict(r) for r in decision.sensitivity] if decision else [],
         "fallback": asdict(fallback) if fallback else None,
