@@ -151,7 +151,9 @@ def _retype(graph: gs.Graph, namer: Namer, in_half: set[int], half: np.dtype) ->
                 node.outputs[i] = h
                 for r in readers:
                     if id(r) in in_half:
-                        r.inputs[:] = [h if x is t else x for x in r.inputs]
+                        for j, x in enumerate(list(r.inputs)):
+                            if x is t:
+                                r.inputs[j] = h
                 graph.nodes.append(gs.Node("Cast", namer(t.name, "to_float"), {"to": onnx.TensorProto.FLOAT},
                                            inputs=[h], outputs=[t]))
                 casts += 1
