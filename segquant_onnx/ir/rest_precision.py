@@ -16,11 +16,16 @@ Graph inputs and outputs keep float32: Casts at the boundaries, one per tensor. 
 around them (ONNX: a QuantizeLinear's input and scale share a type; a DequantizeLinear outputs its scale's
 type): each Q's scale takes its input's type, each DQ's scale its consumer's.
 
-Why not a library: onnxconverter-common's `convert_float_to_float16` (the maintained converter) works from
-op and node block lists only, not from measured ranges; it does not retype Q/DQ scales; it has no
-bfloat16; and with `keep_io_types=True` it wrote a graph ONNX Runtime refuses for a TorchScript-exported
-SD3 (a type error at the timestep projection's Cast, measured by the team). onnx-graphsurgeon does the
-graph surgery here.
+A scale float16 cannot hold within 2^-8 (relative; below ~7.6e-6, or underflowing) keeps its site
+float32: the DequantizeLinear's consumer stays float32, and a QuantizeLinear whose input is float16 gets a
+Cast to float32 in front, so Q and DQ always use the same scale.
+
+Why not a library: onnxconverter-common 1.16's `convert_float_to_float16` (the maintained converter), tried
+on the tiny SD3/FLUX exports and their INT8 outputs: it relabels the outputs of existing `Cast(to=FLOAT)` as
+float16 without changing `to` (ONNX Runtime refuses both TorchScript exports: SD3 at the timestep
+projection's Cast, FLUX at a Mul), writes float16 Q/DQ scales at opsets 17/18 where DequantizeLinear takes
+float32 only (all four INT8 models refused), has no bfloat16, and knows no ranges (a blocked node's outputs
+still go through float16 Casts: a 1e6 tensor came out inf). onnx-graphsurgeon does the graph surgery here.
 """
 
 from __future__ import annotations
@@ -121,6 +126,9 @@ def convert_rest(graph: gs.Graph, dtype: str, ranges: dict[str, float]) -> RestR
         if node.op in _OWN_TYPES or not any(_is_f32(t) for t in [*node.inputs, *node.outputs]):
             continue
         reason = _reason(node, ranges, limit)
+        if reason is None and any(t.inputs and t.inputs[0].op == "DequantizeLinear"
+                                  and not representable(t.inputs[0].inputs[1], half) for t in node.inputs):
+            reason = "a DequantizeLinear scale float16 cannot hold"
         if reason is None:
             in_half.add(id(node))
         else:
@@ -185,12 +193,28 @@ def _retype(graph: gs.Graph, namer: Namer, in_half: set[int], half: np.dtype) ->
     return casts
 
 
+def representable(scale: gs.Tensor, half: np.dtype) -> bool:
+    """Whether `half` holds the scale's values within 2^-8 (relative) and > 0."""
+    values = constant_values(scale).astype(np.float64) if isinstance(scale, gs.Constant) else None
+    if values is None:
+        return False
+    rounded = values.astype(half).astype(np.float64)
+    return bool(np.all(rounded > 0) and np.all(np.abs(rounded - values) <= values * 2.0**-8))
+
+
 def _retype_qdq(graph: gs.Graph, namer: Namer, in_half: set[int], half: np.dtype) -> None:
     """Each QuantizeLinear's scale in its input's type; each DequantizeLinear's scale (hence output) in its
-    consumer's: a converted consumer reads `half`. A scale shared by a Q and a DQ that differ is split."""
-    for node in graph.nodes:
+    consumer's: a converted consumer reads `half`. A scale shared by a Q and a DQ that differ is split. A Q
+    reading `half` whose scale `half` cannot hold reads a float32 Cast of its input instead."""
+    for node in list(graph.nodes):
         if node.op == "QuantizeLinear":
             want = float_dtype(node.inputs[0].dtype) or np.dtype(np.float32)
+            if want == half and not representable(node.inputs[1], half):
+                x = node.inputs[0]
+                x32 = gs.Variable(namer(x.name, "to_float_for_q"), np.float32, x.shape)
+                graph.nodes.append(gs.Node("Cast", namer(x.name, "cast_for_q"), {"to": onnx.TensorProto.FLOAT},
+                                           inputs=[x], outputs=[x32]))
+                node.inputs[0], want = x32, np.dtype(np.float32)
         elif node.op == "DequantizeLinear":
             readers = node.outputs[0].outputs
             want = half if readers and all(id(r) in in_half for r in readers) else np.dtype(np.float32)

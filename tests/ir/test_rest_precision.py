@@ -168,3 +168,31 @@ def test_fp16_rest_of_a_diffusers_export_with_segments(tmp_path):
     # measured 37.95 dB with 16 calibration feeds (float32 rest 38.03); 8 feeds here
     assert r.report["output_error"]["out"]["sqnr_db"] > 36.0
     _types(onnx.load(tmp_path / "q.onnx"))
+
+
+def test_a_scale_float16_cannot_hold_keeps_its_site_float32(tmp_path):
+    """X * 1e-6 -> MatMul: the activation scale (~2e-8) underflows float16, so the MatMul stays float32 and
+    the QuantizeLinear reads a float32 Cast of the (float16) product: Q and DQ keep one float32 scale."""
+    nodes = [helper.make_node("Mul", ["X", "tiny"], ["x"], name="shrink"),
+             helper.make_node("MatMul", ["x", "W"], ["Y"], name="fc")]
+    inits = [numpy_helper.from_array(np.array(1e-6, np.float32), "tiny"),
+             numpy_helper.from_array(np.random.default_rng(4).standard_normal((16, 8)).astype(np.float32), "W")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(5).standard_normal((8, 4, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", X=x)
+    r = quantize(tmp_path / "m.onnx", tmp_path / "c.npz", QuantConfig(precision={"high_precision": "fp16"}),
+                 output=tmp_path / "q.onnx", progress=False)
+    q = onnx.load(tmp_path / "q.onnx")
+    types = _types(q)
+    fc = next(n for n in q.graph.node if n.name == "fc")
+    q_node = next(n for n in q.graph.node if n.op_type == "QuantizeLinear")
+    inits_by_name = {t.name: t for t in q.graph.initializer}
+    assert types[fc.output[0]] == TensorProto.FLOAT
+    assert types[q_node.input[0]] == TensorProto.FLOAT and inits_by_name[q_node.input[1]].data_type == TensorProto.FLOAT
+    assert r.report["high_precision"]["kept_float32"] == {"a DequantizeLinear scale float16 cannot hold": 1}
+    got = make_session(q, None).run(None, {"X": x[:1]})[0]
+    assert _sqnr(run_model(model, {"X": x[:1]})[0], got) > 33.0  # measured 35.38 dB
