@@ -1,4 +1,4 @@
-"""Benchmark segquant-onnx against other INT8 post-training quantizers, side by side in one run.
+"""Benchmark segquant-onnx against other INT8 and FP8 post-training quantizers, side by side in one run.
 
 Models: the bundled example DiT (random weights), the bundled *trained* demo DiT (``demo``; and
 ``demo-dynamo``: its saved checkpoint re-exported with the dynamo exporter, same calib/eval data), and tiny
@@ -7,16 +7,20 @@ SD3 / FLUX transformers exported with the TorchScript and the dynamo exporter, a
 default: it is the same model as ``example``.)
 
 Methods: the FP32 reference; segquant-onnx as a feature matrix (naive INT8, each feature alone on top of
-it, the shipped default, and the default plus SmoothQuant / outlier channels / a 40 dB target; every row
-is a ``QuantConfig`` passed to the library in a measured subprocess); ONNX Runtime ``quantize_static`` QDQ
+it, the shipped default, and the default plus SmoothQuant / outlier channels / a 40 dB target; then FP8
+E4M3: naive, default, default plus attention Q/DQ, and the best recipe; every row is a ``QuantConfig``
+with an fp32 rest passed to the library in a measured subprocess); ONNX Runtime ``quantize_static`` QDQ
 with MinMax (and Entropy, dropped from the table when its scales are identical to MinMax's) over every
-op type it quantizes by default, plus MinMax on MatMul/Gemm/Conv only; NVIDIA ModelOpt ONNX PTQ with max
-and entropy calibration. For every (model, method) it records output SQNR against FP32 on a held-out eval
-set, the INT8 / DualScale / outlier FLOP shares from segquant-onnx's report, quantization wall time and
-peak RSS, output size, Q/DQ nodes, quantized weights, check-trt violations and whether TensorRT-RTX
-builds an engine; then per-layer SQNR with and without SegLinear, ONNX Runtime CPU latency and the demo
-DiT's image PSNR/SSIM on the models that have them. It prints Markdown tables and writes them, with the
-machine, versions and the command, to ``BENCHMARKS.md`` (full numbers: ``<work-dir>/bench_results.json``).
+op type it quantizes by default, plus MinMax on MatMul/Gemm/Conv only; NVIDIA ModelOpt ONNX PTQ: INT8 with
+max and entropy calibration (fp32 rest), INT8 max with its default fp16 rest, and FP8 max. For every
+(model, method) it records the precision (format and rest), output SQNR against FP32 on a held-out eval
+set (FP8 graphs in ONNX Runtime sessions without its integer Q/DQ fusions), the quantized / DualScale /
+outlier FLOP shares from segquant-onnx's report, quantization wall time and peak RSS, output size, Q/DQ
+nodes, quantized weights, check-trt violations and whether TensorRT-RTX builds an engine; then per-layer
+SQNR with and without SegLinear, ONNX Runtime CPU latency (INT8 with an fp32 rest and FP32 only: not a
+proxy for TensorRT speed) and the demo DiT's image PSNR/SSIM on the models that have them. It prints
+Markdown tables and writes them, with the machine, versions and the command, to ``BENCHMARKS.md`` (full
+numbers: ``<work-dir>/bench_results.json``).
 
 Usage::
 

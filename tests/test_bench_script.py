@@ -15,10 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
-# The end-to-end run keeps these rows of the feature matrix (both timed rows, the per-layer pair, the
-# DualScale and fallback cells): `--quick` with all twelve rows costs about twice as long, and the other
-# rows run the same benchmark code with other QuantConfig fields (checked below without running them).
-E2E_ROWS = ("naive INT8", "+SegLinear", "+DualScale all", "default", "default + target 40 dB")
+# The end-to-end run keeps these rows of the feature matrix (the timed rows, the per-layer pair, the
+# DualScale and fallback cells, an FP8 graph through the SQNR session, check-trt and TensorRT-RTX): `--quick`
+# with every row costs about twice as long, and the other rows run the same benchmark code with other
+# QuantConfig fields (checked below without running them).
+INT8_ROWS = ("naive INT8", "+SegLinear", "+DualScale all", "default", "default + target 40 dB")
+E2E_ROWS = (*INT8_ROWS, "FP8 default")
 _RUN = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -63,8 +65,13 @@ def test_bench_prints_the_report_it_writes(bench_run):
 
 def test_bench_measures_every_row(bench_run):
     _, text, data = bench_run
-    table = _table(text, "| model | method | SQNR dB |")
-    assert list(table) == ["FP32 reference", *E2E_ROWS, "ORT MinMax", "ORT MinMax, MatMul/Gemm/Conv only"]
+    table = _table(text, "| model | method | precision | SQNR dB |")
+    # grouped by precision: INT8 (ours, then the peers), then FP8
+    assert list(table) == ["FP32 reference", *INT8_ROWS, "ORT MinMax", "ORT MinMax, MatMul/Gemm/Conv only",
+                           "FP8 default"]
+    assert {m: c["precision"] for m, c in table.items()} == {
+        m: "fp32" if m == "FP32 reference" else "FP8, fp32 rest" if m == "FP8 default" else "INT8, fp32 rest"
+        for m in table}
     for method, cells in table.items():
         assert cells["model"] == "example"
         assert re.fullmatch(r"-?\d+\.\d\d|ref", cells["SQNR dB"]), (method, cells["SQNR dB"])
@@ -73,11 +80,11 @@ def test_bench_measures_every_row(bench_run):
     for method in E2E_ROWS:
         assert table[method]["TensorRT-RTX"] == "built" and table[method]["check-trt violations"] == "0"
         own = table[method]["tool's own SQNR"]
-        if method in ("naive INT8", "default"):  # timed rows: evaluate=False, like the peers
+        if method in ("naive INT8", "default", "FP8 default"):  # timed rows: evaluate=False, like the peers
             assert own == "-"
         else:
             assert abs(float(own) - float(table[method]["SQNR dB"])) < 0.015, (method, own)
-    assert re.fullmatch(r"\d+\.\d\d \(\d+ sites float\)", table["default + target 40 dB"]["INT8 FLOPs %"])
+    assert re.fullmatch(r"\d+\.\d\d \(\d+ sites float\)", table["default + target 40 dB"]["quantized FLOPs %"])
     assert re.fullmatch(r"\d+\.\d \(\d+/\d+ sites\)", table["+DualScale all"]["DualScale extra FLOPs %"])
     # the JSON beside the table holds the same rows with their full numbers; ORT Entropy ran and was dropped
     rows = {r["method"]: r for r in data["rows"]}
@@ -86,6 +93,26 @@ def test_bench_measures_every_row(bench_run):
     assert "example / ORT Entropy" in {n["what"] for n in data["notes"]}
     assert [e["model"] for e in data["per_layer"]] == ["example"]
     assert "| example | +SegLinear |" in text.split("## Per-layer SQNR")[1]
+    # the summary compares within a precision: an INT8 line and an FP8 line
+    summary = text.split("## Against the peers")[1].split("##")[0]
+    assert "| example | INT8, fp32 rest | " in summary and "| example | FP8, fp32 rest | - | - | - | " in summary
+
+
+def test_fp8_graphs_get_an_fp8_session_and_no_cpu_latency(bench_run, monkeypatch):
+    """Any tool's FP8 graph runs on ONNX Runtime's CPU with its Q/DQ fusions off (else QGemm's type check
+    fails); the latency section times only INT8 / fp32 rows."""
+    _, _, data = bench_run
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from benchkit.measure import has_float8
+    from benchkit.results import ResultRow
+    from benchkit.sections import timeable
+
+    outputs = {r["method"]: Path(r["output"]) for r in data["rows"]}
+    assert has_float8(outputs["FP8 default"])
+    assert not has_float8(outputs["default"]) and not has_float8(outputs["FP32 reference"])
+    assert timeable(ResultRow("m", "naive INT8", "ours")) and timeable(ResultRow("m", "ref", "fp32", "fp32"))
+    assert not timeable(ResultRow("m", "FP8 default", "ours", "fp8"))
+    assert not timeable(ResultRow("m", "ModelOpt max, fp16 rest", "modelopt", "int8", "fp16"))
 
 
 def test_every_feature_row_is_a_valid_quant_config(monkeypatch):
@@ -95,9 +122,20 @@ def test_every_feature_row_is_a_valid_quant_config(monkeypatch):
     from benchkit.runners import OURS_MATRIX
     from benchkit.tables import methods_table
 
-    assert set(E2E_ROWS) <= {m.label for m in OURS_MATRIX}
+    labels = [m.label for m in OURS_MATRIX]
+    assert set(E2E_ROWS) <= set(labels)
     for method in OURS_MATRIX:
-        QuantConfig(**method.fields)
+        config = QuantConfig(**method.fields)
+        # every row writes an fp32 rest (compared with the peers' fp32-rest rows), in its label's format
+        assert config.precision.high_precision.value == "fp32", method.label
+        assert config.precision.format.value == ("fp8" if method.label.startswith("FP8") else "int8"), method.label
+        assert method.baseline is None or labels.index(method.baseline) < labels.index(method.label)
+    fp8 = {m.label: QuantConfig(**m.fields) for m in OURS_MATRIX if m.label.startswith("FP8")}
+    assert fp8["FP8 naive"].dualscale.mode.value == "off" and not fp8["FP8 naive"].seglinear.output
+    assert fp8["FP8 default"] == QuantConfig(precision={"format": "fp8", "high_precision": "fp32"})
+    best = fp8["FP8 best"]
+    assert (best.smoothquant.mode.value, best.outliers.mode.value, best.fallback.target_sqnr,
+            best.fallback.max_fallback_pct) == ("auto", "auto", 40.0, 5.0)
     assert methods_table().count("`QuantConfig(") == len(OURS_MATRIX)
 
 

@@ -24,14 +24,15 @@ from benchkit.tables import fmt
 
 log = logging.getLogger("bench")
 
-DESCRIPTION = "Benchmark segquant-onnx against other INT8 post-training quantizers, side by side in one run."
+DESCRIPTION = ("Benchmark segquant-onnx against other INT8 and FP8 post-training quantizers, side by side in one "
+               "run.")
 DEFAULT_MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
 
 
 def bench_model(case: ModelCase, plan: list[PlannedMethod], work_dir: Path, args, state: BenchState) -> None:
     log.info("=== %s: %s", case.name, case.description)
     reference = reference_outputs(case)
-    fp = ResultRow(case.name, "FP32 reference", "fp32")
+    fp = ResultRow(case.name, "FP32 reference", "fp32", precision="fp32")
     measure(fp, case, case.onnx_path, reference, args.timeout)
     fp.sqnr_db = None  # the reference itself
     state.rows.append(fp)
@@ -45,7 +46,8 @@ def bench_model(case: ModelCase, plan: list[PlannedMethod], work_dir: Path, args
         run = repeated(lambda: method.runner(case, out_dir), method.repeat)
         if source is not None and source_fingerprint() != source:
             source += " (changed during this row)"
-        row = ResultRow(case.name, label, family, seconds=run.seconds, runs=run.runs,
+        row = ResultRow(case.name, label, family, method.precision, method.high_precision, seconds=run.seconds,
+                        runs=run.runs,
                         peak_rss_mib=run.peak_rss_mib, self_reported_sqnr=run.self_reported_sqnr, source=source)
         if run.error is not None:
             row.error = run.error

@@ -2,7 +2,8 @@
 
 Where the benchmark measures on its own, on purpose (this is the one place that says so):
 
-- **Output SQNR** (:func:`output_sqnr_db`): plain ONNX Runtime CPU sessions with default options, the
+- **Output SQNR** (:func:`output_sqnr_db`): plain ONNX Runtime CPU sessions with default options (FP8 graphs:
+  the two options :func:`make_session` names, decided from the graph, not from the tool that wrote it), the
   eval npz read by ``cases.iter_samples`` one batch-1 sample at a time, 10 log10(sum ref^2 / sum
   (ref - q)^2) pooled over all outputs and samples in float64; the same code for every method. It is
   the number that ranks segquant-onnx against its peers, so it does not come from segquant-onnx: a bug
@@ -47,12 +48,38 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 PASSTHROUGH_OPS = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")
 
 
+def has_float8(path: Path) -> bool:
+    """Whether ``path``'s main graph holds a float8 tensor (an initializer, a Constant or a typed value):
+    any tool's FP8 Q/DQ graph, found without asking the tool (measure.py's docstring says why)."""
+    import onnx
+
+    float8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+              onnx.TensorProto.FLOAT8E5M2FNUZ}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return (any(t.data_type in float8 for t in graph.initializer)
+            or any(a.t.data_type in float8 for n in graph.node if n.op_type == "Constant" for a in n.attribute)
+            or any(v.type.tensor_type.elem_type in float8 for v in [*graph.input, *graph.output, *graph.value_info]))
+
+
 def make_session(path: Path):
+    """A CPU session with default options; for a graph with float8 tensors (whichever tool wrote it) ONNX
+    Runtime's Q/DQ fusions off and its basic optimization level (:data:`FP8_SESSION`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if has_float8(path):
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# What the report says about FP8 sessions (make_session): why each option.
+FP8_SESSION = ("`session.disable_quant_qdq=1` (ONNX Runtime's CPU fuses Q/DQ + MatMul/Gemm into its QGemm /"
+               " MatMulIntegerToFloat kernels, which take 8-bit integers only: an FP8 graph fails their type check)"
+               " and the basic optimization level (segquant-onnx measured its extended level changing what an FP8"
+               " DualScale graph computes against onnx's reference evaluator); so every FP8 graph, ours and"
+               " ModelOpt's, runs as written: FP8 rounding in QuantizeLinear, float arithmetic")
 
 
 def reference_outputs(case: ModelCase) -> list[list[np.ndarray]]:

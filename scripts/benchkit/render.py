@@ -8,6 +8,7 @@ from pathlib import Path
 
 from benchkit import runners
 from benchkit.cases import CALIB_SAMPLES, CALIB_SEED, EVAL_SAMPLES, EVAL_SEED, REPO_ROOT, ModelCase
+from benchkit.measure import FP8_SESSION
 from benchkit.provenance import machine_info, source_fingerprint, versions
 from benchkit.results import BenchState
 from benchkit.sections import LATENCY_RUNS, LATENCY_WARMUP
@@ -24,8 +25,9 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
                     total_s: float, modelopt_python: Path | None, loads: tuple[str, str], repeat: int,
                     source_info: tuple[str, str], results_json: Path,
                     digests: tuple[dict, dict] = ({}, {})) -> str:
+    timed = ", ".join(m.label for m in runners.OURS_MATRIX if m.timed)
     parts = [
-        "# Benchmarks: segquant-onnx vs. ONNX Runtime and NVIDIA ModelOpt (INT8 PTQ)",
+        "# Benchmarks: segquant-onnx vs. ONNX Runtime and NVIDIA ModelOpt (INT8 and FP8 PTQ)",
         "",
         "Written by `scripts/bench.py`; every number below is one that run printed (full numbers: "
         f"`{shown_path(results_json)}`)."
@@ -33,19 +35,23 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
         f" (tiny models: `make_calibration(kind, {CALIB_SAMPLES}, seed={CALIB_SEED})` /"
         f" `(kind, {EVAL_SAMPLES}, seed={EVAL_SEED})`; the bundled example and demo: their shipped npz).",
         "",
+        "- **precision**: the format of the quantized linears (W8A8 INT8, or W8A8 FP8 E4M3FN with opset-19 Q/DQ)"
+        " and the dtype the graph's unquantized rest is written in.",
         "- **SQNR dB**: output SQNR vs. the FP32 model on the eval set, computed by the benchmark (ONNX Runtime"
         " CPU, default session options, one batch-1 sample at a time, 10 log10(sum ref^2 / sum (ref - q)^2)"
-        " over all samples). Same code for every method.",
-        "- **INT8 FLOPs %**, **DualScale extra FLOPs %**: segquant-onnx's report (`summary.int8_flop_fraction`,"
-        " `summary.dualscale_extra_flop_pct` with applied / candidate sites; `outliers.float_flop_pct` where the"
-        " outlier-channel pass kept channels in float: `int8_flop_fraction` does not subtract those).",
-        f"- **time s (runs) / peak RSS MiB**: fastest wall time of that many run(s) (naive INT8, default and the"
+        " over all samples). Same code for every method. A graph holding float8 tensors (any tool's) gets "
+        + FP8_SESSION + ".",
+        "- **quantized FLOPs %**, **DualScale extra FLOPs %**: segquant-onnx's report (`summary.int8_flop_fraction`,"
+        " which is the share quantized in the run's format, INT8 or FP8; `summary.dualscale_extra_flop_pct` with"
+        " applied / candidate sites; `outliers.float_flop_pct` where the outlier-channel pass kept channels in"
+        " float: `int8_flop_fraction` does not subtract those).",
+        f"- **time s (runs) / peak RSS MiB**: fastest wall time of that many run(s) ({timed} and the"
         f" peers: --repeat = {repeat}; the other feature rows and ORT Entropy: 1) and largest `ru_maxrss`"
         " (via `os.wait4`) of the quantizer's own process, interpreter start-up and imports included (each is"
         " started by a minimal `python -S` launcher that forks it and reads its rusage, since on Linux a child"
         " started straight from the benchmark process would inherit the benchmark's own peak RSS)."
         " segquant-onnx runs `segquant_onnx.quantize(model, calib, QuantConfig(...), ...)` in a worker process:"
-        " the timed rows (naive INT8, default) with `evaluate=False` (`--no-eval`: like the peers, no"
+        f" the timed rows ({timed}) with `evaluate=False` (`--no-eval`: like the peers, no"
         " output-error measurement), the other rows with `eval_data=eval` (their time includes that"
         " measurement, and they fill the **tool's own SQNR** column).",
         "- **size KiB**: output .onnx (plus external data, if any). **Q/DQ nodes**: QuantizeLinear +"
@@ -63,10 +69,16 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
         " CalibrationDataReader yielding one batch-1 sample at a time, calibrate_method MinMax (Entropy is"
         " run too and shown only where its scales differ from MinMax's), quantizing every op type ORT supports"
         " (its default), plus one extra MinMax run with `op_types_to_quantize=[MatMul, Gemm, Conv]` (the scope"
-        " closest to segquant-onnx's); ModelOpt `python -m modelopt.onnx.quantization --quantize_mode int8"
-        " --calibration_eps cpu --high_precision_dtype fp32` (fp32 so that the comparison is W8A8 against"
-        " W8A8: ModelOpt's default converts the rest of an FP32 model to FP16), from its own virtualenv, on a"
-        " copy of the input model (it rewrites its input file in place with shape inference).",
+        " closest to segquant-onnx's); ModelOpt, from its own virtualenv, on a copy of the input model (it rewrites"
+        " its input file in place with shape inference): " + "; ".join(
+            f"{m.label}: `{runners.modelopt_command(m)}`" for m in runners.MODELOPT_METHODS) + ". Its rows with"
+        " an fp32 rest compare W8A8 with W8A8 (our rows all write an fp32 rest); `ModelOpt max, fp16 rest` is what"
+        " its users get by default (it converts the rest of an FP32 model to FP16). Our row with an fp16 rest"
+        " arrives with the `--high-precision` work; until then that precision has a peer row only."
+        " ModelOpt's FP8 runs its INT8 calibration and rescales the scales by 448/127 (`int8_to_fp8`, valid for max"
+        " calibration only, hence no FP8 entropy row); it quantizes MatMul/Gemm/Conv and residual Adds, and the"
+        " attention products where they match its FP8 fused-MHA pattern (8 < head size <= 256): compare it with"
+        " `FP8 default + attention` as well as `FP8 default`.",
         "",
         f"Date: {started.strftime('%Y-%m-%d %H:%M:%S %Z').strip()} (whole run: {total_s:.0f} s)",
         "",
@@ -86,17 +98,26 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
               f" sha256 {digests[0].get(c.name + ':onnx', '?')}; calib {digests[0].get(c.name + ':calib', '?')},"
               f" eval {digests[0].get(c.name + ':eval', '?')})"
               for c in cases]
-    parts += ["", "segquant-onnx methods (rows before `default`: naive INT8 plus that one feature; rows after it:"
-              " the default plus that one):", "", methods_table()]
+    parts += ["", "segquant-onnx methods: each row is the row named in the last column plus one thing (INT8: rows"
+              " before `default` add one feature to naive INT8, rows after it one to the default; FP8: naive INT8 in"
+              " FP8, the FP8 default, then the FP8 default plus attention Q/DQ or plus the features of the best"
+              " INT8 recipe); every row writes the unquantized rest in fp32 (`high_precision='fp32'`, whatever the"
+              " shipped default), like the peers' rows it is compared with:", "", methods_table()]
     parts += ["", "## Results", "", results_table(state.rows), "",
               "## Output SQNR change per feature (dB, same run)", "",
-              "Each segquant-onnx row minus its baseline: naive INT8 for the rows before `default` and for"
-              " `default` itself, `default` for the rows after it.", "", feature_table(state.rows), "",
+              "Each segquant-onnx row minus the row it adds one thing to (the methods table's last column): naive"
+              " INT8 for the INT8 rows before `default`, for `default` itself and for `FP8 naive` (the format"
+              " alone); `default` for the INT8 rows after it; `FP8 naive` for `FP8 default`; `FP8 default` for"
+              " the FP8 rows after it.", "", feature_table(state.rows), "",
               "## Against the peers", "",
-              "Best peer output SQNR (any, and among those TensorRT-RTX builds) vs. our best row that keeps at"
-              " least 95% of the linear FLOPs in INT8.", "", summary_table(state.rows), "",
+              "Per precision (format and rest): the best peer output SQNR (any, and among those TensorRT-RTX builds)"
+              " vs. our naive and default rows of that format and our best row that keeps at least 95% of the"
+              " linear FLOPs quantized. INT8 with an fp16 rest has ModelOpt's row only (ours comes with"
+              " `--high-precision`).", "", summary_table(state.rows), "",
               "## Cost of segquant-onnx relative to each peer, same run", "",
-              "Quantize wall time and peak RSS ratios; below 1 means segquant-onnx used less.", "",
+              "Quantize wall time and peak RSS ratios of our timed rows in the peer's format (INT8 peers: naive"
+              " INT8 and default; ModelOpt FP8: FP8 default, FP8 naive is not timed); below 1 means segquant-onnx"
+              " used less.", "",
               ratio_table(state.rows), "",
               "## Per-layer SQNR, naive INT8 vs +SegLinear", "",
               "`segquant_onnx.analysis.compare.compare_models(fp, quantized, eval, per_layer=True)` (= `layer_error."
@@ -109,7 +130,10 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
               f" {LATENCY_WARMUP} warm-up runs per model, then {LATENCY_RUNS} rounds that run each model once"
               " in turn; median and inter-quartile range of the single-run wall times. Ratios < 1: faster."
               " ONNX Runtime's CPU kernels, not TensorRT's: Q/DQ pairs it cannot fuse into integer kernels"
-              " run as float ops.", "",
+              " run as float ops. ONNX Runtime CPU latency is not a proxy for TensorRT speed here, so it is"
+              " reported for INT8 with an fp32 rest and the FP32 reference only: ONNX Runtime's CPU has no FP8"
+              " GEMM (an FP8 graph's Q/DQ run as float ops, with its Q/DQ fusions off) and few fp16 kernels, so"
+              " FP8 and fp16-rest rows are n/a here; their speed is TensorRT's to measure.", "",
               latency_table(state.latency), "",
               "## Demo DiT images", "",
               "`segquant-onnx demo`'s sampler and metrics (`segquant_onnx.diffusion.demo.sample_all`, `image_metrics."

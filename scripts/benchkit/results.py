@@ -13,6 +13,8 @@ class ResultRow:
     model: str
     method: str
     family: str  # "fp32", "ours", "ort", "modelopt"
+    precision: str = "int8"  # the quantized linears' format: "int8", "fp8" ("fp32" for the reference)
+    high_precision: str = "fp32"  # the dtype of the unquantized rest
     sqnr_db: float | None = None
     seconds: float | None = None
     runs: int | None = None  # quantizer runs behind `seconds` (fastest of them)

@@ -25,7 +25,10 @@ log = logging.getLogger("bench")
 
 MODELOPT_PACKAGE = "nvidia-modelopt[onnx]"
 
-_NAIVE = {"calibration": {"method": "max"}, "seglinear": {"output": False, "input": False},
+# Every row writes the unquantized rest in fp32, as the peers' comparison rows do (W8A8 against W8A8): whatever
+# QuantConfig's default rest is, the rows keep comparing the same thing (ModelOpt's fp16 rest has its own row).
+_FP32_REST = {"precision": {"high_precision": "fp32"}}
+_NAIVE = {**_FP32_REST, "calibration": {"method": "max"}, "seglinear": {"output": False, "input": False},
           "dualscale": {"mode": "off"}}
 
 
@@ -34,40 +37,87 @@ def _with(base: dict, **groups: dict) -> dict:
     return {**base, **{g: {**base.get(g, {}), **fields} for g, fields in groups.items()}}
 
 
+_FP8 = {"precision": {"format": "fp8", "high_precision": "fp32"}}
+
+
 @dataclass(frozen=True)
 class OursMethod:
-    """One row of segquant-onnx's feature matrix: a label, a file stem, QuantConfig groups as mappings."""
+    """One row of segquant-onnx's feature matrix: a label, a file stem, QuantConfig groups as mappings, and
+    the row it adds one thing to (the feature table's baseline; None for naive INT8 itself)."""
 
     label: str
     slug: str
     fields: dict
+    baseline: str | None = None
     timed: bool = False  # its cost is compared with the peers': repeated --repeat times
 
+    @property
+    def precision(self) -> tuple[str, str]:
+        """(format of the quantized linears, dtype of the rest), as QuantConfig resolves the fields."""
+        from segquant_onnx import QuantConfig
 
-# Rows before "default" are naive INT8 plus one feature; rows after it are the default plus one.
+        p = QuantConfig(**self.fields).precision
+        return p.format.value, p.high_precision.value
+
+
+# INT8: rows before "default" are naive INT8 plus one feature, rows after it the default plus one. FP8: naive
+# INT8 in FP8, then the FP8 default, and the FP8 default plus attention / plus the best INT8 recipe's features.
 OURS_MATRIX = (
     OursMethod("naive INT8", "naive", _with(_NAIVE), timed=True),
-    OursMethod("+SegLinear", "seglinear", _with(_NAIVE, seglinear={"output": True, "input": True})),
-    OursMethod("+DualScale auto", "dualscale-auto", _with(_NAIVE, dualscale={"mode": "auto"})),
-    OursMethod("+DualScale all", "dualscale-all", _with(_NAIVE, dualscale={"mode": "all"})),
-    OursMethod("calib auto", "calib-auto", _with(_NAIVE, calibration={"method": "auto"})),
-    OursMethod("default", "default", {}, timed=True),
-    OursMethod("default + calib auto", "default-calib-auto", {"calibration": {"method": "auto"}}),
-    OursMethod("+SmoothQuant auto", "smoothquant-auto", {"smoothquant": {"mode": "auto"}}),
-    OursMethod("+outliers auto", "outliers-auto", {"outliers": {"mode": "auto"}}),
-    OursMethod("default + target 40 dB", "target40", {"fallback": {"target_sqnr": 40.0, "max_fallback_pct": 10.0}}),
+    OursMethod("+SegLinear", "seglinear", _with(_NAIVE, seglinear={"output": True, "input": True}), "naive INT8"),
+    OursMethod("+DualScale auto", "dualscale-auto", _with(_NAIVE, dualscale={"mode": "auto"}), "naive INT8"),
+    OursMethod("+DualScale all", "dualscale-all", _with(_NAIVE, dualscale={"mode": "all"}), "naive INT8"),
+    OursMethod("calib auto", "calib-auto", _with(_NAIVE, calibration={"method": "auto"}), "naive INT8"),
+    OursMethod("default", "default", _with(_FP32_REST), "naive INT8", timed=True),
+    OursMethod("default + calib auto", "default-calib-auto", _with(_FP32_REST, calibration={"method": "auto"}),
+               "default"),
+    OursMethod("+SmoothQuant auto", "smoothquant-auto", _with(_FP32_REST, smoothquant={"mode": "auto"}), "default"),
+    OursMethod("+outliers auto", "outliers-auto", _with(_FP32_REST, outliers={"mode": "auto"}), "default"),
+    OursMethod("default + target 40 dB", "target40",
+               _with(_FP32_REST, fallback={"target_sqnr": 40.0, "max_fallback_pct": 10.0}), "default"),
     OursMethod("default + target 40 dB, <=5% float", "target40-5pct",
-               {"fallback": {"target_sqnr": 40.0, "max_fallback_pct": 5.0}}),
+               _with(_FP32_REST, fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}), "default"),
     OursMethod("+SmoothQuant auto + target 40 dB, <=5% float", "smoothquant-target40-5pct",
-               {"smoothquant": {"mode": "auto"}, "fallback": {"target_sqnr": 40.0, "max_fallback_pct": 5.0}}),
+               _with(_FP32_REST, smoothquant={"mode": "auto"}, fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}),
+               "default"),
+    OursMethod("FP8 naive", "fp8-naive", _with(_NAIVE, **_FP8), "naive INT8"),
+    OursMethod("FP8 default", "fp8-default", _with(_FP8), "FP8 naive", timed=True),
+    OursMethod("FP8 default + attention", "fp8-attention",
+               _with(_FP8, precision={"quantize_attention": True}), "FP8 default"),
+    OursMethod("FP8 best", "fp8-best",
+               _with(_FP8, smoothquant={"mode": "auto"}, outliers={"mode": "auto"},
+                     fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}), "FP8 default"),
 )
+# per precision: our naive and default rows (the summary's and the cost table's reference rows)
+NAIVE_AND_DEFAULT = {"int8": ("naive INT8", "default"), "fp8": ("FP8 naive", "FP8 default")}
 # (label suffix, calibrate_method, op types to quantize or None for ORT's default: every op it can)
 ORT_VARIANTS = (
     ("MinMax", "MinMax", None),
     ("Entropy", "Entropy", None),
     ("MinMax, MatMul/Gemm/Conv only", "MinMax", LINEAR_OPS),
 )
-MODELOPT_METHODS = ("max", "entropy")
+
+
+@dataclass(frozen=True)
+class ModeloptMethod:
+    """One ModelOpt row: ``--quantize_mode``, ``--calibration_method`` and ``--high_precision_dtype``."""
+
+    label: str
+    slug: str  # file stem: modelopt-<slug>.onnx
+    mode: str  # int8 | fp8
+    calibration: str  # max | entropy
+    high_precision: str  # fp32 | fp16 (ModelOpt's default)
+
+
+MODELOPT_METHODS = (
+    ModeloptMethod("ModelOpt max", "max", "int8", "max", "fp32"),
+    ModeloptMethod("ModelOpt entropy", "entropy", "int8", "entropy", "fp32"),
+    # what ModelOpt's users get by default: the unquantized rest converted to fp16 (ours: --high-precision fp16)
+    ModeloptMethod("ModelOpt max, fp16 rest", "max-fp16", "int8", "max", "fp16"),
+    # max only: ModelOpt's FP8 is its INT8 calibration rescaled by 448/127, which its int8_to_fp8 documents as
+    # valid for max calibration only
+    ModeloptMethod("ModelOpt FP8 max", "fp8-max", "fp8", "max", "fp32"),
+)
 
 
 def run_ours(case: ModelCase, method: OursMethod, out_dir: Path, timeout_s: float) -> QuantRun:
@@ -101,24 +151,31 @@ def run_ort(case: ModelCase, method: str, op_types: tuple[str, ...] | None, out_
     return finish(cmd, out, out_dir / f"{stem}.log", timeout_s)
 
 
-def run_modelopt(case: ModelCase, method: str, out_dir: Path, timeout_s: float, venv_python: Path) -> QuantRun:
-    """NVIDIA ModelOpt ONNX PTQ (INT8), calibrating on CPU, keeping FP32 for non-quantized ops.
+def run_modelopt(case: ModelCase, method: ModeloptMethod, out_dir: Path, timeout_s: float,
+                 venv_python: Path) -> QuantRun:
+    """NVIDIA ModelOpt ONNX PTQ (INT8 or FP8), calibrating on CPU, the rest in ``method.high_precision``.
 
     ModelOpt reads the calibration npz as one array per input with all samples stacked on axis 0 and
     splits it into batches of the model's input batch size (``CalibrationDataProvider``): the same
     layout as ours, so the file is passed as is.
     """
-    out = out_dir / f"modelopt-{method}.onnx"
+    out = out_dir / f"modelopt-{method.slug}.onnx"
     # ModelOpt 0.47's load_onnx_model runs onnx.shape_inference.infer_shapes_path(onnx_path), which rewrites
     # its *input* file in place (with value_info added): give it a copy, never the model the others read
     # (the benchmark's models keep no external data, so the .onnx alone is the model).
-    source = out_dir / f"modelopt-{method}-input.onnx"
+    source = out_dir / f"modelopt-{method.slug}-input.onnx"
     shutil.copyfile(case.onnx_path, source)
     cmd = [str(venv_python), "-m", "modelopt.onnx.quantization", "--onnx_path", str(source),
-           "--quantize_mode", "int8", "--calibration_method", method,
+           "--quantize_mode", method.mode, "--calibration_method", method.calibration,
            "--calibration_data_path", str(case.calib_path), "--calibration_eps", "cpu",
-           "--high_precision_dtype", "fp32", "--output_path", str(out)]
-    return finish(cmd, out, out_dir / f"modelopt-{method}.log", timeout_s)
+           "--high_precision_dtype", method.high_precision, "--output_path", str(out)]
+    return finish(cmd, out, out_dir / f"modelopt-{method.slug}.log", timeout_s)
+
+
+def modelopt_command(method: ModeloptMethod) -> str:
+    """The command line of a ModelOpt row, as the methods notes show it."""
+    return (f"python -m modelopt.onnx.quantization --quantize_mode {method.mode} --calibration_method "
+            f"{method.calibration} --calibration_eps cpu --high_precision_dtype {method.high_precision}")
 
 
 def ensure_modelopt_venv(work_dir: Path, state: BenchState) -> Path | None:
@@ -164,15 +221,21 @@ class PlannedMethod:
     label: str
     runner: Callable  # (case, out_dir) -> QuantRun
     repeat: int
+    precision: str = "int8"  # int8 | fp8: the format of the quantized linears
+    high_precision: str = "fp32"  # the dtype of the unquantized rest
+
+
+PRECISION_ORDER = ("int8", "fp8")  # the results table groups the methods by precision, ours first in each
 
 
 def method_plan(args, modelopt_python: Path | None) -> list[PlannedMethod]:
-    """Every method in table order. Our feature rows run once (their time is not compared); naive INT8,
-    default and the peers run ``--repeat`` times (ORT Entropy once: it is dropped when it equals MinMax)."""
+    """Every method in table order: per precision, ours, then ORT, then ModelOpt. Our feature rows run once
+    (their time is not compared); the timed rows (naive INT8, default, FP8 default) and the peers run
+    ``--repeat`` times (ORT Entropy once: it is dropped when it equals MinMax)."""
     plan = []
     for m in OURS_MATRIX:
         plan.append(PlannedMethod("ours", m.label, lambda case, out, m=m: run_ours(case, m, out, args.timeout),
-                                  args.repeat if m.timed else 1))
+                                  args.repeat if m.timed else 1, *m.precision))
     for label, m, ops in ORT_VARIANTS:
         if args.skip_ort_entropy and m == "Entropy":
             continue
@@ -182,6 +245,7 @@ def method_plan(args, modelopt_python: Path | None) -> list[PlannedMethod]:
     if modelopt_python is not None:
         for m in MODELOPT_METHODS:
             plan.append(PlannedMethod(
-                "modelopt", f"ModelOpt {m}",
-                lambda case, out, m=m: run_modelopt(case, m, out, args.timeout, modelopt_python), args.repeat))
-    return plan
+                "modelopt", m.label,
+                lambda case, out, m=m: run_modelopt(case, m, out, args.timeout, modelopt_python), args.repeat,
+                m.mode, m.high_precision))
+    return sorted(plan, key=lambda p: PRECISION_ORDER.index(p.precision))

@@ -27,6 +27,13 @@ IMAGE_METHODS = ("naive INT8", "default", "+SmoothQuant auto")  # demo DiT image
 IMAGE_SEEDS, IMAGE_STEPS = (0, 1), 20
 
 
+def timeable(row) -> bool:
+    """Whether the latency section times this row: the FP32 reference or INT8 with an fp32 rest. ONNX
+    Runtime's CPU has no FP8 GEMM (an FP8 graph's Q/DQ run as float ops) and few fp16 kernels (it casts to
+    float around the others), so those timings would describe nothing TensorRT runs."""
+    return row.precision in ("fp32", "int8") and row.high_precision == "fp32"
+
+
 def readable_names(onnx_path: Path) -> dict[str, str]:
     """Node name -> the PyTorch module it came from (dynamo exports record it in metadata_props
     ``pkg.torch.onnx.name_scopes``); TorchScript node names already read as module paths."""
@@ -86,7 +93,9 @@ def latency_section(case: ModelCase, state: BenchState) -> None:
     import onnxruntime as ort
 
     rows = [state.row(case.name, m) for m in LATENCY_METHODS]
-    rows = [r for r in rows if r is not None and r.error is None and r.output is not None]
+    rows = [r for r in rows if r is not None and r.error is None and r.output is not None and timeable(r)]
+    # not timed, on purpose (render.py's latency text says why): listed so the report can say so
+    skipped = [r.method for r in state.rows if r.model == case.name and not timeable(r)]
     if not any(r.method == "naive INT8" for r in rows):
         state.notes.append(SkipNote(f"{case.name} / latency", "skipped: naive INT8 failed"))
         return
@@ -110,7 +119,7 @@ def latency_section(case: ModelCase, state: BenchState) -> None:
             times[method].append(time.perf_counter() - start)
     median = {m: float(np.median(t)) * 1e3 for m, t in times.items()}
     spread = {m: (float(np.percentile(t, 25)) * 1e3, float(np.percentile(t, 75)) * 1e3) for m, t in times.items()}
-    state.latency.append({"model": case.name, "median_ms": median, "iqr_ms": spread,
+    state.latency.append({"model": case.name, "median_ms": median, "iqr_ms": spread, "not_timed": skipped,
                           "dualscale_extra_flop_pct": {r.method: r.dualscale_extra_flop_pct for r in rows},
                           "outlier_float_flop_pct": {r.method: r.outlier_float_flop_pct for r in rows},
                           "int8_flop_pct": {r.method: None if r.int8_flop_fraction is None else

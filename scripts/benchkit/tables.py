@@ -32,9 +32,15 @@ def trt_cell(row: ResultRow) -> str:
     return f"{row.trt}: {short(match.group(1) if match else text, 160)}"
 
 
+def precision_cell(r: ResultRow) -> str:
+    """The quantized linears' format and the dtype of the rest: "INT8, fp32 rest"; "fp32" for the reference."""
+    return "fp32" if r.precision == "fp32" else f"{r.precision.upper()}, {r.high_precision} rest"
+
+
 def flops_cell(r: ResultRow) -> str:
-    """INT8 share of the linear FLOPs per segquant-onnx's report (which counts sites kept in float by
-    the target fallback, not the outlier channels' float branches: those are given beside it)."""
+    """Quantized (INT8 or FP8: the row's precision) share of the linear FLOPs per segquant-onnx's report
+    (`summary.int8_flop_fraction`, named for INT8 but the run's format; it counts sites kept in float by the
+    target fallback, not the outlier channels' float branches: those are given beside it)."""
     if r.int8_flop_fraction is None:
         return "-"
     text = f"{100 * r.int8_flop_fraction:.2f}"
@@ -55,7 +61,8 @@ def dualscale_cell(r: ResultRow) -> str:
 
 
 def results_table(rows: list[ResultRow]) -> str:
-    head = ("| model | method | SQNR dB | INT8 FLOPs % | DualScale extra FLOPs % | time s (runs) | peak RSS MiB "
+    head = ("| model | method | precision | SQNR dB | quantized FLOPs % | DualScale extra FLOPs % | time s (runs) "
+            "| peak RSS MiB "
             "| size KiB | Q/DQ nodes | quantized weights | check-trt violations | TensorRT-RTX | tool's own SQNR |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
@@ -70,7 +77,8 @@ def results_table(rows: list[ResultRow]) -> str:
             sqnr = fmt(r.sqnr_db, ".2f")
         seconds = "-" if r.seconds is None else f"{r.seconds:.2f} ({r.runs})"
         lines.append(
-            f"| {r.model} | {r.method} | {sqnr} | {flops_cell(r)} | {dualscale_cell(r)} | {seconds} "
+            f"| {r.model} | {r.method} | {precision_cell(r)} | {sqnr} | {flops_cell(r)} | {dualscale_cell(r)} "
+            f"| {seconds} "
             f"| {fmt(r.peak_rss_mib, '.0f')} | {fmt(None if r.size_bytes is None else r.size_bytes / 1024, '.0f')} "
             f"| {fmt(r.qdq_nodes, 'd')} | {weights} | {fmt(r.trt_violations, 'd')} | {trt_cell(r)} "
             f"| {fmt(r.self_reported_sqnr, '.2f')} |")
@@ -81,12 +89,15 @@ def methods_table() -> str:
     from segquant_onnx import QuantConfig
 
     d = QuantConfig()
-    lines = ["| method | QuantConfig | runs |", "|---|---|---|"]
+    lines = ["| method | QuantConfig | runs | feature table: change vs |", "|---|---|---|---|"]
     for m in runners.OURS_MATRIX:
         fields = ", ".join(f"{k}={v!r}" for k, v in m.fields.items()) if m.fields else ""
-        lines.append(f"| {m.label} | `QuantConfig({fields})` | {'--repeat' if m.timed else '1'} |")
+        lines.append(f"| {m.label} | `QuantConfig({fields})` | {'--repeat' if m.timed else '1'} "
+                     f"| {m.baseline or '-'} |")
     lines.append("")
-    lines.append(f"QuantConfig() as shipped: calibration method {d.calibration.method}, SegLinear output "
+    lines.append(f"QuantConfig() as shipped: precision {d.precision.format} (rest {d.precision.high_precision}, "
+                 f"attention quantized {d.precision.quantize_attention}), calibration method {d.calibration.method}, "
+                 "SegLinear output "
                  f"{d.seglinear.output} and input {d.seglinear.input}, DualScale {d.dualscale.mode} (min gain "
                  f"{d.dualscale.min_gain_db} dB), SmoothQuant {d.smoothquant.flag}, outlier channels "
                  f"{d.outliers.flag}, target SQNR {d.fallback.target_sqnr}.")
@@ -94,49 +105,56 @@ def methods_table() -> str:
 
 
 def summary_table(rows: list[ResultRow]) -> str:
-    """Per model: the best peer, ours naive / default, our best row keeping >= 95% of the FLOPs in INT8."""
-    head = ("| model | best peer | best peer TensorRT-RTX builds | naive INT8 | default | best segquant-onnx row "
-            "(>= 95% INT8 FLOPs) | margin over best peer | over best buildable peer |")
+    """Per model and precision (format and rest): the best peer, our naive / default rows, our best row
+    keeping >= 95% of the linear FLOPs quantized; a precision none of our rows has shows "-" for ours."""
+    head = ("| model | precision | best peer | best peer TensorRT-RTX builds | naive | default | best segquant-onnx "
+            "row (>= 95% of linear FLOPs quantized) | margin over best peer | over best buildable peer |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+
+    def best(candidates):
+        return max(candidates, key=lambda r: r.sqnr_db, default=None)
+
+    def cell(r):
+        return "-" if r is None else f"{r.sqnr_db:.2f} ({r.method})"
+
+    def plain(r):
+        return "-" if not ok(r) else f"{r.sqnr_db:.2f}"
+
+    def margin(ours, peer):
+        return "-" if ours is None or peer is None else f"{ours.sqnr_db - peer.sqnr_db:+.2f}"
+
+    kinds = list(dict.fromkeys((r.precision, r.high_precision) for r in rows if r.family != "fp32"))
     for model in dict.fromkeys(r.model for r in rows):
-        mine = [r for r in rows if r.model == model]
-        peers = [r for r in mine if r.family in ("ort", "modelopt") and ok(r)]
-        buildable = [r for r in peers if r.trt == "built"]
-        # a 5% fallback budget can land on 95% exactly: compare with a rounding margin
-        ours = [r for r in mine if r.family == "ours" and ok(r)
-                and (r.int8_flop_fraction or 0) * 100 - (r.outlier_float_flop_pct or 0) >= 95.0 - 1e-6]
-        best_peer = max(peers, key=lambda r: r.sqnr_db, default=None)
-        best_built = max(buildable, key=lambda r: r.sqnr_db, default=None)
-        best_ours = max(ours, key=lambda r: r.sqnr_db, default=None)
-
-        def cell(r):
-            return "-" if r is None else f"{r.sqnr_db:.2f} ({r.method})"
-
-        def plain(r):
-            return "-" if not ok(r) else f"{r.sqnr_db:.2f}"
-
-        def margin(peer):
-            return "-" if best_ours is None or peer is None else f"{best_ours.sqnr_db - peer.sqnr_db:+.2f}"
-
-        naive = next((r for r in mine if r.method == "naive INT8"), None)
-        default = next((r for r in mine if r.method == "default"), None)
-        lines.append(f"| {model} | {cell(best_peer)} | {cell(best_built)} | {plain(naive)} | {plain(default)} "
-                     f"| {cell(best_ours)} | {margin(best_peer)} | {margin(best_built)} |")
+        for kind in kinds:
+            mine = [r for r in rows if r.model == model and (r.precision, r.high_precision) == kind]
+            if not mine:
+                continue
+            peers = [r for r in mine if r.family in ("ort", "modelopt") and ok(r)]
+            # a 5% fallback budget can land on 95% exactly: compare with a rounding margin
+            ours = best(r for r in mine if r.family == "ours" and ok(r)
+                        and (r.int8_flop_fraction or 0) * 100 - (r.outlier_float_flop_pct or 0) >= 95.0 - 1e-6)
+            best_peer, best_built = best(peers), best(r for r in peers if r.trt == "built")
+            naive, default = (next((r for r in mine if r.method == m), None)
+                              for m in runners.NAIVE_AND_DEFAULT.get(kind[0], ("", "")))
+            lines.append(f"| {model} | {precision_cell(mine[0])} | {cell(best_peer)} | {cell(best_built)} "
+                         f"| {plain(naive)} | {plain(default)} | {cell(ours)} | {margin(ours, best_peer)} "
+                         f"| {margin(ours, best_built)} |")
     return "\n".join(lines)
 
 
 def ratio_table(rows: list[ResultRow]) -> str:
-    """Ours (naive INT8, default) time and peak RSS divided by each peer's, per model (< 1: ours is cheaper)."""
-    head = ("| model | peer | naive INT8 time / peer | naive INT8 RSS / peer | default time / peer "
-            "| default RSS / peer |")
+    """Our timed naive and default rows of the peer's format (INT8: naive INT8, default; FP8: FP8 default,
+    FP8 naive is not timed), time and peak RSS divided by each peer's, per model (< 1: ours is cheaper)."""
+    head = ("| model | peer | naive time / peer | naive RSS / peer | default time / peer | default RSS / peer |")
     lines = [head, "|---|---|---|---|---|---|"]
+    timed = {m.label for m in runners.OURS_MATRIX if m.timed}
 
     def ratio(a, b):
         return fmt(a / b if a and b else None, ".2f")
 
     for model in dict.fromkeys(r.model for r in rows):
         ours = {m: next((r for r in rows if r.model == model and r.method == m and r.error is None), None)
-                for m in ("naive INT8", "default")}
+                for pair in runners.NAIVE_AND_DEFAULT.values() for m in pair if m in timed}
         if not any(ours.values()):
             continue
         for peer in (r for r in rows if r.model == model and r.family in ("ort", "modelopt")):
@@ -144,30 +162,26 @@ def ratio_table(rows: list[ResultRow]) -> str:
                 lines.append(f"| {model} | {peer.method} | (peer failed) | | | |")
                 continue
             cells = []
-            for m in ("naive INT8", "default"):
-                o = ours[m]
+            for m in runners.NAIVE_AND_DEFAULT.get(peer.precision, ("", "")):
+                o = ours.get(m)
                 cells += [ratio(o and o.seconds, peer.seconds), ratio(o and o.peak_rss_mib, peer.peak_rss_mib)]
             lines.append(f"| {model} | {peer.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def feature_table(rows: list[ResultRow]) -> str:
-    """Output SQNR change of each segquant-onnx row against its baseline (naive INT8 for the rows before
-    `default` and for `default` itself; `default` for the rows after it)."""
-    matrix = runners.OURS_MATRIX
-    labels = [m.label for m in matrix if m.label != "naive INT8"]
-    after_default = {m.label for m in matrix[[x.label for x in matrix].index("default") + 1:]}
-    head = "| model | " + " | ".join(
-        f"{label} vs {'default' if label in after_default else 'naive'}" for label in labels) + " |"
-    lines = [head, "|" + "---|" * (len(labels) + 1)]
+    """Output SQNR change of each segquant-onnx row against the row it adds one thing to (its ``baseline``
+    in the feature matrix: naive INT8, default, FP8 naive or FP8 default)."""
+    matrix = [m for m in runners.OURS_MATRIX if m.baseline]
+    head = "| model | " + " | ".join(f"{m.label} vs {m.baseline}" for m in matrix) + " |"
+    lines = [head, "|" + "---|" * (len(matrix) + 1)]
     for model in dict.fromkeys(r.model for r in rows):
         by = {r.method: r for r in rows if r.model == model and r.family == "ours"}
         if not by:
             continue
         cells = []
-        for label in labels:
-            base = by.get("default" if label in after_default else "naive INT8")
-            row = by.get(label)
+        for m in matrix:
+            base, row = by.get(m.baseline), by.get(m.label)
             cells.append(f"{row.sqnr_db - base.sqnr_db:+.2f}" if ok(row) and ok(base) else "-")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -212,6 +226,11 @@ def latency_table(entries: list[dict]) -> str:
                          f"| {fmt(e['dualscale_extra_flop_pct'].get(method), '.1f')} "
                          f"| {fmt(e.get('outlier_float_flop_pct', {}).get(method), '.3f')} "
                          f"| {fmt(e.get('int8_flop_pct', {}).get(method), '.1f')} |")
+    for e in entries:
+        if e.get("not_timed"):
+            lines.append("")
+            lines.append(f"{e['model']}, not timed (FP8, or an fp16 rest: n/a on ONNX Runtime's CPU, see above): "
+                         + ", ".join(e["not_timed"]) + ".")
     return "\n".join(lines)
 
 
