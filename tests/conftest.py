@@ -201,6 +201,24 @@ def export_script(dynamo: bool = False):
     return module
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tiny_export(kind, dynamo) -> (model path, export script module): each tiny diffusers transformer
+    (kind "sd3", "flux" or "pixart"; TorchScript or dynamo exporter) exported once per session. The file is
+    shared: write calibration data and outputs into a folder of your own, and never modify it."""
+    cache: dict[tuple[str, bool], tuple[Path, object]] = {}
+
+    def _get(kind: str, dynamo: bool) -> tuple[Path, object]:
+        if (kind, dynamo) not in cache:
+            script = export_script(dynamo)
+            out = tmp_path_factory.mktemp(f"{kind}_{'dynamo' if dynamo else 'torchscript'}") / f"{kind}.onnx"
+            script.EXPORTERS[kind](out, dynamo=dynamo)
+            cache[kind, dynamo] = (out, script)
+        return cache[kind, dynamo]
+
+    return _get
+
+
 def attention_model() -> onnx.ModelProto:
     """X -> q, k, v projections; softmax(q @ k^T) @ v -> o projection. Two activation x activation MatMuls."""
     nodes = [helper.make_node("MatMul", ["X", f"W{p}"], [p], name=f"to_{p}") for p in "qkv"]

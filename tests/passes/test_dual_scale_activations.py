@@ -16,7 +16,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import export_script
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import assert_dedicated_dq
 from segquant_onnx.ir.graph_io import constant_values, export_model
@@ -488,11 +487,9 @@ EXPECTED = {"sd3": {"silu": 7, "gelu_tanh": 3}, "flux": {"silu": 9, "gelu_tanh":
 
 @pytest.fixture(scope="module", params=[("sd3", False), ("sd3", True), ("flux", False), ("flux", True)],
                 ids=["sd3-torchscript", "sd3-dynamo", "flux-torchscript", "flux-dynamo"])
-def real_export(request, tmp_path_factory):
+def real_export(request, tiny_export):
     kind, dynamo = request.param
-    script = export_script(dynamo)
-    path = tmp_path_factory.mktemp(kind) / f"{kind}{'_dynamo' if dynamo else ''}.onnx"
-    script.EXPORTERS[kind](path, dynamo=dynamo)
+    path, script = tiny_export(kind, dynamo)
     return kind, dynamo, path, script
 
 
