@@ -219,6 +219,17 @@ def tiny_export(tmp_path_factory):
     return _get
 
 
+@pytest.fixture(scope="session")
+def demo_metrics(tmp_path_factory) -> dict:
+    """`segquant-onnx demo` with the README's settings (20 Euler steps, seeds 0 1 2, all classes), run once
+    per session: the metrics it returns."""
+    pytest.importorskip("PIL")
+    from segquant_onnx.diffusion.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo") / "out", steps=20, seeds=(0, 1, 2), classes=None,
+                    progress=False)
+
+
 def attention_model() -> onnx.ModelProto:
     """X -> q, k, v projections; softmax(q @ k^T) @ v -> o projection. Two activation x activation MatMuls."""
     nodes = [helper.make_node("MatMul", ["X", f"W{p}"], [p], name=f"to_{p}") for p in "qkv"]
