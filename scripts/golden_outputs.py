@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -162,8 +163,9 @@ class Input:
     seconds: float
 
 
-def prepare_model(name: str, workdir: Path) -> Input:
-    """The model file and calibration data of `name` (bundled: read in place; tiny: exported into `workdir`)."""
+def prepare_model(name: str, workdir: Path, exported: Path | None = None) -> Input:
+    """The model file and calibration data of `name` (bundled: read in place; tiny: exported into `workdir`,
+    or copied there from `exported`, an export of the same kind, exporter and seed made elsewhere)."""
     start = time.perf_counter()
     if name in BUNDLED:
         from segquant_onnx.examples import example_path
@@ -175,8 +177,11 @@ def prepare_model(name: str, workdir: Path) -> Input:
         folder = Path(workdir) / name
         folder.mkdir(parents=True, exist_ok=True)
         model, calib = folder / f"{name}.onnx", folder / "calib.npz"
-        with contextlib.redirect_stdout(sys.stderr):  # the dynamo exporter prints its progress
-            getattr(script, f"export_{kind}_tiny")(model, dynamo=dynamo, seed=EXPORT_SEED)
+        if exported is not None:
+            shutil.copyfile(exported, model)
+        else:
+            with contextlib.redirect_stdout(sys.stderr):  # the dynamo exporter prints its progress
+                getattr(script, f"export_{kind}_tiny")(model, dynamo=dynamo, seed=EXPORT_SEED)
         if dynamo:
             strip_stack_traces(model)
         np.savez(calib, **script.make_calibration(kind, CALIB_SAMPLES, seed=CALIB_SEED))

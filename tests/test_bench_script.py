@@ -1,6 +1,7 @@
-"""The benchmark keeps working: `scripts/bench.py` runs end to end on the bundled example (one run, shared
-by the tests that read it), every row of its feature matrix is a valid QuantConfig, and its demo-dynamo
-case is the trained checkpoint."""
+"""The benchmark keeps working: `scripts/bench.py` runs end to end on the bundled example (one run of about a
+minute, shared by the tests that read it: marked slow, run by `python -m pytest -m slow`, which .ci/run does on
+its own line), every row of its feature matrix is a valid QuantConfig, and its demo-dynamo case is the trained
+checkpoint."""
 
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ def _table(text: str, header: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_bench_prints_the_report_it_writes(bench_run):
     stdout, text, _ = bench_run
     assert stdout == text + "\n"  # print() adds one newline: the file holds nothing the run did not print
     assert "python scripts/bench.py --quick --skip-modelopt" in text
 
 
+@pytest.mark.slow
 def test_bench_measures_every_row(bench_run):
     _, text, data = bench_run
     table = _table(text, "| model | method | precision | SQNR dB |")

@@ -43,13 +43,18 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(same_machine, workdir):
-    """prepared(model name) -> golden.Input, each model exported once per module."""
+def prepared(same_machine, workdir, tiny_export):
+    """prepared(model name) -> golden.Input; the tiny models are the session's exports (conftest.tiny_export:
+    the same exporter and seed as the script's), copied into this module's folder."""
     cache: dict[str, object] = {}
 
     def _get(name: str):
         if name not in cache:
-            cache[name] = golden.prepare_model(name, workdir)
+            exported = None
+            if name in golden.EXPORTS:
+                assert golden.EXPORT_SEED == 0  # tiny_export's seed: the export functions' default
+                exported, _ = tiny_export(*golden.EXPORTS[name])
+            cache[name] = golden.prepare_model(name, workdir, exported)
         return cache[name]
 
     return _get

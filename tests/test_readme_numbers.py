@@ -39,13 +39,8 @@ def measured_row(m: dict) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def metrics(tmp_path_factory):
-    pytest.importorskip("PIL")
-    from segquant_onnx.diffusion.demo import run_demo
-
-    # the README's settings: 20 Euler steps, seeds 0 1 2, all classes
-    return run_demo(tmp_path_factory.mktemp("demo") / "out", steps=20, seeds=(0, 1, 2), classes=None,
-                    progress=False)
+def metrics(demo_metrics):
+    return demo_metrics  # conftest: the demo with the README's settings, shared with tests/diffusion
 
 
 def test_readme_demo_table_matches_a_fresh_demo_run(metrics):

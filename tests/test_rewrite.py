@@ -110,7 +110,7 @@ def test_with_every_pass_the_structure_is_outliers_smoothing_dualscale_and_qdq()
             assert qi.consumer.inputs[qi.index] is qi.dequantized and qi.dequantized.inputs[0].op == "DequantizeLinear"
     ref, got = outputs(model), outputs(export_model(graph))
     sqnr = 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum())
-    assert 25 < sqnr < 80  # quantized (not float), and quantized sensibly
+    assert 33.5 < sqnr < 80  # quantized (not float), and quantized sensibly: measured 35.61
 
 
 def test_the_stage_function_reports_the_quantized_inputs_by_site():

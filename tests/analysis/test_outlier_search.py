@@ -64,7 +64,7 @@ def test_each_site_gets_the_count_that_pays_at_the_output(tmp_path):
     (per_site,) = [t for t in trials if t["outlier_cap"] == "per-site"]
     best_global = max(t["heldback_sqnr_db"] for t in trials if t["outlier_cap"] != "per-site")
     # measured: 66.8 dB per site against 36.7 dB for the best global cap (8)
-    assert per_site["heldback_sqnr_db"] > best_global + 20
+    assert per_site["heldback_sqnr_db"] > best_global + 20 and per_site["heldback_sqnr_db"] > 64.5
     # the analysis session (level copies blended by gates) scores exactly what the real graph scores
     assert per_site["analysis_sqnr_db"] == pytest.approx(per_site["heldback_sqnr_db"], abs=0.01)
     search = {t["site"]: t for t in auto["outliers"]["per_site_search"]}
@@ -75,7 +75,8 @@ def test_each_site_gets_the_count_that_pays_at_the_output(tmp_path):
     fixed = quantize(path, calib, QuantConfig(outliers={"mode": "fixed", "count": 8, "max_flop_pct": 13.0}, **BASE),
                      eval_data=held,
                      progress=False).report
-    assert auto["output_error"]["Y"]["sqnr_db"] > fixed["output_error"]["Y"]["sqnr_db"] + 20
+    assert auto["output_error"]["Y"]["sqnr_db"] > fixed["output_error"]["Y"]["sqnr_db"] + 20  # measured 68.97, 37.06
+    assert auto["output_error"]["Y"]["sqnr_db"] > 66.5
     assert auto["outliers"]["float_flop_pct"] <= 13.0
     assert auto["tensorrt_check"] == []
 

@@ -371,3 +371,58 @@ def test_dualscale_auto_is_checked_at_the_output_only_when_it_applied_a_site(wri
     trials = result.report["heldback_trials"]
     assert len(trials) == scored
     assert trials[0]["dualscale"] == "auto" and trials[0]["dual_sites"] == (0 if scored == 1 else 1)
+
+
+@pytest.mark.parametrize("target, floating, reached", [
+    (30.0, ("a",), True),  # reached exactly after the first site: stop there
+    (30.125, ("a", "b"), True),  # just over it: the next site in the ranking too
+    (45.125, ("a", "b", "c"), False),  # never reached: every site within the budget, then stop
+])
+def test_greedy_fallback_follows_the_ranking_until_the_target_is_reached(target, floating, reached):
+    # the ranking's order, not the FLOPs' or the names': c is the cheapest and comes last
+    model = _Scripted({"c": 10, "b": 30, "a": 30},
+                      {frozenset(): 10.0, frozenset("a"): 30.0, frozenset("ab"): 40.0, frozenset("abc"): 45.0})
+    ranking = [SiteSensitivity("a", 30, 1.0), SiteSensitivity("b", 30, 2.0), SiteSensitivity("c", 10, 3.0)]
+    fb = greedy_fallback(model, ranking, target_db=target, max_fallback_pct=100.0)
+    assert fb.sites == floating and fb.reached is reached
+    assert fb.output_sqnr_db == model.table[frozenset(floating)] and fb.start_sqnr_db == 10.0
+    assert fb.int8_flop_fraction == pytest.approx(1 - sum({"a": 30, "b": 30, "c": 10}[s] for s in floating) / 70)
+    assert model.calls == [frozenset()] + [frozenset(floating[:i + 1]) for i in range(len(floating))]
+
+
+@pytest.mark.parametrize("budget, floating", [(25.0, ("b",)), (24.875, ())])
+def test_greedy_fallback_spends_up_to_the_budget_exactly(budget, floating):
+    model = _Scripted({"a": 300, "b": 100}, {frozenset(): 10.0, frozenset("b"): 20.0})
+    fb = greedy_fallback(model, [SiteSensitivity("a", 300, 1.0), SiteSensitivity("b", 100, 2.0)],
+                         target_db=15.0, max_fallback_pct=budget)  # b: 25% of the FLOPs
+    assert fb.sites == floating and fb.reached is bool(floating)
+
+
+def test_sensitivity_ranks_the_lowest_output_sqnr_first():
+    model = _Scripted({"a": 1, "b": 1, "c": 1}, {})
+    quantized_alone = {"a": 30.0, "b": 12.5, "c": 20.0}
+    model.sqnr = lambda quantized: quantized_alone[next(iter(quantized))]
+    ranked = sensitivity.rank_sensitivity(model, progress=False)
+    assert [(r.site, r.output_sqnr_db) for r in ranked] == [("b", 12.5), ("c", 20.0), ("a", 30.0)]
+
+
+@pytest.mark.parametrize("margin, floating", [(-0.05, 1), (0.05, 2)])
+def test_the_fallback_stops_at_a_target_just_under_what_one_site_in_float_reaches(sensitive, margin, floating):
+    """The sensitive model (fc1 in float reaches 34.85 dB, measured): a target 0.05 dB under it keeps fc1
+    only; 0.05 dB over it, the next site of the ranking as well."""
+    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
+                         fallback={"target_sqnr": TARGET, "max_fallback_pct": 100.0})
+    first = quantize(sensitive / "model.onnx", sensitive / "calib.npz", config, progress=False, evaluate=False)
+    one = first.report["fallback"]["output_sqnr_db"]
+    assert first.report["fallback"]["sites"] == ("fc1",) and 33.0 < one < 37.0  # measured 34.85
+    target = one + margin
+    r = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
+                 config.updated(fallback={"target_sqnr": target}), progress=False, evaluate=False)
+    fb, ranking = r.report["fallback"], [row["site"] for row in r.report["sensitivity"]]
+    assert fb["sites"] == tuple(ranking[:floating]) and fb["sites"][0] == "fc1"
+    assert fb["reached"] and fb["output_sqnr_db"] >= target
+    assert held_back_sqnr(r.model) == pytest.approx(fb["output_sqnr_db"], abs=0.05)
+    producers = {o: n.op_type for n in r.model.graph.node for o in n.output}
+    reads_dq = {n.name: producers.get(n.input[0]) == "DequantizeLinear" for n in r.model.graph.node
+                if n.op_type == "MatMul"}
+    assert reads_dq == {name: name not in fb["sites"] for name in ("fc1", "fc2", "fc3")}

@@ -97,7 +97,7 @@ def test_quantize_writes_the_model_and_a_report(capsys, model, calib, tmp_path):
     assert data["summary"]["sites_quantized"] == len(data["sites"]) == len(weight_dqs) == 2
     assert data["summary"]["sites_declined"] == 0
     assert data["output"] == str(out) and data["input"] == str(model)
-    assert set(data["output_error"]) == {"Y"} and data["output_error"]["Y"]["sqnr_db"] > 20
+    assert set(data["output_error"]) == {"Y"} and data["output_error"]["Y"]["sqnr_db"] > 34.5  # measured 36.77
     assert dir_listing(tmp_path) == ["calib.npz", "in", "in/matmul.onnx", "q.json", "q.md", "q.onnx"]
 
 

@@ -204,12 +204,38 @@ def test_demo_command_writes_images_and_prints_psnr(capsys, tmp_path):
     assert grid.size[0] > 10 * 16 * 4 and grid.size[1] > 3 * 16 * 4
     metrics = json.loads((out / "demo_metrics.json").read_text())
     assert set(metrics["methods"]) == {"naive INT8", "SegQuant"}
-    for m in metrics["methods"].values():
-        assert len(m["step_sqnr_db_same_input"]) == 2 and 0.0 < m["ssim"] <= 1.0 and m["psnr_db"] > 10.0
+    for m in metrics["methods"].values():  # measured: PSNR 43.67 / 43.22 dB, SSIM 0.9992 / 0.9991
+        assert len(m["step_sqnr_db_same_input"]) == 2 and 0.998 < m["ssim"] <= 1.0 and m["psnr_db"] > 41.5
     if _has_matplotlib():
         assert (out / "demo_step_error.png").stat().st_size > 1000
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["demo_grid.png", "demo_metrics.json"] + (["demo_step_error.png"] if _has_matplotlib() else []))
+
+
+# measured with the README's settings (its "Demo" table): PSNR dB, SSIM, output SQNR dB on the eval feeds,
+# mean per-step SQNR dB
+DEMO_MEASURED = {"naive INT8": (46.88, 0.9997, 28.06, 31.94), "SegQuant": (46.77, 0.9997, 27.92, 31.90)}
+
+
+def test_the_demo_keeps_its_measured_quality(demo_metrics):
+    """Floors a little under the measured values: 1.5 dB on image PSNR, 1 dB on the SQNRs."""
+    for name, (psnr_db, ssim_value, sqnr_db, step_db) in DEMO_MEASURED.items():
+        m = demo_metrics["methods"][name]
+        assert m["psnr_db"] > psnr_db - 1.5 and m["ssim"] > ssim_value - 0.0005, name
+        assert m["eval_output_sqnr_db"] > sqnr_db - 1.0, name
+        assert float(np.mean(m["step_sqnr_db_same_input"])) > step_db - 1.0, name
+
+
+def test_segquant_is_not_below_naive_int8_on_the_demo_by_more_than_it_measures(demo_metrics):
+    """On this small trained DiT the default config does not beat naive INT8: DualScale auto picks 41 sites
+    per layer but the held-back output check drops them (31.07 against 31.10 dB), and what remains
+    (SegLinear) measures 0.14 dB output SQNR and 0.11 dB PSNR below naive. So this bounds the gap at 0.25 dB
+    instead of asserting a win; where the features must win, constructed graphs show it
+    (tests/test_features_pay.py)."""
+    seg, naive = demo_metrics["methods"]["SegQuant"], demo_metrics["methods"]["naive INT8"]
+    assert seg["eval_output_sqnr_db"] >= naive["eval_output_sqnr_db"] - 0.25
+    assert seg["psnr_db"] >= naive["psnr_db"] - 0.25
+    assert float(np.mean(seg["step_sqnr_db_same_input"])) >= float(np.mean(naive["step_sqnr_db_same_input"])) - 0.25
 
 
 def test_diffusion_imports_without_torch():

@@ -16,7 +16,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import export_script
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import assert_dedicated_dq
 from segquant_onnx.ir.graph_io import constant_values, export_model
@@ -430,6 +429,7 @@ def test_dual_scale_beats_one_scale_on_asymmetric_activations(form):
     # measured when written (seed 3, std 2, held out): SiLU 38.2 vs 35.8 dB, GELU tanh and erf 38.6 vs 36.6 dB;
     # over seeds and stds 1..2 the gain stays within 1.7..2.5 dB
     assert dual_db > single_db + 1.5, f"dual {dual_db:.2f} dB vs single {single_db:.2f} dB"
+    assert dual_db > 36.5  # measured 38.21 (SiLU), 38.59 / 38.57 (GELU tanh / erf)
 
 
 def test_other_consumers_of_the_activation_are_untouched():
@@ -447,7 +447,7 @@ def test_other_consumers_of_the_activation_are_untouched():
     y1, z1, a1 = run(rewritten, {"H": h}, ["Y", "Z", "act"])
     np.testing.assert_array_equal(z1, z0)
     np.testing.assert_array_equal(a1, a0)
-    assert sqnr(y0, y1) > 30
+    assert sqnr(y0, y1) > 39.0  # measured 41.23
 
 
 def test_two_sites_on_one_activation_each_get_their_own_branches():
@@ -496,11 +496,9 @@ EXPECTED = {"sd3": {"silu": 7, "gelu_tanh": 3}, "flux": {"silu": 9, "gelu_tanh":
 
 @pytest.fixture(scope="module", params=[("sd3", False), ("sd3", True), ("flux", False), ("flux", True)],
                 ids=["sd3-torchscript", "sd3-dynamo", "flux-torchscript", "flux-dynamo"])
-def real_export(request, tmp_path_factory):
+def real_export(request, tiny_export):
     kind, dynamo = request.param
-    script = export_script(dynamo)
-    path = tmp_path_factory.mktemp(kind) / f"{kind}{'_dynamo' if dynamo else ''}.onnx"
-    script.EXPORTERS[kind](path, dynamo=dynamo)
+    path, script = tiny_export(kind, dynamo)
     return kind, dynamo, path, script
 
 
@@ -548,7 +546,7 @@ def test_real_exports_rewrite_runs_and_builds(real_export, tmp_path):
 
     feeds = script.make_calibration(kind, 1, seed=2)
     (y_float,), (y_dual,) = run(fp, feeds), run(rewritten, feeds)
-    assert sqnr(y_float, y_dual) > 40
+    assert sqnr(y_float, y_dual) > {"sd3": 55.5, "flux": 53.0}[kind]  # measured 57.78, 55.45 (both exporters)
     if tensorrt_rtx_available():
         out = tmp_path / "dual.onnx"
         onnx.save(rewritten, str(out))

@@ -30,6 +30,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+import references
 from conftest import export_script
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.config import QuantConfig
@@ -838,17 +839,34 @@ def test_segment_names_do_not_clash_with_existing_nodes():
 EXPORTS = [("sd3", False), ("sd3", True), ("flux", False), ("flux", True), ("pixart", False), ("pixart", True)]
 
 
-@pytest.fixture(scope="module", params=EXPORTS, ids=[f"{k}-{'dynamo' if d else 'torchscript'}" for k, d in EXPORTS])
-def tiny_dit(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def dits(tiny_export, tmp_path_factory):
+    """dits(kind, dynamo) -> (model path, calib npz, eval npz, export script module): the session's tiny
+    export with this module's calibration (4 samples) and eval (2) data beside it, in a folder of its own."""
+    cache = {}
+
+    def _get(kind: str, dynamo: bool):
+        if (kind, dynamo) not in cache:
+            path, script = tiny_export(kind, dynamo)
+            d = tmp_path_factory.mktemp(f"seg_{kind}_{'dynamo' if dynamo else 'ts'}")
+            calib, held_out = d / "calib.npz", d / "eval.npz"
+            np.savez(calib, **script.make_calibration(kind, 4, seed=1))
+            np.savez(held_out, **script.make_calibration(kind, 2, seed=2))
+            cache[kind, dynamo] = (path, calib, held_out, script)
+        return cache[kind, dynamo]
+
+    return _get
+
+
+def _export_id(kind: str, dynamo: bool) -> str:
+    return f"{kind}-{'dynamo' if dynamo else 'torchscript'}"
+
+
+@pytest.fixture(scope="module", params=EXPORTS, ids=[_export_id(k, d) for k, d in EXPORTS])
+def tiny_dit(request, dits):
     """(kind, dynamo, model path, calib npz, eval npz, export script module) of a tiny diffusers export."""
     kind, dynamo = request.param
-    script = export_script(dynamo)
-    out = tmp_path_factory.mktemp(f"{kind}_{'dynamo' if dynamo else 'ts'}") / f"{kind}.onnx"
-    getattr(script, f"export_{kind}_tiny")(out, dynamo=dynamo)
-    calib, held_out = out.with_name("calib.npz"), out.with_name("eval.npz")
-    np.savez(calib, **script.make_calibration(kind, 4, seed=1))
-    np.savez(held_out, **script.make_calibration(kind, 2, seed=2))
-    return kind, dynamo, out, calib, held_out, script
+    return (kind, dynamo, *dits(kind, dynamo))
 
 
 # Timesteps(num_channels=256) is hard-coded in diffusers' CombinedTimestep*Embeddings: the sinusoid is
@@ -959,11 +977,25 @@ def test_pixart_without_size_conditions(dynamo, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quantized_dit(tiny_dit):
-    kind, dynamo, path, calib, _, script = tiny_dit
-    out = path.with_name(f"{kind}_int8.onnx")
-    result = quantize(path, calib, QuantConfig(), output=out, progress=False)
-    return result, out, dynamo, kind
+def quantized_dits(dits, tmp_path_factory):
+    """quantized_dits(kind, dynamo) -> (Result, output path): the export quantized with the default config,
+    once per module."""
+    cache = {}
+
+    def _get(kind: str, dynamo: bool):
+        if (kind, dynamo) not in cache:
+            path, calib, _, _ = dits(kind, dynamo)
+            out = tmp_path_factory.mktemp(f"q_{_export_id(kind, dynamo)}") / f"{kind}_int8.onnx"
+            cache[kind, dynamo] = (quantize(path, calib, QuantConfig(), output=out, progress=False), out)
+        return cache[kind, dynamo]
+
+    return _get
+
+
+@pytest.fixture(scope="module")
+def quantized_dit(tiny_dit, quantized_dits):
+    kind, dynamo, *_ = tiny_dit
+    return (*quantized_dits(kind, dynamo), dynamo, kind)
 
 
 def test_every_segment_gets_its_own_qdq_and_int8_weight(quantized_dit):
@@ -1005,13 +1037,87 @@ def test_every_segment_gets_its_own_qdq_and_int8_weight(quantized_dit):
     assert len(q_nodes) == n_segments  # one Q per segment: each has its own activation scale
 
 
-def test_tensorrt_rtx_parses_and_builds_segments(quantized_dit):
-    _, out, dynamo, kind = quantized_dit
-    if (kind, dynamo) not in {("sd3", False), ("flux", True), ("pixart", False), ("pixart", True)}:
-        pytest.skip("one export per exporter is enough (PixArt: both, for the segments concatenated back)")
+def _float_outputs(path, feeds: list[dict], names: list[str]) -> list[list[np.ndarray]]:
+    """The float export's values of `names` (added as outputs) on each feed."""
+    model = onnx.load(str(path))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names
+                              if n not in known)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(names, f) for f in feeds]
+
+
+def _feeds(npz) -> list[dict]:
+    with np.load(npz) as data:
+        return [{k: data[k][i:i + 1] for k in data.files} for i in range(len(data[data.files[0]]))]
+
+
+def test_every_segment_has_the_scale_of_its_own_values(tiny_dit, quantized_dit):
+    """Valued, not counted: each segment's activation scale is the calibration abs-max of the tensor it
+    reads / 127 (the default `max` method), and where DualScale applies to the segment, max(A) / 127 and
+    -min(A) / 128 for its two branches; recomputed by running the float export with those tensors as
+    outputs."""
+    kind, dynamo, path, calib, *_ = tiny_dit
+    result, out, *_ = quantized_dit
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    q_of = {n.input[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    dual = {d["site"] for d in result.report["dualscale"] if d["apply"]}
+    expected = []  # (segment, activation tensor, statistic, written scale)
+    for match in result.plan.segments:
+        for i in range(len(match.sizes)):
+            name = f"{match.linear}/seg{i}"
+            q = producers[producers[nodes[name].input[0]].input[0]]
+            scale = inits[q.input[1]][()]
+            if name in dual:
+                relu, minimum = producers[q.input[0]], nodes[f"{name}/neg/min"]
+                assert relu.op_type == "Relu" and minimum.input[0] == relu.input[0]
+                expected.append((name, relu.input[0], "pos", scale))
+                expected.append((name, relu.input[0], "neg", inits[q_of[minimum.output[0]].input[1]][()]))
+            else:
+                expected.append((name, q.input[0], "abs", scale))
+    names = sorted({a for _, a, _, _ in expected})
+    values = _float_outputs(path, _feeds(calib), names)
+    stat = {"abs": lambda v: np.abs(v).max() / 127, "pos": lambda v: v.max() / 127, "neg": lambda v: -v.min() / 128}
+    for name, activation, kind_of, scale in expected:
+        j = names.index(activation)
+        want = max(float(stat[kind_of](v[j])) for v in values)
+        assert scale == pytest.approx(want, rel=1e-5), (name, activation, kind_of)
+    # input segments read different tensors: their scales differ
+    for match in result.plan.segments:
+        if match.kind == "input":
+            parts = [s for n, _, k, s in expected if n.startswith(f"{match.linear}/seg") and k != "neg"]
+            assert len(set(parts)) == len(parts) == len(match.sizes), match.linear
+
+
+# measured (default config; 4 calibration samples, output SQNR on the 2 eval samples)
+DIT_SQNR_DB = {("sd3", False): 38.36, ("sd3", True): 38.36, ("flux", False): 37.37, ("flux", True): 37.39,
+               ("pixart", False): 38.86, ("pixart", True): 38.60}
+
+
+def test_quantized_output_sqnr_on_real_exports(tiny_dit, quantized_dit):
+    """Recomputed from the saved files on held-out samples; floors 2 dB under the measured values."""
+    kind, dynamo, path, _, held_out, _ = tiny_dit
+    _, out, *_ = quantized_dit
+    feeds = _feeds(held_out)
+    ref = [r[0] for r in _float_outputs(path, feeds, ["out"])]
+    got = [ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["out"], f)[0] for f in feeds]
+    sqnr = references.sqnr_db(ref, got)
+    assert sqnr > DIT_SQNR_DB[kind, dynamo] - 2.0, f"{kind}: {sqnr:.2f} dB"
+
+
+# one export per exporter is enough to build; PixArt with both, for the segments concatenated back
+TRT_BUILDS = [("sd3", False), ("flux", True), ("pixart", False), ("pixart", True)]
+
+
+@pytest.mark.parametrize("kind, dynamo", TRT_BUILDS, ids=[_export_id(k, d) for k, d in TRT_BUILDS])
+def test_tensorrt_rtx_parses_and_builds_segments(quantized_dits, kind, dynamo):
     pytest.importorskip("tensorrt_rtx_bindings")
     from segquant_onnx.tensorrt.build import build_engine
 
+    _, out = quantized_dits(kind, dynamo)
     built = build_engine(out)
     assert built.parsed and built.built, built.errors
 
@@ -1041,16 +1147,29 @@ def test_heads_pattern_is_exact(heads, dim, tokens, sliced):
     assert_same_outputs(model, rewritten, feeds, mag)
 
 
-def test_heads_pattern_counts_on_real_sd3_exports(tiny_dit):
-    kind, dynamo, path, *_ , script = tiny_dit
-    if kind != "sd3":
-        pytest.skip("FLUX's attention outputs reach their projections without a heads-merging Reshape")
-    cfg = script.SD3_TINY_CONFIG
-    # every block's to_out.0 reads merged heads; to_add_out too, except in the last (context_pre_only) block
-    expected = cfg["num_layers"] + (cfg["num_layers"] - 1)
+def expected_heads(kind: str, script) -> int:
+    """Linears reading merged attention heads, from diffusers' source."""
+    if kind == "sd3":  # every block's to_out.0; to_add_out too, except in the last (context_pre_only) block
+        return 2 * script.SD3_TINY_CONFIG["num_layers"] - 1
+    if kind == "flux":  # double blocks: to_out.0 and to_add_out (single blocks: Concat([attn, mlp]) -> proj_out)
+        return 2 * script.FLUX_TINY_CONFIG["num_layers"]
+    return 2 * script.PIXART_TINY_CONFIG["num_layers"]  # attn1 and attn2 to_out.0 per block
+
+
+def _heads_xfail(kind: str, dynamo: bool):
+    if (kind, dynamo) == ("flux", True):
+        return [pytest.mark.xfail(strict=True, reason="the dynamo exporter writes FLUX's joint attention as "
+                                  "Reshape -> Split -> to_out; the heads pattern looks through Slice (SD3), not Split")]
+    return []
+
+
+@pytest.mark.parametrize("kind, dynamo", [pytest.param(k, d, id=_export_id(k, d), marks=_heads_xfail(k, d))
+                                          for k, d in EXPORTS])
+def test_heads_pattern_counts_on_real_exports(dits, kind, dynamo):
+    path, *_, script = dits(kind, dynamo)
+    cfg = getattr(script, f"{kind.upper()}_TINY_CONFIG")
     graph = canonicalize(gs.import_onnx(onnx.load(str(path))))
     found = SplitLinearBySegment(output_segments=False, input_segments=False, head_segments=True).detect(
         graph, QuantPlan(sites=())).segments
-    sizes = {m.sizes for m in found}
-    assert len(found) == expected
-    assert sizes == {(cfg["attention_head_dim"],) * cfg["num_attention_heads"]}
+    assert len(found) == expected_heads(kind, script)
+    assert {m.sizes for m in found} == {(cfg["attention_head_dim"],) * cfg["num_attention_heads"]}

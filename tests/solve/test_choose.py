@@ -154,3 +154,11 @@ def test_a_site_with_outliers_is_chosen_on_its_bulk():
     w[5] = 0
     assert recipe.dual[0].gain_db == pytest.approx(dual_gain_ref(bulk_fit, bulk_sample, w), abs=2e-3)
     assert recipe.outliers["lin"].tolist() == [5]
+
+
+@pytest.mark.parametrize("top, chosen", [(8.0 * (1 + 2**-10), [4]), (8.0, []), (8.0 * (1 - 2**-10), [])])
+def test_an_outlier_channel_is_one_strictly_over_ratio_times_the_median(top, chosen):
+    x = np.ones((4, K), np.float32)  # every channel's abs-max 1: the median
+    x[2, 4] = -top
+    picked = choose_outliers(QuantPlan(sites=(SITE,)), {"X": stats_of(x)}, 4, 8.0, 100.0)
+    assert picked.get("lin", np.zeros(0)).tolist() == chosen

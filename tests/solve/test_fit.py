@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import references
+
 from segquant_onnx.calib.observers import TensorStats
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.params import DualDecision
@@ -115,6 +117,10 @@ def test_a_fixed_calibration_method_gives_the_threshold_of_its_formula(method, r
     assert p.act_scale == float(scale_from_amax(expected))
     assert p.smooth is None and p.alpha is None
     np.testing.assert_array_equal(p.weight_scale, weight_scales(W, 1))
+    assert expected == references.threshold(x, method, 99.9)  # the formula, written out in tests/references.py
+    if with_sample:  # what choose scored is what fit gives: these scales on the sample, the config's percentile
+        want = references.layer_sqnr(x[:256], W, references.int8_scale(expected))
+        assert recipe.sites["lin"].layer_sqnr_db == pytest.approx(want, abs=1e-3)
 
 
 def test_percentile_is_read_from_the_fit_argument():

@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+import references
 from conftest import build_linear_model, calib_inputs, run_model
+from references import fq as fq_ref
 from segquant_onnx.config import QuantConfig, SmoothQuantConfig
 from segquant_onnx.calib.observers import TensorStats
 from segquant_onnx.pipeline import quantize
@@ -40,15 +42,7 @@ def site_of(op: str, k: int, n: int, trans_b: bool = False) -> LinearSite:
     return LinearSite("lin", op, "X", "W", shape, 0 if trans_b else 1, 2 * k * n)
 
 
-# -- numpy references --------------------------------------------------------------------------------
-def fq_ref(x: np.ndarray, scale, axis: int | None = None) -> np.ndarray:
-    """Q -> DQ: rint(x / s) saturated to [-128, 127], times s (division in float32 like ONNX Runtime)."""
-    s = np.asarray(scale, np.float32)
-    if axis is not None and s.ndim:
-        s = s.reshape([-1 if i == axis else 1 for i in range(x.ndim)])
-    return np.clip(np.rint(x.astype(np.float32) / s), -128, 127).astype(np.float64) * s.astype(np.float64)
-
-
+# -- numpy references (tests/references.py) ---------------------------------------------------------
 def layer_sqnr_ref(rows, w, trans_b, smooth, act_scale, w_scale) -> float:
     """10 log10(|X W|^2 / |X W - fq(X / s) fq(s W)|^2), W as stored ([N, K] for transB=1)."""
     w_kn = w.T if trans_b else w
@@ -59,50 +53,12 @@ def layer_sqnr_ref(rows, w, trans_b, smooth, act_scale, w_scale) -> float:
     return float(10 * np.log10((y**2).sum() / ((y - yq) ** 2).sum()))
 
 
-def tensorrt_kl(hist: np.ndarray, i: int, levels: int = INT8_MAX + 1) -> float:
-    """KL(P || Q) at threshold bin i, TensorRT's entropy calibration (as in MXNet's and TVM's ports).
-
-    P: hist[:i], the mass above folded into its last bin. Q: the *clipped* histogram hist[:i] (without
-    the folded outliers) merged into `levels` groups, each group's mass spread evenly over the bins where
-    P is non-zero. Groups as np.array_split cuts i bins (the first i % levels get one more bin).
-    """
-    hist = hist.astype(np.float64)
-    sliced = hist[:i]
-    p = sliced.copy()
-    p[-1] += hist[i:].sum()
-    q = np.zeros(i)
-    base, extra = divmod(i, levels)
-    start = 0
-    for level in range(levels):
-        size = base + (1 if level < extra else 0)
-        for j in range(start, start + size):
-            nonzero = sum(1 for b in range(start, start + size) if p[b] > 0)
-            if p[j] > 0:
-                q[j] = sliced[start:start + size].sum() / nonzero
-        start += size
-    p, q = p / p.sum(), q / q.sum()
-    m = p > 0
-    if (q[m] == 0).any():
-        return float("inf")
-    return float((p[m] * np.log(p[m] / q[m])).sum())
-
-
 def tensorrt_entropy_amax(stats: TensorStats, stride: int = 16) -> float:
-    candidates = list(range(INT8_MAX + 1, len(stats.hist) + 1, stride))
-    kls = [tensorrt_kl(stats.hist, i) for i in candidates]
-    return float(min(stats.bin_edges[candidates[int(np.argmin(kls))]], stats.amax))
+    return references.entropy_threshold(stats.hist, stats.bin_edges, stats.amax, stride)
 
 
 def mse_ref(stats: TensorStats, qmax: int = INT8_MAX) -> float:
-    """argmin over upper bin edges T of: bins up to T add (T / qmax)^2 / 12 each, bins above add (c - T)^2."""
-    edges = stats.bin_edges
-    centers = (edges[:-1] + edges[1:]) / 2
-    n = stats.hist.astype(np.float64)
-    errors = []
-    for k, t in enumerate(edges[1:]):
-        inside, outside = n[: k + 1], n[k + 1:]
-        errors.append(inside.sum() * (t / qmax) ** 2 / 12 + (outside * (centers[k + 1:] - t) ** 2).sum())
-    return float(min(edges[1:][int(np.argmin(errors))], stats.amax))
+    return references.mse_threshold(stats.hist, stats.bin_edges, stats.amax, qmax)
 
 
 # -- smoothing_vector ---------------------------------------------------------------------------------
@@ -281,6 +237,26 @@ def test_solve_smoothquant_auto_picks_the_alpha_with_the_best_layer_sqnr(op, tra
     np.testing.assert_allclose(p.weight_scale, ws, rtol=1e-6)
 
 
+def test_solve_smoothquant_auto_keeps_no_smoothing_where_no_alpha_beats_it():
+    """The other way: channels of one range (no outliers), where every alpha only unbalances them."""
+    k, n = 32, 24
+    calib = np.random.default_rng(1).standard_normal((512, k)).astype(np.float32)
+    sample = np.random.default_rng(11).standard_normal((256, k)).astype(np.float32)
+    w = (np.random.default_rng(4).standard_normal((k, n)) / 6).astype(np.float32)
+    site = site_of("MatMul", k, n)
+    stats = {"X": stats_of(calib)}
+    p = solve(QuantPlan(sites=(site,)), stats, lambda name: w, QuantConfig(smoothquant={"mode": "auto"}),
+              {"X": sample}).params["lin"]
+    scores = {}
+    for alpha in (None,) + QuantConfig().smoothquant.alphas:
+        smooth, amax, ws = _reference_params(stats["X"], w, site, False, alpha)
+        scores[alpha] = layer_sqnr_ref(sample, w, False, smooth, float(scale_from_amax(amax)), ws)
+    # measured: none 39.79 dB, alphas 0.25 / 0.5 / 0.75: 38.47 / 38.35 / 38.15
+    assert scores[None] > max(v for a, v in scores.items() if a is not None) + 1.0
+    assert (p.alpha, p.smooth) == (None, None) and p.act_amax == stats["X"].amax
+    assert p.layer_sqnr_db == pytest.approx(scores[None], abs=1e-3)
+
+
 def test_solve_fixed_alpha_and_off():
     plan, stats, w, _, sample, site = _one_site_problem()
     p = solve(plan, stats, lambda name: w, QuantConfig(smoothquant={"mode": "fixed", "alpha": 0.75}),
@@ -323,6 +299,25 @@ def test_solve_calib_method_auto_picks_the_method_with_the_best_layer_sqnr():
     assert p.method == max(scores, key=scores.get)
     assert p.layer_sqnr_db == pytest.approx(max(scores.values()), abs=1e-3)
     assert scores[p.method] > scores["max"] + 10
+
+
+def test_solve_calib_method_auto_keeps_max_where_clipping_hurts_the_sample():
+    """The other way: the statistics have one value at 6 (the histogram methods clip near 4), the held-back
+    sample spreads evenly up to 6: every clipped value costs more than the finer step saves."""
+    plan, _, w, _, _, site = _one_site_problem()
+    calib = outlier_rows(512, 32, seed=1, factor=1.0)
+    calib[0, 0] = 6.0
+    stats = {"X": stats_of(calib)}
+    sample = np.random.default_rng(2).uniform(-6, 6, (256, 32)).astype(np.float32)
+    p = solve(plan, stats, lambda name: w, QuantConfig(calibration={"method": "auto"}), {"X": sample}).params["lin"]
+    thresholds = {m: references.threshold(calib, m) for m in METHODS}
+    scores = {m: layer_sqnr_ref(sample, w, False, None, float(references.int8_scale(t)), weight_scales(w, 1))
+              for m, t in thresholds.items()}
+    assert all(thresholds[m] < thresholds["max"] for m in METHODS[1:])  # the others clip
+    # measured: max 43.65 dB; mse (5.54) 33.62, percentile (3.93) 13.99, entropy (3.94) 14.02
+    assert scores["max"] > max(scores[m] for m in METHODS[1:]) + 5.0
+    assert (p.method, p.act_amax) == ("max", 6.0)
+    assert p.layer_sqnr_db == pytest.approx(scores["max"], abs=1e-3)
 
 
 def test_solve_without_a_sample_uses_the_configured_method_and_no_smoothing():

@@ -1,0 +1,201 @@
+"""The model-output decision policy (analysis.decide): which global trial wins, DualScale's output check,
+the per-site outlier refinement's keep rule; each decision driven one way and the other.
+
+The policy runs on scores, so most cases script them (a stand-in for the held-back scoring) with values
+that are exact in binary, which puts the thresholds' comparisons (`<` against `<=`) to the test. The
+output check is also run for real on a GELU model, with the threshold a few hundredths of a dB either
+side of the gain it measures there, and its effect on the written graph checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import segquant_onnx.analysis.decide as decide
+from conftest import build_linear_model, calib_inputs, run_model
+from segquant_onnx.analysis.outlier_search import SearchResult
+from segquant_onnx.config import QuantConfig
+from segquant_onnx.pipeline import quantize
+from segquant_onnx.plan import DualSite, LinearSite, QuantPlan
+
+SITE = LinearSite("lin", "MatMul", "X", "W", (16, 8), 1, 256)
+PLAN = QuantPlan(sites=(SITE,), dual=(DualSite("lin", "act", "quick_gelu"),))
+
+
+# -- scripted trials ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Q:
+    """What the policy reads of a fitted quantization: its DualScale sites and outlier channels."""
+
+    dual: dict
+    outliers: dict
+    key: tuple
+
+
+class _Candidates:
+    """decide._Candidates with scripted recipes: `by_cap` cap -> outlier channels; a DualScale `auto`
+    variant applies a site when `dual_applies`."""
+
+    def __init__(self, config: QuantConfig, by_cap: dict[int, dict], dual_applies: bool = True):
+        self.config, self.by_cap, self.dual_applies, self.progress = config, by_cap, dual_applies, False
+
+    def outliers(self, cap, max_flop_pct=None):
+        return self.by_cap[cap]
+
+    def recipe(self, variant, outliers):
+        return variant, tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
+
+    def fitted(self, recipe):
+        variant, outliers = recipe
+        dual = {"lin": "dual"} if variant.dualscale.value != "off" and self.dual_applies else {}
+        return _Q(dual, dict(outliers), (sum(len(v) for _, v in outliers), variant.smoothquant_flag,
+                                         "dual" if dual else "plain"))
+
+
+class _Held:
+    """HeldBack with a score table: (outlier channels, smoothquant flag, 'dual' | 'plain') -> dB."""
+
+    def __init__(self, table: dict):
+        self.table, self.scored = table, []
+
+    def score(self, graph, plan, q):
+        self.scored.append(q.key)
+        return self.table[q.key]
+
+
+def _trials(config: QuantConfig, table: dict, by_cap=None, dual_applies=True):
+    by_cap = by_cap or {0: {}}
+    space = decide.search_space(PLAN, config)
+    cand, held, rows = _Candidates(config, by_cap, dual_applies), _Held(table), []
+    best = decide._global_trials(None, PLAN, cand, held, space, rows)
+    return best, held, rows
+
+
+def _applied(best) -> bool:
+    return bool(best.q.dual)
+
+
+MIN_OUT = 0.25  # exact in binary, like every scripted score below
+
+
+@pytest.mark.parametrize("gain, applied", [(MIN_OUT - 0.125, False), (MIN_OUT, True), (MIN_OUT + 0.125, True)])
+def test_dualscale_must_beat_the_best_plain_trial_by_the_minimum_output_gain(gain, applied):
+    config = QuantConfig(dualscale={"mode": "auto", "min_output_gain_db": MIN_OUT})
+    best, held, rows = _trials(config, {(0, "off", "dual"): 40.0, (0, "off", "plain"): 40.0 - gain})
+    assert _applied(best) is applied
+    assert best.score == (40.0 if applied else 40.0 - gain)
+    assert [(r["dualscale"], r["dual_sites"], r["heldback_sqnr_db"]) for r in rows] == [
+        ("auto", 1, 40.0), ("off", 0, 40.0 - gain)]
+
+
+@pytest.mark.parametrize("gain, applied", [(MIN_OUT - 0.125, False), (MIN_OUT, True)])
+def test_dualscale_is_compared_with_the_best_plain_trial_of_any_smoothquant_setting(gain, applied):
+    """SmoothQuant auto and DualScale auto: four trials. DualScale (with SmoothQuant) scores best; the
+    plain trial it must beat is the best of both plain ones, here the one without smoothing."""
+    config = QuantConfig(smoothquant={"mode": "auto"}, dualscale={"mode": "auto", "min_output_gain_db": MIN_OUT})
+    table = {(0, "auto", "dual"): 40.0, (0, "off", "dual"): 39.0,
+             (0, "auto", "plain"): 38.5, (0, "off", "plain"): 40.0 - gain}
+    best, held, rows = _trials(config, table)
+    assert sorted(held.scored) == sorted(table)
+    assert (best.variant.smoothquant_flag, best.variant.dualscale.value) == (("auto", "auto") if applied
+                                                                              else ("off", "off"))
+
+
+@pytest.mark.parametrize("auto_score, chosen", [(30.125, "auto"), (29.875, "off")])
+def test_smoothquant_auto_or_off_by_the_held_back_score(auto_score, chosen):
+    config = QuantConfig(smoothquant={"mode": "auto"}, dualscale={"mode": "off"})
+    best, held, rows = _trials(config, {(0, "auto", "plain"): auto_score, (0, "off", "plain"): 30.0})
+    assert best.variant.smoothquant_flag == chosen and best.variant.dualscale.value == "off"
+    assert [r["smoothquant"] for r in rows] == ["auto", "off"]
+
+
+def test_a_dualscale_auto_trial_that_applies_nothing_is_not_scored_again_as_off():
+    config = QuantConfig(smoothquant={"mode": "auto"})
+    best, held, rows = _trials(config, {(0, "auto", "plain"): 31.0, (0, "off", "plain"): 30.0},
+                               dual_applies=False)
+    assert held.scored == [(0, "auto", "plain"), (0, "off", "plain")]  # the two `off` variants: repeats
+    assert best.variant.smoothquant_flag == "auto" and not _applied(best)
+
+
+@pytest.mark.parametrize("scores, cap", [({0: 30.0, 2: 31.0, 4: 30.5}, 2), ({0: 30.0, 2: 29.0, 4: 29.5}, 0)])
+def test_the_outlier_cap_with_the_best_held_back_score_wins_and_a_repeated_set_is_not_scored(scores, cap):
+    config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2, 4, 8)}, dualscale={"mode": "off"})
+    by_cap = {0: {}, 2: {"lin": np.array([1, 5])}, 4: {"lin": np.array([1, 5, 9])}, 8: {"lin": np.array([1, 5, 9])}}
+    table = {(len(by_cap[c].get("lin", ())), "off", "plain"): s for c, s in scores.items()}
+    best, held, rows = _trials(config, table, by_cap)
+    assert [r["outlier_cap"] for r in rows] == [0, 2, 4]  # cap 8 takes cap 4's channels: not scored again
+    assert held.scored == [(0, "off", "plain"), (2, "off", "plain"), (3, "off", "plain")]
+    assert sum(map(len, best.q.outliers.values())) == len(by_cap[cap].get("lin", ()))
+
+
+# -- the per-site outlier refinement: kept when it scores as well, or nearly as well with fewer channels ----------
+MIN_GAIN = 0.25
+
+
+@pytest.mark.parametrize("channels, delta, kept", [
+    (1, 0.0, True),  # fewer channels, same score
+    (1, -MIN_GAIN, True),  # fewer channels, at the minimum gain below
+    (1, -MIN_GAIN - 0.125, False),  # fewer channels, further below
+    (3, 0.0, True),  # more channels, same score
+    (3, -0.125, False),  # more channels, anything below
+    (3, 0.125, True),
+])
+def test_the_per_site_search_is_kept_by_its_score_and_channel_count(monkeypatch, channels, delta, kept):
+    config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2), "min_gain_db": MIN_GAIN},
+                         dualscale={"mode": "off"})
+    start = {"lin": np.array([1, 5])}  # the global cap's 2 channels, scored 30
+    chosen = {"lin": np.arange(channels)}
+    monkeypatch.setattr(decide, "per_site_outliers",
+                        lambda *args: SearchResult(chosen, 30.0 + delta, 30.0, []))
+    cand = _Candidates(config, {0: {}, 2: start})
+    held = _Held({(channels, "off", "plain"): 30.0 + delta})
+    held.feeds, held.reference, held.sessions = [], [], SimpleNamespace(open=None)
+    variant = decide.search_space(PLAN, config).settings
+    recipe = cand.recipe(variant, start)
+    global_best = decide._Scored(30.0, recipe, cand.fitted(recipe), variant)
+    rows: list = []
+    best, search = decide._outliers_per_site(None, PLAN, cand, held, (0, 2), global_best, rows)
+    assert search is not None and rows[-1]["outlier_cap"] == "per-site"
+    assert (best is not global_best) is kept
+    assert len(best.q.outliers["lin"]) == (channels if kept else 2)
+
+
+# -- the output check for real: a GELU -> MatMul model, the threshold either side of the measured gain -------
+@pytest.fixture(scope="module")
+def gelu_calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("decide") / "calib.npz"
+    np.savez(path, X=calib_inputs("matmul", 8))  # 2 of the 8 feeds held back
+    return path
+
+
+@pytest.fixture(scope="module")
+def measured_output_gain(gelu_calib) -> float:
+    r = quantize(build_linear_model("matmul"), gelu_calib, QuantConfig(), progress=False, evaluate=False)
+    by_ds = {t["dualscale"]: t for t in r.report["heldback_trials"]}
+    assert by_ds["auto"]["dual_sites"] == 1 and by_ds["off"]["dual_sites"] == 0
+    gain = by_ds["auto"]["heldback_sqnr_db"] - by_ds["off"]["heldback_sqnr_db"]
+    assert 1.0 < gain < 2.5  # measured 36.33 - 34.73 = 1.60 dB (fc2 reads the GELU)
+    return gain
+
+
+def _dual_nodes(model) -> list[str]:
+    return [n.name for n in model.graph.node if n.name.endswith("/dual_add")]
+
+
+@pytest.mark.parametrize("margin, applied", [(-0.05, True), (0.05, False)])
+def test_dualscale_auto_is_dropped_at_the_model_output_when_it_gains_less_than_the_minimum(
+        gelu_calib, measured_output_gain, margin, applied):
+    config = QuantConfig(dualscale={"mode": "auto", "min_output_gain_db": measured_output_gain + margin})
+    r = quantize(build_linear_model("matmul"), gelu_calib, config, progress=False, evaluate=False)
+    assert next(d for d in r.report["dualscale"] if d["site"] == "fc2")["apply"] is applied
+    assert r.report["summary"]["dualscale_applied"] == len(_dual_nodes(r.model)) == int(applied)
+    # the effect: the written graph computes what DualScale `all` (applied) or `off` (dropped) writes
+    other = quantize(build_linear_model("matmul"), gelu_calib,
+                     QuantConfig(dualscale={"mode": "all" if applied else "off"}), progress=False, evaluate=False)
+    x = {"X": calib_inputs("matmul", 3, seed=7)[:1]}
+    (got,), (want,) = run_model(r.model, x), run_model(other.model, x)
+    np.testing.assert_array_equal(got, want)
