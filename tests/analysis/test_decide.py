@@ -40,7 +40,7 @@ class _Candidates:
     """decide._Candidates with scripted recipes: `by_cap` cap -> outlier channels; a DualScale `auto`
     variant applies a site when `dual_applies`."""
 
-    def __init__(self, config: QuantConfig, by_cap: dict[int, dict], dual_applies: bool = True):
+    def __init__(self, config: QuantConfig, by_cap: dict[int, dict], dual_applies=True):
         self.config, self.by_cap, self.dual_applies, self.progress = config, by_cap, dual_applies, False
 
     def outliers(self, cap, max_flop_pct=None):
@@ -51,7 +51,9 @@ class _Candidates:
 
     def fitted(self, recipe):
         variant, outliers = recipe
-        dual = {"lin": "dual"} if variant.dualscale.value != "off" and self.dual_applies else {}
+        applies = (self.dual_applies if isinstance(self.dual_applies, bool)
+                   else variant.smoothquant_flag in self.dual_applies)  # a set: with these SmoothQuant settings
+        dual = {"lin": "dual"} if variant.dualscale.value != "off" and applies else {}
         return _Q(dual, dict(outliers), (sum(len(v) for _, v in outliers), variant.smoothquant_flag,
                                          "dual" if dual else "plain"))
 
@@ -121,6 +123,25 @@ def test_a_dualscale_auto_trial_that_applies_nothing_is_not_scored_again_as_off(
     assert best.variant.smoothquant_flag == "auto" and not _applied(best)
 
 
+def test_only_the_off_variant_of_a_smoothquant_setting_whose_dualscale_applied_nothing_is_skipped():
+    """DualScale applies a site without smoothing but none with it: (auto, off) repeats (auto, auto) and is not
+    scored, (off, off) is."""
+    config = QuantConfig(smoothquant={"mode": "auto"})
+    table = {(0, "auto", "plain"): 30.0, (0, "off", "dual"): 31.0, (0, "off", "plain"): 30.5}
+    best, held, rows = _trials(config, table, dual_applies={"off"})
+    assert held.scored == [(0, "auto", "plain"), (0, "off", "dual"), (0, "off", "plain")]
+    assert [(r["smoothquant"], r["dualscale"]) for r in rows] == [("auto", "auto"), ("off", "auto"), ("off", "off")]
+
+
+def test_a_cap_after_a_repeated_one_is_still_scored():
+    config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2, 4, 8)}, dualscale={"mode": "off"})
+    by_cap = {0: {}, 2: {"lin": np.array([1, 5])}, 4: {"lin": np.array([1, 5])}, 8: {"lin": np.array([1, 5, 9, 11])}}
+    best, held, rows = _trials(config, {(0, "off", "plain"): 30.0, (2, "off", "plain"): 30.5,
+                                        (4, "off", "plain"): 31.0}, by_cap)
+    assert [r["outlier_cap"] for r in rows] == [0, 2, 8]
+    assert [r["outlier_channels"] for r in rows] == [0, 2, 4] and best.score == 31.0
+
+
 @pytest.mark.parametrize("scores, cap", [({0: 30.0, 2: 31.0, 4: 30.5}, 2), ({0: 30.0, 2: 29.0, 4: 29.5}, 0)])
 def test_the_outlier_cap_with_the_best_held_back_score_wins_and_a_repeated_set_is_not_scored(scores, cap):
     config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2, 4, 8)}, dualscale={"mode": "off"})
@@ -140,6 +161,7 @@ MIN_GAIN = 0.25
     (1, 0.0, True),  # fewer channels, same score
     (1, -MIN_GAIN, True),  # fewer channels, at the minimum gain below
     (1, -MIN_GAIN - 0.125, False),  # fewer channels, further below
+    (2, -0.125, False),  # as many channels (other ones), below: not fewer, so no allowance
     (3, 0.0, True),  # more channels, same score
     (3, -0.125, False),  # more channels, anything below
     (3, 0.125, True),

@@ -17,6 +17,7 @@ from segquant_onnx.config import QuantConfig
 from segquant_onnx.tensorrt.build import tensorrt_rtx_available
 from segquant_onnx.tensorrt.gpu import full_tensorrt
 from segquant_onnx.tensorrt.check import RULES
+import references
 from trt_graphs import make_qdq_matmul
 from trt_graphs import v_int32_bias
 
@@ -179,6 +180,23 @@ def test_compare_matches_the_quantize_report(capsys, quantized, tmp_path):
     assert 0 < got["max_abs_error"] < 1 and got["psnr_db"] > got["sqnr_db"]
     assert len(result["layers"]) > 10 and "per linear layer" in out
     assert f"{got['sqnr_db']:.2f}" in out
+    # both of those come from OutputError: recomputed here in numpy from the saved files
+    ref, test = (np.concatenate([o.ravel() for o in _outputs(p, EVAL)]).astype(np.float64) for p in (FP, path))
+    err = test - ref
+    assert got["sqnr_db"] == pytest.approx(references.sqnr_db(ref, test), abs=0.01)
+    assert got["cosine"] == pytest.approx(ref @ test / np.linalg.norm(ref) / np.linalg.norm(test), abs=1e-6)
+    assert got["max_abs_error"] == pytest.approx(np.abs(err).max(), rel=1e-6)
+    assert got["psnr_db"] == pytest.approx(10 * np.log10((ref.max() - ref.min()) ** 2 / (err**2).mean()), abs=0.01)
+
+
+def _outputs(model, data) -> list[np.ndarray]:
+    """The model's first output on every sample of `data` (one feed each)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    with np.load(data) as npz:
+        n = len(npz[session.get_inputs()[0].name])
+        return [session.run(None, {i.name: npz[i.name][k:k + 1] for i in session.get_inputs()})[0] for k in range(n)]
 
 
 def test_compare_a_model_with_itself_is_exact(capsys, tmp_path):

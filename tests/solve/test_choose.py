@@ -162,3 +162,107 @@ def test_an_outlier_channel_is_one_strictly_over_ratio_times_the_median(top, cho
     x[2, 4] = -top
     picked = choose_outliers(QuantPlan(sites=(SITE,)), {"X": stats_of(x)}, 4, 8.0, 100.0)
     assert picked.get("lin", np.zeros(0)).tolist() == chosen
+
+
+# -- cases the mutation check (mutmut on choose.py) found untested ------------------------------------------------
+def _outlier_stats(x: np.ndarray, axis: int = -1) -> TensorStats:
+    s = TensorStats.empty(channel_axis=axis)
+    s.update(x)
+    return s
+
+
+def _two_outliers(scale: float = 1.0) -> np.ndarray:
+    x = np.full((4, K), scale, np.float32)  # every channel's abs-max `scale`: the median
+    x[1, 4], x[2, 11] = 100 * scale, -30 * scale
+    return x
+
+
+def test_the_outlier_budget_may_be_spent_exactly():
+    stats = {"X": stats_of(_two_outliers())}
+    # two of sixteen channels cost 12.5% of the site's FLOPs, which is the whole plan's
+    assert choose_outliers(QuantPlan(sites=(SITE,)), stats, 8, 8.0, 12.5)["lin"].tolist() == [4, 11]
+    assert choose_outliers(QuantPlan(sites=(SITE,)), stats, 8, 8.0, 12.4) == {}
+
+
+def test_the_ratio_is_to_the_median_however_small_it_is():
+    """A median of 1/4: channels over 8 x 1/4 are outliers (a floor on the median is for dead tensors only)."""
+    stats = {"X": stats_of(_two_outliers(0.25))}
+    assert choose_outliers(QuantPlan(sites=(SITE,)), stats, 8, 8.0, 100.0)["lin"].tolist() == [4, 11]
+
+
+def test_equal_outlier_channels_are_taken_in_channel_order_up_to_the_cap():
+    x = np.ones((4, K), np.float32)
+    x[0, [1, 6, 9, 14]] = 50.0
+    assert choose_outliers(QuantPlan(sites=(SITE,)), {"X": stats_of(x)}, 3, 8.0, 100.0)["lin"].tolist() == [1, 6, 9]
+
+
+def test_sites_that_cannot_take_outlier_channels_do_not_stop_the_others():
+    """Before `lin`: a site whose activation is not channels-last, a Conv whose statistics run over the last
+    axis (not its channels), and one whose statistics have another channel count."""
+    not_last = LinearSite("transA", "Gemm", "A", "W", (K, N), 1, 2 * K * N, channels_last=False)
+    conv = LinearSite("conv", "Conv", "C", "Wc", (N, K, 1, 1), 0, 2 * K * N)
+    other_k = LinearSite("other", "MatMul", "B", "Wb", (K + 1, N), 1, 2 * K * N)
+    plan = QuantPlan(sites=(not_last, conv, other_k, SITE))
+    stats = {"A": stats_of(_two_outliers()), "C": stats_of(_two_outliers()), "B": stats_of(_two_outliers()),
+             "X": stats_of(_two_outliers())}
+    assert {k: v.tolist() for k, v in choose_outliers(plan, stats, 8, 8.0, 100.0).items()} == {"lin": [4, 11]}
+    nchw = np.ones((1, K, 2, 2), np.float32)
+    nchw[0, 4, 0, 0] = 100.0
+    stats["C"] = _outlier_stats(nchw, axis=1)  # a Conv's statistics over its channel axis: it takes its own
+    assert choose_outliers(plan, stats, 8, 8.0, 100.0)["conv"].tolist() == [4]
+
+
+def test_the_searches_score_the_first_search_rows_of_the_sample():
+    sample = gelu_rows(400, seed=2)
+    config = QuantConfig(calibration={"search_rows": 64})
+    recipe = choose(PLAN, {"X": stats_of(FIT)}, {"X": sample}, lambda name: W, config, Variant("off", "all"))
+    (d,) = recipe.dual
+    assert d.gain_db == pytest.approx(dual_gain_ref(FIT, sample[:64]), abs=2e-3)
+    assert abs(dual_gain_ref(FIT, sample[:64]) - dual_gain_ref(FIT, sample)) > 0.01  # the cut matters
+    single = (sample[:64].astype(np.float64) @ W, fq(sample[:64], np.abs(FIT).max() / 127) @ fq(W, np.abs(W).max(0) / 127, 1))
+    want = 10 * np.log10((single[0] ** 2).sum() / ((single[0] - single[1]) ** 2).sum())
+    assert recipe.sites["lin"].layer_sqnr_db == pytest.approx(want, abs=2e-3)
+
+
+def test_the_measured_dual_gain_of_a_transposed_weight():
+    """Gemm transB=1: W stored [N, K], its output channels on axis 0."""
+    site = LinearSite("lin", "Gemm", "X", "W", (N, K), 0, 2 * K * N)
+    plan = QuantPlan(sites=(site,), dual=(DualSite("lin", "act", "quick_gelu"),))
+    (d,) = choose(plan, {"X": stats_of(FIT)}, {"X": SAMPLE}, lambda name: W.T.copy(), QuantConfig(),
+                  Variant("off", "all")).dual
+    assert d.gain_db == pytest.approx(dual_gain_ref(FIT, SAMPLE), abs=2e-3)
+
+
+def test_the_measured_dual_gain_after_smoothing_is_that_of_x_over_s_and_s_w():
+    from segquant_onnx.solve.quant_math import smoothing_vector
+
+    fit_x, sample = gelu_rows(600, seed=1), gelu_rows(200, seed=2)
+    fit_x[:, 3] *= 20
+    sample[:, 3] *= 20
+    recipe = choose(PLAN, {"X": stats_of(fit_x)}, {"X": sample}, lambda name: W, QuantConfig(),
+                    Variant("fixed", "all", 0.5))
+    s = smoothing_vector(np.abs(fit_x).max(0), np.abs(W).max(1), 0.5)
+    assert not np.allclose(s, 1)
+    (d,) = recipe.dual
+    assert d.gain_db == pytest.approx(dual_gain_ref(fit_x / s, sample / s, W * s[:, None]), abs=2e-3)
+
+
+def test_the_decision_names_its_kind_and_flops_and_applies_at_exactly_the_minimum_gain(monkeypatch):
+    import segquant_onnx.solve.choose as choose_module
+
+    monkeypatch.setattr(choose_module, "measured_dual_gain", lambda *args: 1.25)
+    (d,) = decide(Variant("off", "auto"), min_gain_db=1.25).dual
+    assert (d.site, d.kind, d.apply, d.gain_db, d.measured, d.flops) == ("lin", "quick_gelu", True, 1.25, True,
+                                                                          SITE.flops)
+    (d,) = decide(Variant("off", "auto"), min_gain_db=1.25 + 2**-10).dual
+    assert not d.apply
+
+
+def test_the_rounding_noise_estimate_of_a_small_tensor():
+    x = np.array([[0.5, -0.25, 0.125, -0.0625]], np.float32)  # n = 4, 2 negative
+    st = stats_of(x)
+    s, s_pos, s_neg = 0.5 / 127, 0.125 / 127, 0.25 / 128
+    single = SiteParams(0.5, s, np.ones(N, np.float32), "max")
+    expected = 10 * np.log10(4 * s**2 / (2 * s_pos**2 + 2 * s_neg**2))
+    assert estimated_dual_gain(st, single, DualParams(s_pos, s_neg, np.ones(N, np.float32))) == pytest.approx(
+        expected, rel=1e-6)

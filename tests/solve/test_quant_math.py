@@ -207,3 +207,54 @@ def test_sqnr_db():
     assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
     assert sqnr_db(1.0, 0.0) == float("inf")
     assert sqnr_db(0.0, 1.0) == float("-inf")
+
+
+# -- cases the mutation check (mutmut on quant_math.py) found untested ----------------------------------------
+def test_quantize_int8_divides_in_float32_like_ort():
+    """Values whose float32 quotient by the scale lands on a half step while the float64 one does not (or the
+    other way round): the rounding follows float32, as QuantizeLinear computes."""
+    s = np.float32(0.1)
+    x = np.array([-9.949999809265137, -9.850000381469727, -9.75, -9.050000190734863], np.float32)
+    assert (np.rint(x.astype(np.float64) / np.float64(s)) != np.rint(x / s)).all()  # the cases differ
+    np.testing.assert_array_equal(quantize_int8(x, s), ort_quantize(x, s))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_dequantize_per_channel_is_q_times_its_channels_scale(axis):
+    q = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
+    scale = np.array([0.5, 0.25, 2.0, 4.0][: q.shape[axis]], np.float32)
+    want = q.astype(np.float32) * (scale[:, None] if axis == 0 else scale[None, :])
+    np.testing.assert_array_equal(dequantize(q, scale, axis), want)
+
+
+def test_sqnr_db_of_small_powers():
+    assert sqnr_db(0.5, 0.005) == pytest.approx(20.0)
+    assert sqnr_db(1.0, 0.1) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+@pytest.mark.parametrize("scale", [0.5, 3e-3])
+def test_thresholds_of_small_tensors_are_not_zero(method, scale):
+    """amax below 1: the thresholds are still read from the histogram (tests/references.py)."""
+    import references
+
+    x = (np.random.default_rng(0).laplace(size=(256, 16)) * scale).astype(np.float32)
+    x[3, 3] = 12 * scale
+    got = activation_amax(stats_of(x), method)
+    assert 0 < got == references.threshold(x, method)
+
+
+@pytest.mark.parametrize("data", ["uniform", "sparse_tail", "two_bumps"])
+def test_entropy_amax_equals_the_reference_on_other_shapes(data):
+    """Uniform data keep their whole range (the last candidate); a tail of single values (bins holding one
+    count) and two separated bumps move the optimum elsewhere."""
+    import references
+
+    rng = np.random.default_rng(1)
+    x = {"uniform": rng.uniform(-4, 4, 20000),
+         "sparse_tail": np.concatenate([rng.normal(0, 1, 3000), rng.uniform(4, 60, 40)]),
+         "two_bumps": np.concatenate([rng.normal(0, 0.5, 5000), rng.normal(20, 0.5, 300)])}[data].astype(np.float32)
+    want = references.threshold(x, "entropy")
+    assert activation_amax(stats_of(x), "entropy") == want
+    if data == "uniform":
+        assert want == float(np.abs(x).max())
