@@ -116,6 +116,14 @@ def test_the_auto_choices_are_scored_in_analysis_sessions(calls, sessions, write
     assert len(sessions) == 1 + len(trials)  # the float reference, then one per scored trial
 
 
+def test_a_run_that_only_ranks_sites_scores_no_global_trial(sessions, write_calib):
+    """Sensitivity with no auto mode: one analysis session (the gated graph), no held-back trial."""
+    r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8),
+                          QuantConfig(dualscale={"mode": "off"}, fallback={"sensitivity": True}),
+                          progress=False, evaluate=False)
+    assert len(sessions) == 1 and r.report["heldback_trials"] == [] and len(r.report["sensitivity"]) == 2
+
+
 def test_without_held_back_feeds_smoothquant_auto_is_left_off_and_reported_so(sessions, write_calib, caplog):
     with caplog.at_level(logging.WARNING, logger="segquant_onnx"):
         r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=3),
