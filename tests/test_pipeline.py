@@ -88,7 +88,8 @@ def test_the_result_holds_the_model_plan_params_report_and_path(write_calib, tmp
     scales = {row["name"]: row["act_scale"] for row in r.report["sites"]}
     assert scales == {name: p.act_scale for name, p in r.params.items()}
     assert json.loads(report.read_text()) == json.loads(json.dumps(r.report))
-    assert r.report["summary"]["sites_quantized"] == 2 and r.report["output_error"]["Y"]["sqnr_db"] > 34.5  # measured 36.68
+    assert r.report["summary"]["sites_quantized"] == 2
+    assert r.report["output_error"]["Y"]["sqnr_db"] > 34.5  # measured 36.68
     dq = [n for n in r.model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq, "the rewrite stage ran"
 
@@ -113,6 +114,14 @@ def test_the_auto_choices_are_scored_in_analysis_sessions(calls, sessions, write
     assert {(t["smoothquant"], t["dualscale"]) for t in trials} <= {("auto", "auto"), ("off", "auto"),
                                                                     ("auto", "off"), ("off", "off")}
     assert len(sessions) == 1 + len(trials)  # the float reference, then one per scored trial
+
+
+def test_a_run_that_only_ranks_sites_scores_no_global_trial(sessions, write_calib):
+    """Sensitivity with no auto mode: one analysis session (the gated graph), no held-back trial."""
+    r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8),
+                          QuantConfig(dualscale={"mode": "off"}, fallback={"sensitivity": True}),
+                          progress=False, evaluate=False)
+    assert len(sessions) == 1 and r.report["heldback_trials"] == [] and len(r.report["sensitivity"]) == 2
 
 
 def test_without_held_back_feeds_smoothquant_auto_is_left_off_and_reported_so(sessions, write_calib, caplog):

@@ -221,3 +221,20 @@ def test_dualscale_auto_is_dropped_at_the_model_output_when_it_gains_less_than_t
     x = {"X": calib_inputs("matmul", 3, seed=7)[:1]}
     (got,), (want,) = run_model(r.model, x), run_model(other.model, x)
     np.testing.assert_array_equal(got, want)
+
+
+# -- the search space: what is compared at the output, and only when a mode is `auto` -----------------------------
+@pytest.mark.parametrize("sq, ds, variants", [
+    ("off", "all", [("off", "all")]),  # DualScale `all` is not second-guessed at the output
+    ("off", "off", [("off", "off")]),
+    ("off", "auto", [("off", "auto"), ("off", "off")]),
+    ("auto", "all", [("auto", "all"), ("off", "all")]),
+    ("auto", "auto", [("auto", "auto"), ("off", "auto"), ("auto", "off"), ("off", "off")]),
+])
+def test_the_variants_compared_are_the_auto_modes_and_their_off(sq, ds, variants):
+    space = decide.search_space(PLAN, QuantConfig(smoothquant={"mode": sq}, dualscale={"mode": ds}))
+    assert [(v.smoothquant.value, v.dualscale.value) for v in space.variants] == variants
+    assert space.output_checks is (len(variants) > 1)
+    no_dual = decide.search_space(QuantPlan(sites=(SITE,)),
+                                  QuantConfig(smoothquant={"mode": sq}, dualscale={"mode": ds}))
+    assert len(no_dual.variants) == (2 if sq == "auto" else 1)  # DualScale auto, no candidate: nothing to compare

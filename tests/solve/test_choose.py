@@ -219,8 +219,9 @@ def test_the_searches_score_the_first_search_rows_of_the_sample():
     (d,) = recipe.dual
     assert d.gain_db == pytest.approx(dual_gain_ref(FIT, sample[:64]), abs=2e-3)
     assert abs(dual_gain_ref(FIT, sample[:64]) - dual_gain_ref(FIT, sample)) > 0.01  # the cut matters
-    single = (sample[:64].astype(np.float64) @ W, fq(sample[:64], np.abs(FIT).max() / 127) @ fq(W, np.abs(W).max(0) / 127, 1))
-    want = 10 * np.log10((single[0] ** 2).sum() / ((single[0] - single[1]) ** 2).sum())
+    y = sample[:64].astype(np.float64) @ W
+    y_q = fq(sample[:64], np.abs(FIT).max() / 127) @ fq(W, np.abs(W).max(0) / 127, 1)
+    want = 10 * np.log10((y**2).sum() / ((y - y_q) ** 2).sum())
     assert recipe.sites["lin"].layer_sqnr_db == pytest.approx(want, abs=2e-3)
 
 
