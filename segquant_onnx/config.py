@@ -297,7 +297,7 @@ class PrecisionConfig:
     the placement TensorRT's fused MHA kernels take (passes/quantize_attention.py)."""
 
     format: Precision = Precision.INT8
-    high_precision: HighPrecision = HighPrecision.FP32
+    high_precision: HighPrecision = HighPrecision.FP16
     quantize_attention: bool = False
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ from segquant_onnx.ir.runtime import make_session
 from segquant_onnx.solve.quant_math import fp8_mse_amax
 
 F8 = ml_dtypes.float8_e4m3fn
-FP8 = QuantConfig(precision={"format": "fp8"})
+FP8 = QuantConfig(precision={"format": "fp8", "high_precision": "fp32"})  # exact float32 references
 
 
 def _ort_quantize(x: np.ndarray, scale: float) -> np.ndarray:
