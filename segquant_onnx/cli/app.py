@@ -210,7 +210,8 @@ def _add_model_choices(groups: dict, d: QuantConfig, dry_rewrite: bool = False) 
     g = groups["DualScale"]
     g.add_argument("--dualscale", choices=DUALSCALE_MODES, default=None,
                    help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
-                        f"GEMMs: auto (where the measured gain pays), all, off (default: {_preset_default('dualscale', 'mode')})")
+                        "GEMMs: auto (where the measured gain pays), all, off "
+                        f"(default: {_preset_default('dualscale', 'mode')})")
     groups["fallback and target"].add_argument(
         "--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
     groups["runtime"].add_argument(
@@ -267,14 +268,16 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     alphas = ", ".join(f"{a:g}" for a in d.smoothquant.alphas)
     g.add_argument("--smoothquant", default=None, metavar="auto|off|ALPHA",
                    help=f"SmoothQuant per site: auto searches alpha in {{{alphas}}} or none by layer error on a "
-                        f"calibration-row sample; off; or a fixed alpha (default: {_preset_default('smoothquant', 'mode')})")
+                        "calibration-row sample; off; or a fixed alpha "
+                        f"(default: {_preset_default('smoothquant', 'mode')})")
 
     g = groups["outlier channels"]
     o = d.outliers
     g.add_argument("--outlier-channels", default=None, metavar="auto|off|N",
                    help="run up to N outlier input channels per linear (calibration abs-max > --outlier-ratio x "
                         "the median channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, "
-                        f"by the output SQNR on held-back calibration feeds (default: {_preset_default('outliers', 'mode')})")
+                        "by the output SQNR on held-back calibration feeds "
+                        f"(default: {_preset_default('outliers', 'mode')})")
     g.add_argument("--outlier-ratio", type=float, default=o.ratio, metavar="X",
                    help="an outlier channel's calibration abs-max exceeds X times the median channel's "
                         "(default: %(default)s)")
@@ -287,7 +290,8 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g = groups["fallback and target"]
     g.add_argument("--target-sqnr", type=float, default=None, metavar="DB",
                    help="keep the most sensitive sites in float until the output SQNR on held-back calibration "
-                        f"feeds (every {c.holdout_every}th) reaches DB (default: {_preset_default('fallback', 'target_sqnr')})")
+                        f"feeds (every {c.holdout_every}th) reaches DB "
+                        f"(default: {_preset_default('fallback', 'target_sqnr')})")
     g.add_argument("--max-fallback", type=float, default=None, metavar="PERCENT",
                    help="with --target-sqnr: at most this share of linear FLOPs may stay in float "
                         f"(default: {_preset_default('fallback', 'max_fallback_pct')})")
