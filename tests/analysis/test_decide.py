@@ -238,3 +238,59 @@ def test_the_variants_compared_are_the_auto_modes_and_their_off(sq, ds, variants
     no_dual = decide.search_space(QuantPlan(sites=(SITE,)),
                                   QuantConfig(smoothquant={"mode": sq}, dualscale={"mode": ds}))
     assert len(no_dual.variants) == (2 if sq == "auto" else 1)  # DualScale auto, no candidate: nothing to compare
+
+
+@pytest.mark.parametrize("scores, chosen", [((30.0, 35.0), 1), ((35.0, 30.0), 0), ((33.0, 33.0), 0)])
+def test_with_a_target_the_smoothing_setting_whose_fallback_reaches_more_wins(monkeypatch, scores, chosen):
+    """--target-sqnr with SmoothQuant auto: the global choice and the best trial of the other smoothing
+    setting each get their fallback; the higher held-back SQNR after it wins (a tie keeps the global
+    choice), with its float sites, and both results are trial rows."""
+    from segquant_onnx.analysis.sensitivity import Fallback
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    recipes = [(Recipe({"a": SiteChoice("max"), "b": SiteChoice("max")}), Variant("off", "auto")),
+               (Recipe({"a": SiteChoice("max", alpha=0.5), "b": SiteChoice("max")}), Variant("auto", "auto"))]
+    fallbacks = iter([Fallback(("a",), scores[0], 20.0, 0.9, False), Fallback(("b",), scores[1], 21.0, 0.95, False)])
+    seen = []
+
+    def fake_analyse(graph, plan, q, held_back, config, sessions, progress):
+        seen.append(q)
+        return [f"ranking of {len(seen)}"], next(fallbacks)
+
+    monkeypatch.setattr(decide, "analyse", fake_analyse)
+    trials = []
+    config = QuantConfig(smoothquant={"mode": "auto"}, fallback={"target_sqnr": 40.0})
+    recipe, ranking, fallback = decide._with_fallback(
+        None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]), config, None, recipes,
+        trials, False)
+    assert seen == [r for r, _ in recipes]  # each recipe's own fitted quantization was analysed
+    assert fallback.output_sqnr_db == scores[chosen] and ranking == [f"ranking of {chosen + 1}"]
+    assert recipe.sites == recipes[chosen][0].sites and recipe.floating == frozenset(fallback.sites)
+    assert recipe.floating == {"ab"[chosen]}
+    assert [(t["smoothquant"], t["heldback_sqnr_db"], t["float_sites"]) for t in trials] == [
+        ("off", scores[0], 1), ("auto", scores[1], 1)]
+
+
+def test_without_a_target_only_the_global_choice_is_analysed(monkeypatch):
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    calls = []
+    monkeypatch.setattr(decide, "analyse", lambda *a: calls.append(a) or ([], None))
+    recipe = Recipe({"a": SiteChoice("max")})
+    got, ranking, fallback = decide._with_fallback(
+        None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]),
+        QuantConfig(fallback={"sensitivity": True}), None, [(recipe, Variant("off", "auto"))], [], False)
+    assert len(calls) == 1 and got is recipe and fallback is None
+
+
+def test_the_other_smoothing_setting_is_its_best_scored_trial():
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    def scored(score, smooth, ds="auto"):
+        return decide._Scored(score, Recipe({"a": SiteChoice("max")}), None, Variant(smooth, ds))
+
+    trials = [scored(31.0, "off"), scored(29.0, "auto"), scored(30.0, "auto", "off"), scored(30.5, "off", "off")]
+    (other,) = decide._other_smoothing(trials[0], trials)
+    assert other == (trials[2].recipe, trials[2].variant)  # the best "auto" trial, not the first
+    assert decide._other_smoothing(trials[2], trials) == [(trials[0].recipe, trials[0].variant)]
+    assert decide._other_smoothing(trials[0], [trials[0], trials[3]]) == []  # one setting scored only
