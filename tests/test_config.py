@@ -129,7 +129,7 @@ def test_presets_set_their_fields_and_nothing_else():
     assert QuantConfig.preset("balanced") == QuantConfig()
     assert QuantConfig.preset("fast") == QuantConfig(dualscale={"mode": "off"})
     assert QuantConfig.preset("best") == QuantConfig(
-        calibration={"method": "auto"}, outliers={"mode": "auto"},
+        smoothquant={"mode": "auto"}, outliers={"mode": "auto"},
         fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0})
     assert QuantConfig.preset(Preset.BEST) == QuantConfig.preset("best")
     # every field a preset sets exists and is validated like any other
@@ -141,7 +141,7 @@ def test_presets_set_their_fields_and_nothing_else():
 def test_a_setting_given_wins_over_its_preset_field_by_field():
     best = QuantConfig.preset("best", fallback={"target_sqnr": 45.0}, dualscale={"mode": "all"})
     assert (best.fallback.target_sqnr, best.fallback.max_fallback_pct) == (45.0, 5.0)  # the other field stays
-    assert best.dualscale.mode is DualScaleMode.ALL and best.calibration.method is CalibMethod.AUTO
+    assert best.dualscale.mode is DualScaleMode.ALL and best.smoothquant.mode is SmoothQuantMode.AUTO
     # a group object gives all its fields: the preset's fields of that group are replaced
     assert QuantConfig.preset("best", fallback=FallbackConfig()).fallback == FallbackConfig()
 
@@ -158,10 +158,10 @@ def test_bad_presets_are_one_user_error(call, message):
 def test_the_cli_preset_and_flags_given_over_it():
     assert _config(_args("--preset", "best")) == QuantConfig.preset("best")
     assert _config(_args("--preset", "fast")) == QuantConfig.preset("fast")
-    config = _config(_args("--preset", "best", "--target-sqnr", "45", "--calib-method", "max",
-                           "--outlier-channels", "off", "--smoothquant", "auto"))
-    assert config == QuantConfig.preset("best", fallback={"target_sqnr": 45.0}, calibration={"method": "max"},
-                                        outliers={"mode": "off"}, smoothquant={"mode": "auto"})
+    config = _config(_args("--preset", "best", "--target-sqnr", "45", "--calib-method", "auto",
+                           "--outlier-channels", "off", "--smoothquant", "0.5"))
+    assert config == QuantConfig.preset("best", fallback={"target_sqnr": 45.0}, calibration={"method": "auto"},
+                                        outliers={"mode": "off"}, smoothquant={"mode": "fixed", "alpha": 0.5})
     # a flag equal to the balanced default still wins over the preset
     assert _config(_args("--preset", "fast", "--dualscale", "auto")).dualscale.mode is DualScaleMode.AUTO
     assert _config(_args("--preset", "best", "--max-fallback", "10")).fallback.max_fallback_pct == 10.0

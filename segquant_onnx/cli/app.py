@@ -234,8 +234,8 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g = groups["preset"]
     g.add_argument("--preset", choices=PRESET_NAMES, default=Preset.BALANCED.value,
                    help="how much search to spend: fast (one calibration pass, DualScale off), balanced (DualScale "
-                        "checked at the output on held-back feeds), best (also the calibration method per site, "
-                        "outlier channels and a fallback to 40 dB within 5%% of the linear FLOPs); a flag given "
+                        "checked at the output on held-back feeds), best (also SmoothQuant and outlier channels chosen "
+                        "there, and a fallback to 40 dB within 5%% of the linear FLOPs); a flag given "
                         "wins over its preset (default: %(default)s)")
     g = groups["precision"]
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision.format.value,
