@@ -20,6 +20,7 @@ from benchkit.launch import QuantRun, finish, last_error_line
 from benchkit.measure import LINEAR_OPS
 from benchkit.results import BenchState, SkipNote
 from benchkit.workers import worker_command
+from segquant_onnx.config import PRESETS
 
 log = logging.getLogger("bench")
 
@@ -79,9 +80,9 @@ OURS_MATRIX = (
                _with(_FP32_REST, fallback={"target_sqnr": 40.0, "max_fallback_pct": 10.0}), "default"),
     OursMethod("default + target 40 dB, <=5% float", "target40-5pct",
                _with(_FP32_REST, fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}), "default"),
-    OursMethod("+SmoothQuant auto + target 40 dB, <=5% float", "smoothquant-target40-5pct",
-               _with(_FP32_REST, smoothquant={"mode": "auto"}, fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}),
-               "default"),
+    # --preset best (SmoothQuant auto, outliers auto, target 40 dB within 5%; the fallback with and without
+    # smoothing), fp32 rest like its neighbours
+    OursMethod("best preset", "best-preset", _with(_FP32_REST, **PRESETS["best"]), "default"),
     OursMethod("FP8 naive", "fp8-naive", _with(_NAIVE, **_FP8), "naive INT8"),
     OursMethod("FP8 default", "fp8-default", _with(_FP8), "FP8 naive", timed=True),
     OursMethod("FP8 default + attention", "fp8-attention",
