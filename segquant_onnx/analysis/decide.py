@@ -144,10 +144,12 @@ def _with_held_back(space: SearchSpace, cal: Calibration, config: CalibrationCon
         raise UserError(f"Sensitivity, --target-sqnr and the auto choices hold back every "
                         f"{config.holdout_every}th calibration feed; give at least {config.holdout_every} "
                         "feeds in the calibration data.")
+    settings = space.settings
+    if settings.smoothquant is SmoothQuantMode.AUTO:  # a fixed alpha needs no check: it stays
+        settings = replace(settings, smoothquant=SmoothQuantMode.OFF, alpha=None)
     log.warning("fewer than %d calibration feeds: no held-back feeds to check the auto choices at the "
-                "output: SmoothQuant is left off, DualScale decided per layer", config.holdout_every)
-    off = replace(space.settings, smoothquant=SmoothQuantMode.OFF, alpha=None)
-    return replace(space, variants=(off,), output_checks=False)
+                "output: SmoothQuant auto is left off, DualScale decided per layer", config.holdout_every)
+    return replace(space, variants=(settings,), output_checks=False)
 
 
 def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Calibration,

@@ -294,3 +294,18 @@ def test_the_other_smoothing_setting_is_its_best_scored_trial():
     assert other == (trials[2].recipe, trials[2].variant)  # the best "auto" trial, not the first
     assert decide._other_smoothing(trials[2], trials) == [(trials[0].recipe, trials[0].variant)]
     assert decide._other_smoothing(trials[0], [trials[0], trials[3]]) == []  # one setting scored only
+
+
+@pytest.mark.parametrize("smooth, alpha, kept", [("auto", None, ("off", None)), ("fixed", 0.5, ("fixed", 0.5)),
+                                                 ("off", None, ("off", None))])
+def test_without_held_back_feeds_only_smoothquant_auto_is_left_off(smooth, alpha, kept):
+    """Too few calibration feeds to hold any back: the auto choices cannot be checked at the output, so
+    SmoothQuant auto is left off; a fixed alpha needs no check and stays (found by the mutation check)."""
+    from segquant_onnx.solve.recipe import Variant
+
+    space = decide.SearchSpace((Variant(smooth, "auto", alpha), Variant(smooth, "off", alpha)), (0,), (), True,
+                               False)
+    got = decide._with_held_back(space, SimpleNamespace(held_back=[]), QuantConfig().calibration)
+    assert [(v.smoothquant.value, v.alpha, v.dualscale.value) for v in got.variants] == [(*kept, "auto")]
+    assert got.output_checks is False
+    assert decide._with_held_back(space, SimpleNamespace(held_back=[{"X": 0}]), QuantConfig().calibration) is space
