@@ -142,6 +142,31 @@ def test_a_cap_after_a_repeated_one_is_still_scored():
     assert [r["outlier_channels"] for r in rows] == [0, 2, 4] and best.score == 31.0
 
 
+
+def test_the_progress_bar_counts_every_trial_repeats_and_skips_included(monkeypatch):
+    """caps x variants steps: a repeated cap's variants and a DualScale-off variant not scored again count."""
+    steps, totals = [], []
+
+    class _Bar:
+        def __init__(self, *args, total=None, **kwargs):
+            totals.append(total)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            steps.append(n)
+
+    monkeypatch.setattr(decide, "bar", _Bar)
+    config = QuantConfig(smoothquant={"mode": "auto"}, outliers={"mode": "auto", "candidates": (0, 2, 4)})
+    by_cap = {0: {}, 2: {"lin": np.array([1, 5])}, 4: {"lin": np.array([1, 5])}}
+    table = {(c, sq, "plain"): 30.0 + c for c in (0, 2) for sq in ("auto", "off")}
+    _trials(config, table, by_cap, dual_applies=False)
+    assert totals == [3 * 4] and steps == [1] * 8 + [4] and sum(steps) == totals[0]
+
 @pytest.mark.parametrize("scores, cap", [({0: 30.0, 2: 31.0, 4: 30.5}, 2), ({0: 30.0, 2: 29.0, 4: 29.5}, 0)])
 def test_the_outlier_cap_with_the_best_held_back_score_wins_and_a_repeated_set_is_not_scored(scores, cap):
     config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2, 4, 8)}, dualscale={"mode": "off"})
@@ -181,7 +206,10 @@ def test_the_per_site_search_is_kept_by_its_score_and_channel_count(monkeypatch,
     global_best = decide._Scored(30.0, recipe, cand.fitted(recipe), variant)
     rows: list = []
     best, search = decide._outliers_per_site(None, PLAN, cand, held, (0, 2), global_best, rows)
-    assert search is not None and rows[-1]["outlier_cap"] == "per-site"
+    assert search is not None and rows[-1] == {
+        "outlier_cap": "per-site", "outlier_channels": channels, "smoothquant": variant.smoothquant_flag,
+        "dualscale": "off", "dual_sites": 0, "heldback_sqnr_db": round(30.0 + delta, 3),
+        "analysis_sqnr_db": round(30.0 + delta, 3)}  # the report's row, keyed as the global trials' rows
     assert (best is not global_best) is kept
     assert len(best.q.outliers["lin"]) == (channels if kept else 2)
 
@@ -309,3 +337,34 @@ def test_without_held_back_feeds_only_smoothquant_auto_is_left_off(smooth, alpha
     assert [(v.smoothquant.value, v.alpha, v.dualscale.value) for v in got.variants] == [(*kept, "auto")]
     assert got.output_checks is False
     assert decide._with_held_back(space, SimpleNamespace(held_back=[{"X": 0}]), QuantConfig().calibration) is space
+
+
+@pytest.mark.parametrize("method, outliers, sampled", [
+    ("max", {"mode": "off"}, ()),  # nothing chosen per site, no DualScale candidate: no row sample
+    ("auto", {"mode": "off"}, ("X",)),  # the calibration method alone is chosen per site
+    ("max", {"mode": "fixed", "count": 2}, ("X",)),  # outlier channels alone
+])
+def test_row_samples_are_gathered_for_what_is_chosen_per_site(method, outliers, sampled):
+    config = QuantConfig(smoothquant={"mode": "off"}, calibration={"method": method, "sample_rows": 77},
+                         outliers=outliers)
+    space = decide.search_space(QuantPlan(sites=(SITE,)), config)
+    assert space.sampled == sampled
+    kwargs = space.calibration(QuantPlan(sites=(SITE,)), config.calibration)
+    assert kwargs["sampled"] == sampled and kwargs["sample_rows"] == 77  # the configured rows, not the default
+
+
+def test_the_candidates_are_fitted_in_the_run_s_format():
+    from segquant_onnx.calib.observers import TensorStats
+    from segquant_onnx.solve.recipe import Variant
+
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
+    st = TensorStats.empty()
+    st.update(x)
+    cal = SimpleNamespace(fit_stats={"X": st}, samples={})
+    cand = decide._Candidates(QuantPlan(sites=(SITE,)), cal, lambda name: w, QuantConfig(precision={"format": "fp8"}),
+                              False)
+    q = cand.fitted(cand.recipe(Variant("off", "off"), {}))
+    assert q.format.name == "fp8"
+    assert q.params["lin"].act_scale == pytest.approx(float(np.float32(np.abs(x).max() / 448)), rel=1e-7)
+    np.testing.assert_array_equal(q.params["lin"].weight_scale, (np.abs(w).max(0) / 448).astype(np.float32))
