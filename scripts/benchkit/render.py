@@ -72,9 +72,9 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
         " closest to segquant-onnx's); ModelOpt, from its own virtualenv, on a copy of the input model (it rewrites"
         " its input file in place with shape inference): " + "; ".join(
             f"{m.label}: `{runners.modelopt_command(m)}`" for m in runners.MODELOPT_METHODS) + ". Its rows with"
-        " an fp32 rest compare W8A8 with W8A8 (our rows all write an fp32 rest); `ModelOpt max, fp16 rest` is what"
-        " its users get by default (it converts the rest of an FP32 model to FP16). segquant-onnx's"
-        " `--high-precision fp16` (an fp16 rest) has no row in this run yet: that precision has a peer row only."
+        " an fp32 rest compare W8A8 with W8A8 (so do all our rows but one); `ModelOpt max, fp16 rest` is what"
+        " its users get by default (it converts the rest of an FP32 model to FP16), and `default, fp16 rest` what"
+        " ours get (`QuantConfig()`: `--high-precision fp16` is the default)."
         " ModelOpt's FP8 runs its INT8 calibration and rescales the scales by 448/127 (`int8_to_fp8`, valid for max"
         " calibration only, hence no FP8 entropy row); it quantizes MatMul/Gemm/Conv and residual Adds, and the"
         " attention products where they match its FP8 fused-MHA pattern (8 < head size <= 256): compare it with"
