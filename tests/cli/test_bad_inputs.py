@@ -176,6 +176,7 @@ CASES = [
     ("quantize: --seg-patterns bogus", lambda ws: _q(ws, "--seg-patterns", "bogus"), ["--seg-patterns", "bogus"]),
     ("quantize: unknown flag", lambda ws: _q(ws, "--frobnicate"), ["--frobnicate"]),
     ("quantize: --precision fp4", lambda ws: _q(ws, "--precision", "fp4"), ["--precision", "--help"]),
+    ("quantize: --preset slow", lambda ws: _q(ws, "--preset", "slow"), ["--preset", "--help"]),
     ("quantize: --high-precision fp64", lambda ws: _q(ws, "--high-precision", "fp64"), ["--high-precision"]),
     ("quantize: fp8 with entropy", lambda ws: _q(ws, "--precision", "fp8", "--calib-method", "entropy"),
      ["--calib-method entropy", "fp8"]),
