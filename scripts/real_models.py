@@ -356,8 +356,9 @@ def prepare_minilm(model: RealModel, wheel: Path, out: Path) -> dict:
         encoder = _SentenceEncoder.build(st)
         ids, mask = torch.from_numpy(calib[0]["input_ids"]), torch.from_numpy(calib[0]["attention_mask"])
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-            torch.onnx.export(encoder, (ids, mask), str(out / "model.onnx"), input_names=["input_ids", "attention_mask"],
-                              output_names=["sentence_embedding"], opset_version=17, dynamo=False)
+            torch.onnx.export(encoder, (ids, mask), str(out / "model.onnx"),
+                              input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+                              opset_version=17, dynamo=False)
             ref = [encoder(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy()
                    for f in evals]
     sess = session(out / "model.onnx")
@@ -370,8 +371,8 @@ def prepare_minilm(model: RealModel, wheel: Path, out: Path) -> dict:
                       f"ORT vs torch max relative error {rel:.1e}",
             "inputs": f"input_ids, attention_mask int64 1x{SEQ_LEN}",
             "data": f"{len(SENTENCES)} English sentences written for this script, tokenized by the package's "
-                    f"tokenizer.json, padded to {SEQ_LEN} ({truncated} reach the length); first {len(calib)} calibrate, "
-                    f"the other {len(evals)} evaluate",
+                    f"tokenizer.json, padded to {SEQ_LEN} ({truncated} reach the length); "
+                    f"first {len(calib)} calibrate, the other {len(evals)} evaluate",
             "calib": len(calib), "eval": len(evals), "export_rel_error": rel}
 
 
