@@ -131,10 +131,20 @@ def _qdq_model(path: Path) -> None:
 
 def test_int8_linear_flop_share_is_counted_in_the_graph(real, tmp_path):
     _qdq_model(tmp_path / "q.onnx")
-    share, quantized, linear = real.linear_flop_share(tmp_path / "q.onnx", {"x": np.ones((1, 4, 8), np.float32)})
+    feed = {"x": np.ones((1, 4, 8), np.float32)}
+    share, quantized, linear = real.linear_flop_share(tmp_path / "q.onnx", feed)
     int8, fp = 2 * 4 * 16 * 8, 2 * 4 * 2 * 16
     assert (quantized, linear) == (1, 2)
     assert share == pytest.approx(int8 / (int8 + fp))
+    # a float weight quantized at run time (Q -> DQ on the initializer, as ModelOpt writes some) and a Conv
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    g = model.graph
+    w1 = next(t for t in g.initializer if t.name == "w1_q")
+    g.initializer.remove(w1)
+    g.initializer.append(numpy_helper.from_array(np.ones((8, 16), np.float32), "w1_f"))
+    g.node.insert(0, helper.make_node("QuantizeLinear", ["w1_f", "ws", "zpw"], ["w1_q"], axis=1))
+    onnx.save(model, str(tmp_path / "qf.onnx"))
+    assert real.linear_flop_share(tmp_path / "qf.onnx", feed) == (share, 1, 2)
 
 
 def test_the_section_replaces_its_heading_only(real):

@@ -114,10 +114,11 @@ def _graph_linears(graph):
         return None, name
 
     def const_shape(name: str):
-        dq, origin = source(name)
-        if origin in inits:
-            return list(inits[origin].dims)
-        node = producer.get(origin)
+        """The weight's shape where it is an initializer or a Constant; None where ops compute it (a DQ, a
+        Q/DQ pair on a float weight, a Transpose): linear_flop_share then takes it from its run."""
+        if name in inits:
+            return list(inits[name].dims)
+        node = producer.get(name)
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
@@ -150,8 +151,8 @@ def linear_flop_share(path: Path, feed: dict[str, np.ndarray]) -> tuple[float | 
     linears = _graph_linears(model.graph)
     existing = {o.name for o in model.graph.output}
     wanted = []
-    for node, x, _w, _ws, _q, _a in linears:
-        for name in (x, node.output[0]):
+    for node, x, w, w_shape, _q, _a in linears:
+        for name in (x, node.output[0], *([w] if w_shape is None else [])):
             if name not in existing and name not in feed and name not in wanted:
                 wanted.append(name)
     for name in wanted:
@@ -164,9 +165,8 @@ def linear_flop_share(path: Path, feed: dict[str, np.ndarray]) -> tuple[float | 
     shapes = {n: v.shape for n, v in zip(names, sess.run(names, feed))}
     shapes.update({k: v.shape for k, v in feed.items()})
     nodes = []
-    for node, x, _w, w_shape, quantized, attrs in linears:
-        if w_shape is None:
-            raise ValueError(f"{node.name}: weight shape unknown")
+    for node, x, w, w_shape, quantized, attrs in linears:
+        w_shape = shapes[w] if w_shape is None else w_shape
         nodes.append((linear_flops(node.op_type, shapes[x], w_shape, shapes[node.output[0]], attrs), quantized))
     return flop_share(nodes), sum(q for _, q in nodes), len(nodes)
 
