@@ -23,7 +23,8 @@ from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.ir.finalize import finalize
 from segquant_onnx.ir.graph_io import constant_values, export_model, gs_quiet, model_size, open_source, save_model
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
-from segquant_onnx.ir.rest_precision import convert_rest, float32_tensors
+from segquant_onnx.ir.rest_precision import (HALF_OPSET, RestReport, convert_rest, float32_tensors, weights_float_type,
+                                             why_rest_stays)
 from segquant_onnx.ir.runtime import check_providers, temporary_directory
 from segquant_onnx.params import Quantization, SiteParams
 from segquant_onnx.passes import detect_all
@@ -82,8 +83,9 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
         raise UserError("--no-eval skips the output-error measurement: drop --eval/--per-layer/--plot, or --no-eval.")
 
     fmt, rest_dtype = config.precision.quant_format, config.precision.high_precision.value
-    # a 16-bit float Q/DQ scale (the rest's type) needs opset 19
-    graph = canonicalize(src.graph, src.description, max(fmt.min_opset, 19 if rest_dtype != "fp32" else 0))
+    graph = canonicalize(src.graph, src.description, fmt.min_opset,
+                         wanted_opset=HALF_OPSET if rest_dtype != "fp32" else None)
+    rest_stays = rest_dtype != "fp32" and why_rest_stays(graph, weights_float_type(graph))
     fp_model = export_model(graph)  # the reference: canonical, before any rewrite
     plan = build_plan(graph, config)
     dry = config.seglinear.dry_rewrite
@@ -109,7 +111,9 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress)
             apply_quantization(graph, plan, q)
-            if rest_dtype != "fp32":
+            if rest_stays:
+                rest = RestReport(rest_dtype, 0, skipped=rest_stays)
+            elif rest_dtype != "fp32":
                 ranges = {} if rest_dtype == "bf16" else observe_ranges(
                     export_model(graph), float32_tensors(graph), rest_feeds(data, cal), source_dir=src.source_dir,
                     providers=providers, tmp_dir=tmp)

@@ -77,6 +77,8 @@ def tensorrt_kl(hist: np.ndarray, i: int, levels: int = INT8_MAX + 1) -> float:
             if p[j] > 0:
                 q[j] = sliced[start:start + size].sum() / nonzero
         start += size
+    if q.sum() == 0:  # every value above the threshold: Q has no mass where P has its last bin
+        return float("inf")
     p, q = p / p.sum(), q / q.sum()
     m = p > 0
     if (q[m] == 0).any():

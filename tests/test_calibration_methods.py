@@ -65,7 +65,8 @@ def written(calib_file):
     """(method, percentile) -> the activation scale `quantize` wrote."""
     out = {}
     for method, pct in CASES:
-        config = QuantConfig(calibration={"method": method, "percentile": pct}, dualscale={"mode": "off"})
+        config = QuantConfig(calibration={"method": method, "percentile": pct}, dualscale={"mode": "off"},
+                             precision={"high_precision": "fp32"})  # the formula in float32, unrounded
         out[method, pct] = written_input_scale(quantize(linear_model(), calib_file, config, progress=False,
                                                         evaluate=False).model)
     return out
@@ -89,7 +90,8 @@ def test_the_methods_give_distinct_scales_and_only_max_keeps_the_range(written):
 def test_the_cli_flags_reach_the_written_scale(calib_file, tmp_path):
     out = tmp_path / "q.onnx"
     assert main(["quantize", "--calib", str(calib_file), "-o", str(out), "-q", "--calib-method", "percentile",
-                 "--percentile", "99.5", "--dualscale", "off", "--no-eval", str(_saved(tmp_path))]) == 0
+                 "--percentile", "99.5", "--dualscale", "off", "--high-precision", "fp32", "--no-eval",
+                 str(_saved(tmp_path))]) == 0
     want = references.int8_scale(references.threshold(calibration(), "percentile", 99.5))
     assert written_input_scale(onnx.load(str(out))) == want
 

@@ -4,6 +4,7 @@ every validation a UserError naming the flag, the report's `config` the groups a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import FrozenInstanceError, fields
 
 import pytest
@@ -13,7 +14,7 @@ from segquant_onnx import (
     SmoothQuantConfig, UserError,
 )
 from segquant_onnx.cli.app import FLAG_SETTINGS, _config, build_parser
-from segquant_onnx.config import GROUPS, CalibMethod, DualScaleMode, OutlierMode, SmoothQuantMode
+from segquant_onnx.config import GROUPS, PRESETS, CalibMethod, DualScaleMode, OutlierMode, Preset, SmoothQuantMode
 
 
 def test_groups_given_as_mappings_equal_groups_given_as_classes():
@@ -122,3 +123,45 @@ def test_every_plain_flag_reaches_its_field():
 def test_the_flag_table_names_real_fields():
     for dest, (group, name) in FLAG_SETTINGS.items():
         assert name in {f.name for f in fields(GROUPS[group])}, (dest, group, name)
+
+
+def test_presets_set_their_fields_and_nothing_else():
+    assert QuantConfig.preset("balanced") == QuantConfig()
+    assert QuantConfig.preset("fast") == QuantConfig(dualscale={"mode": "off"})
+    assert QuantConfig.preset("best") == QuantConfig(
+        smoothquant={"mode": "auto"}, outliers={"mode": "auto"},
+        fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0})
+    assert QuantConfig.preset(Preset.BEST) == QuantConfig.preset("best")
+    # every field a preset sets exists and is validated like any other
+    for name, groups in PRESETS.items():
+        for group, values in groups.items():
+            assert set(values) <= {f.name for f in fields(GROUPS[group])}, (name, group)
+
+
+def test_a_setting_given_wins_over_its_preset_field_by_field():
+    best = QuantConfig.preset("best", fallback={"target_sqnr": 45.0}, dualscale={"mode": "all"})
+    assert (best.fallback.target_sqnr, best.fallback.max_fallback_pct) == (45.0, 5.0)  # the other field stays
+    assert best.dualscale.mode is DualScaleMode.ALL and best.smoothquant.mode is SmoothQuantMode.AUTO
+    # a group object gives all its fields: the preset's fields of that group are replaced
+    assert QuantConfig.preset("best", fallback=FallbackConfig()).fallback == FallbackConfig()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: QuantConfig.preset("slow"), "--preset 'slow' is unknown; use one of fast, balanced, best."),
+    (lambda: QuantConfig.preset("best", nonsense={}), "QuantConfig has no group 'nonsense'"),
+])
+def test_bad_presets_are_one_user_error(call, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        call()
+
+
+def test_the_cli_preset_and_flags_given_over_it():
+    assert _config(_args("--preset", "best")) == QuantConfig.preset("best")
+    assert _config(_args("--preset", "fast")) == QuantConfig.preset("fast")
+    config = _config(_args("--preset", "best", "--target-sqnr", "45", "--calib-method", "auto",
+                           "--outlier-channels", "off", "--smoothquant", "0.5"))
+    assert config == QuantConfig.preset("best", fallback={"target_sqnr": 45.0}, calibration={"method": "auto"},
+                                        outliers={"mode": "off"}, smoothquant={"mode": "fixed", "alpha": 0.5})
+    # a flag equal to the balanced default still wins over the preset
+    assert _config(_args("--preset", "fast", "--dualscale", "auto")).dualscale.mode is DualScaleMode.AUTO
+    assert _config(_args("--preset", "best", "--max-fallback", "10")).fallback.max_fallback_pct == 10.0

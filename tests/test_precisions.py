@@ -57,10 +57,13 @@ FLOORS = {"int8": 34.0, "fp8": 24.0}
 def test_fp16_models_quantize_with_fp16_scales_and_keep_their_io_types(fp16_models, tmp_path, kind, fmt, extra):
     path, calib, data = fp16_models[kind]
     out = tmp_path / "q.onnx"
-    quantize(path, calib, QuantConfig(precision={"format": fmt}, **extra), output=out, progress=False)
+    r = quantize(path, calib, QuantConfig(precision={"format": fmt}, **extra), output=out, progress=False)
     q = onnx.load(out)
     scales = [t for t in q.graph.initializer if t.name.endswith("_scale")]
     assert scales and {t.data_type for t in scales} == {TensorProto.FLOAT16}
+    # the default --high-precision (fp16) converts a float32 model's rest; this one's is float16 already
+    assert r.report["high_precision"] == {"dtype": "fp16", "converted_nodes": 0, "kept_float32": {}, "casts_added": 0,
+                                          "skipped": "the model is float16: its rest keeps that type"}
     assert {o.version for o in q.opset_import if o.domain in ("", "ai.onnx")} == {19}
     assert [i.type.tensor_type.elem_type for i in [*q.graph.input, *q.graph.output]] == [TensorProto.FLOAT16] * 2
     inferred = onnx.shape_inference.infer_shapes(q, strict_mode=True)  # type-checks every node
@@ -153,6 +156,7 @@ def test_bf16_models_quantize_with_bf16_scales(tmp_path, kind, fmt, extra):
     np.savez(tmp_path / "c.npz", X=data)
     r = quantize(tmp_path / "m.onnx", tmp_path / "c.npz", QuantConfig(precision={"format": fmt}, **extra),
                  output=tmp_path / "q.onnx", progress=False)
+    assert r.report["high_precision"]["skipped"] == "the model is bfloat16: its rest keeps that type"
     q = onnx.load(tmp_path / "q.onnx")
     assert {t.data_type for t in q.graph.initializer if t.name.endswith("_scale")} == {TensorProto.BFLOAT16}
     assert [i.type.tensor_type.elem_type for i in [*q.graph.input, *q.graph.output]] == [TensorProto.BFLOAT16] * 2

@@ -72,9 +72,9 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
         " closest to segquant-onnx's); ModelOpt, from its own virtualenv, on a copy of the input model (it rewrites"
         " its input file in place with shape inference): " + "; ".join(
             f"{m.label}: `{runners.modelopt_command(m)}`" for m in runners.MODELOPT_METHODS) + ". Its rows with"
-        " an fp32 rest compare W8A8 with W8A8 (our rows all write an fp32 rest); `ModelOpt max, fp16 rest` is what"
-        " its users get by default (it converts the rest of an FP32 model to FP16). segquant-onnx's"
-        " `--high-precision fp16` (an fp16 rest) has no row in this run yet: that precision has a peer row only."
+        " an fp32 rest compare W8A8 with W8A8 (so do all our rows but one); `ModelOpt max, fp16 rest` is what"
+        " its users get by default (it converts the rest of an FP32 model to FP16), and `default, fp16 rest` what"
+        " ours get (`QuantConfig()`: `--high-precision fp16` is the default)."
         " ModelOpt's FP8 runs its INT8 calibration and rescales the scales by 448/127 (`int8_to_fp8`, valid for max"
         " calibration only, hence no FP8 entropy row); it quantizes MatMul/Gemm/Conv and residual Adds, and the"
         " attention products where they match its FP8 fused-MHA pattern (8 < head size <= 256): compare it with"
@@ -101,8 +101,9 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
     parts += ["", "segquant-onnx methods: each row is the row named in the last column plus one thing (INT8: rows"
               " before `default` add one feature to naive INT8, rows after it one to the default; FP8: naive INT8 in"
               " FP8, the FP8 default, then the FP8 default plus attention Q/DQ or plus the features of the best"
-              " INT8 recipe); every row writes the unquantized rest in fp32 (`high_precision='fp32'`, whatever the"
-              " shipped default), like the peers' rows it is compared with:", "", methods_table()]
+              " INT8 recipe); every row but `default, fp16 rest` writes the unquantized rest in fp32"
+              " (`high_precision='fp32'`), like the peers' rows it is compared with; `default, fp16 rest` is"
+              " `QuantConfig()` as shipped (the rest in fp16), next to ModelOpt's fp16-rest row:", "", methods_table()]
     parts += ["", "## Results", "", results_table(state.rows), "",
               "## Output SQNR change per feature (dB, same run)", "",
               "Each segquant-onnx row minus the row it adds one thing to (the methods table's last column): naive"
@@ -112,8 +113,8 @@ def render_markdown(state: BenchState, cases: list[ModelCase], command: str, sta
               "## Against the peers", "",
               "Per precision (format and rest): the best peer output SQNR (any, and among those TensorRT-RTX builds)"
               " vs. our naive and default rows of that format and our best row that keeps at least 95% of the"
-              " linear FLOPs quantized. INT8 with an fp16 rest has ModelOpt's row only (ours comes with"
-              " `--high-precision`).", "", summary_table(state.rows), "",
+              " linear FLOPs quantized. INT8 with an fp16 rest: ours is `default, fp16 rest` (`QuantConfig()` as"
+              " shipped), next to ModelOpt's fp16-rest row.", "", summary_table(state.rows), "",
               "## Cost of segquant-onnx relative to each peer, same run", "",
               "Quantize wall time and peak RSS ratios of our timed rows in the peer's format (INT8 peers: naive"
               " INT8 and default; ModelOpt FP8: FP8 default, FP8 naive is not timed); below 1 means segquant-onnx"

@@ -20,13 +20,15 @@ from benchkit.launch import QuantRun, finish, last_error_line
 from benchkit.measure import LINEAR_OPS
 from benchkit.results import BenchState, SkipNote
 from benchkit.workers import worker_command
+from segquant_onnx.config import PRESETS
 
 log = logging.getLogger("bench")
 
 MODELOPT_PACKAGE = "nvidia-modelopt[onnx]"
 
-# Every row writes the unquantized rest in fp32, as the peers' comparison rows do (W8A8 against W8A8): whatever
-# QuantConfig's default rest is, the rows keep comparing the same thing (ModelOpt's fp16 rest has its own row).
+# Every row but one writes the unquantized rest in fp32, as the peers' comparison rows do (W8A8 against W8A8),
+# whatever QuantConfig's default rest is; "default, fp16 rest" is QuantConfig() as shipped (its default rest,
+# fp16), next to ModelOpt's fp16-rest row.
 _FP32_REST = {"precision": {"high_precision": "fp32"}}
 _NAIVE = {**_FP32_REST, "calibration": {"method": "max"}, "seglinear": {"output": False, "input": False},
           "dualscale": {"mode": "off"}}
@@ -69,6 +71,7 @@ OURS_MATRIX = (
     OursMethod("+DualScale all", "dualscale-all", _with(_NAIVE, dualscale={"mode": "all"}), "naive INT8"),
     OursMethod("calib auto", "calib-auto", _with(_NAIVE, calibration={"method": "auto"}), "naive INT8"),
     OursMethod("default", "default", _with(_FP32_REST), "naive INT8", timed=True),
+    OursMethod("default, fp16 rest", "default-fp16", {}, "default"),
     OursMethod("default + calib auto", "default-calib-auto", _with(_FP32_REST, calibration={"method": "auto"}),
                "default"),
     OursMethod("+SmoothQuant auto", "smoothquant-auto", _with(_FP32_REST, smoothquant={"mode": "auto"}), "default"),
@@ -77,9 +80,9 @@ OURS_MATRIX = (
                _with(_FP32_REST, fallback={"target_sqnr": 40.0, "max_fallback_pct": 10.0}), "default"),
     OursMethod("default + target 40 dB, <=5% float", "target40-5pct",
                _with(_FP32_REST, fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}), "default"),
-    OursMethod("+SmoothQuant auto + target 40 dB, <=5% float", "smoothquant-target40-5pct",
-               _with(_FP32_REST, smoothquant={"mode": "auto"}, fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}),
-               "default"),
+    # --preset best (SmoothQuant auto, outliers auto, target 40 dB within 5%; the fallback with and without
+    # smoothing), fp32 rest like its neighbours
+    OursMethod("best preset", "best-preset", _with(_FP32_REST, **PRESETS["best"]), "default"),
     OursMethod("FP8 naive", "fp8-naive", _with(_NAIVE, **_FP8), "naive INT8"),
     OursMethod("FP8 default", "fp8-default", _with(_FP8), "FP8 naive", timed=True),
     OursMethod("FP8 default + attention", "fp8-attention",
@@ -90,6 +93,9 @@ OURS_MATRIX = (
 )
 # per precision: our naive and default rows (the summary's and the cost table's reference rows)
 NAIVE_AND_DEFAULT = {"int8": ("naive INT8", "default"), "fp8": ("FP8 naive", "FP8 default")}
+# the peers table's naive and default columns per (format, rest) where they are other rows: INT8 with the
+# fp16 rest has our shipped default only
+NAIVE_AND_DEFAULT_BY_REST = {("int8", "fp16"): ("", "default, fp16 rest")}
 # (label suffix, calibrate_method, op types to quantize or None for ORT's default: every op it can)
 ORT_VARIANTS = (
     ("MinMax", "MinMax", None),

@@ -20,7 +20,7 @@ log = logging.getLogger("bench")
 PER_LAYER_MODELS = ("example", "demo", "flux-dynamo", "pixart-dynamo")  # per-layer SQNR, naive INT8 vs +SegLinear
 LATENCY_MODELS = ("demo", "flux-dynamo")
 LATENCY_METHODS = ("FP32 reference", "naive INT8", "default", "+DualScale all", "+outliers auto",
-                   "+SmoothQuant auto + target 40 dB, <=5% float")
+                   "best preset")
 LATENCY_RUNS, LATENCY_WARMUP = 30, 5
 IMAGE_MODELS = ("demo",)
 IMAGE_METHODS = ("naive INT8", "default", "+SmoothQuant auto")  # demo DiT images vs FP32

@@ -135,7 +135,8 @@ def summary_table(rows: list[ResultRow]) -> str:
                         and (r.int8_flop_fraction or 0) * 100 - (r.outlier_float_flop_pct or 0) >= 95.0 - 1e-6)
             best_peer, best_built = best(peers), best(r for r in peers if r.trt == "built")
             naive, default = (next((r for r in mine if r.method == m), None)
-                              for m in runners.NAIVE_AND_DEFAULT.get(kind[0], ("", "")))
+                              for m in runners.NAIVE_AND_DEFAULT_BY_REST.get(
+                                  kind, runners.NAIVE_AND_DEFAULT.get(kind[0], ("", ""))))
             lines.append(f"| {model} | {precision_cell(mine[0])} | {cell(best_peer)} | {cell(best_built)} "
                          f"| {plain(naive)} | {plain(default)} | {cell(ours)} | {margin(ours, best_peer)} "
                          f"| {margin(ours, best_built)} |")

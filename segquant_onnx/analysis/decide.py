@@ -144,10 +144,12 @@ def _with_held_back(space: SearchSpace, cal: Calibration, config: CalibrationCon
         raise UserError(f"Sensitivity, --target-sqnr and the auto choices hold back every "
                         f"{config.holdout_every}th calibration feed; give at least {config.holdout_every} "
                         "feeds in the calibration data.")
+    settings = space.settings
+    if settings.smoothquant is SmoothQuantMode.AUTO:  # a fixed alpha needs no check: it stays
+        settings = replace(settings, smoothquant=SmoothQuantMode.OFF, alpha=None)
     log.warning("fewer than %d calibration feeds: no held-back feeds to check the auto choices at the "
-                "output: SmoothQuant is left off, DualScale decided per layer", config.holdout_every)
-    off = replace(space.settings, smoothquant=SmoothQuantMode.OFF, alpha=None)
-    return replace(space, variants=(off,), output_checks=False)
+                "output: SmoothQuant auto is left off, DualScale decided per layer", config.holdout_every)
+    return replace(space, variants=(settings,), output_checks=False)
 
 
 def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Calibration,
@@ -158,31 +160,61 @@ def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Cal
     Opens analysis sessions only where held-back feeds are scored."""
     space = _with_held_back(space, cal, config.calibration)
     cand = _Candidates(plan, cal, weight, config, progress)
-    trials, search = [], None
+    trials, search, others = [], None, []
     if not space.output_checks or (len(space.caps) == 1 and len(space.variants) == 1):
-        recipe = cand.recipe(space.settings, cand.outliers(space.caps[0]))
+        recipe, variant = cand.recipe(space.settings, cand.outliers(space.caps[0])), space.settings
     else:
         held = HeldBack(fp_model, cal.held_back, sessions, progress)
-        best = _global_trials(graph, plan, cand, held, space, trials)
+        scored = []
+        best = _global_trials(graph, plan, cand, held, space, trials, scored)
         if config.outliers.mode is OutlierMode.AUTO:
             best, search = _outliers_per_site(graph, plan, cand, held, space.caps, best, trials)
-        recipe = best.recipe
+        recipe, variant = best.recipe, best.variant
+        if config.fallback.target_sqnr is not None:
+            others = _other_smoothing(best, scored)
     ranking, fallback = [], None
     if config.fallback.ranks:
+        recipe, ranking, fallback = _with_fallback(graph, plan, cand, cal, config, sessions,
+                                                   [(recipe, variant), *others], trials, progress)
+    return Decision(recipe, space.settings, trials, search, ranking, fallback)
+
+
+def _other_smoothing(best: _Scored, scored: list[_Scored]) -> list[tuple[Recipe, Variant]]:
+    """The best trial of the other SmoothQuant setting than `best`'s, if one was scored: the fallback may
+    reach more from it (the float sites it frees differ; measured on the demo DiT and tiny FLUX, either wins)."""
+    other = [t for t in scored if t.variant.smoothquant_flag != best.variant.smoothquant_flag]
+    return [(t.recipe, t.variant) for t in [max(other, key=lambda t: t.score)]] if other else []
+
+
+def _with_fallback(graph, plan, cand: _Candidates, cal: Calibration, config: QuantConfig, sessions, recipes: list,
+                   trials: list, progress: bool):
+    """Sensitivity and the fallback (analysis.sensitivity) of each (recipe, variant) (the global choice
+    first); the one whose fallback reaches the highest held-back output SQNR, with the fallback's sites in
+    float. With more than one, each fallback's result is a row of `trials`."""
+    best = None
+    for recipe, variant in recipes:
         ranking, fallback = analyse(graph, plan, cand.fitted(recipe), cal.held_back, config.fallback, sessions,
                                     progress)
-        if fallback:
-            recipe = recipe.in_float(fallback.sites)
-    return Decision(recipe, space.settings, trials, search, ranking, fallback)
+        if len(recipes) > 1:
+            trials.append({"outlier_cap": "after fallback", "outlier_channels": _channels(recipe.outliers),
+                           "smoothquant": variant.smoothquant_flag, "dualscale": variant.dualscale.value,
+                           "dual_sites": len(recipe.dual_sites), "float_sites": len(fallback.sites),
+                           "heldback_sqnr_db": fallback.output_sqnr_db})
+        if best is None or (fallback and fallback.output_sqnr_db > best[2].output_sqnr_db):
+            best = (recipe, ranking, fallback)
+    recipe, ranking, fallback = best
+    return (recipe.in_float(fallback.sites) if fallback else recipe), ranking, fallback
 
 
 def _channels(outliers) -> int:
     return sum(map(len, outliers.values()))
 
 
-def _global_trials(graph, plan, cand: _Candidates, held: HeldBack, space: SearchSpace, trials: list) -> _Scored:
-    """Every cap x variant scored on the held-back feeds (rows appended to `trials`); the best."""
-    scored, seen = [], set()
+def _global_trials(graph, plan, cand: _Candidates, held: HeldBack, space: SearchSpace, trials: list,
+                   scored: list | None = None) -> _Scored:
+    """Every cap x variant scored on the held-back feeds (rows appended to `trials`, each _Scored to
+    `scored`); the best."""
+    scored, seen = [] if scored is None else scored, set()
     # a trial skipped as a repeat counts as done
     with bar(None, "checking choices", "trial", cand.progress, total=len(space.caps) * len(space.variants)) as b:
         for cap in space.caps:

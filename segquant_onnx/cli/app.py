@@ -13,8 +13,8 @@ from pathlib import Path
 from segquant_onnx.version import __version__
 from segquant_onnx.calib.data import DEFAULT_DYNAMIC_BATCH
 from segquant_onnx.cli.argtypes import positive_int
-from segquant_onnx.config import (CALIB_METHODS, DUALSCALE_MODES, GROUPS, HIGH_PRECISIONS, PRECISIONS, OutlierConfig,
-                                  QuantConfig, SmoothQuantConfig)
+from segquant_onnx.config import (CALIB_METHODS, DUALSCALE_MODES, GROUPS, HIGH_PRECISIONS, PRECISIONS, PRESET_NAMES,
+                                  PRESETS, OutlierConfig, Preset, QuantConfig, SmoothQuantConfig)
 from segquant_onnx.errors import UserError
 from segquant_onnx.examples import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
 from segquant_onnx.ir.outputs import markdown_path
@@ -41,21 +41,23 @@ FLAG_SETTINGS = {
 
 
 def _config(args) -> QuantConfig:
-    """The settings the subcommand's flags give; a flag the subcommand lacks keeps the config's default."""
+    """The settings the subcommand's flags give, over its --preset (balanced where it has none): a flag not
+    given (None: the flags a preset sets) or that the subcommand lacks keeps the preset's value or default."""
     groups: dict[str, dict] = {g: {} for g in GROUPS}
     for dest, (group, name) in FLAG_SETTINGS.items():
-        if hasattr(args, dest):
+        if getattr(args, dest, None) is not None:
             groups[group][name] = getattr(args, dest)
     patterns = set(args.seg_patterns) if args.seglinear else set()
     groups["seglinear"].update(output="output" in patterns, input="input" in patterns, heads="heads" in patterns)
     groups["fallback"]["exclude"] = tuple(args.exclude or ())
     groups["runtime"]["providers"] = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    smooth, outliers = groups.pop("smoothquant"), groups.pop("outliers")
-    return QuantConfig(
-        **groups,
-        smoothquant=SmoothQuantConfig.from_flag(getattr(args, "smoothquant", SmoothQuantConfig().flag), **smooth),
-        outliers=OutlierConfig.from_flag(getattr(args, "outlier_channels", OutlierConfig().flag), **outliers),
-    )
+    if getattr(args, "smoothquant", None) is not None:
+        s = SmoothQuantConfig.from_flag(args.smoothquant)
+        groups["smoothquant"].update(mode=s.mode, alpha=s.alpha)
+    if getattr(args, "outlier_channels", None) is not None:
+        o = OutlierConfig.from_flag(args.outlier_channels)
+        groups["outliers"].update(mode=o.mode, count=o.count)
+    return QuantConfig.preset(getattr(args, "preset", Preset.BALANCED), **groups)
 
 
 def _patterns(text: str) -> tuple[str, ...]:
@@ -165,19 +167,31 @@ EXAMPLES = """examples:
       FP8 E4M3 weights and activations (opset 19; Hopper/Ada/Blackwell TensorRT)
   segquant-onnx quantize model.onnx --calib calib.npz --eval eval.npz -o q.onnx --report q.json
       measure the output error on held-out data and write a JSON + Markdown report
-  segquant-onnx quantize model.onnx --calib calib.npz -o q.onnx --smoothquant auto --outlier-channels auto \\
-      --target-sqnr 40 --max-fallback 5
+  segquant-onnx quantize model.onnx --calib calib.npz -o q.onnx --preset best
       the best quality with at least 95% of the linear FLOPs in INT8 (slower: searches at the output)
+  segquant-onnx quantize model.onnx --calib calib.npz -o q.onnx --preset best --target-sqnr 45
+      a preset with one of its settings changed (a flag given wins over the preset)
 """
 
 
-QUANTIZE_GROUPS = ("input and output", "precision", "calibration", "SegLinear", "DualScale", "SmoothQuant",
+QUANTIZE_GROUPS = ("input and output", "preset", "precision", "calibration", "SegLinear", "DualScale", "SmoothQuant",
                    "outlier channels", "fallback and target", "evaluation and report", "runtime")
 
 
 def _groups(p, titles=("SegLinear", "DualScale", "fallback and target", "runtime")) -> dict:
     """Argument groups in the order `--help` shows them."""
     return {t: p.add_argument_group(t) for t in titles}
+
+
+def _preset_default(group: str, name: str) -> str:
+    """`--help`'s default of a flag a preset sets: the balanced value, and the presets that change it."""
+    def word(value):
+        return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    plain = getattr(getattr(QuantConfig(), group), name)
+    others = [f"{p} {word(PRESETS[p][group][name])}" for p in PRESET_NAMES
+              if name in PRESETS[p].get(group, {}) and PRESETS[p][group][name] != plain]
+    return word(plain) + (f"; --preset {', '.join(others)}" if others else "")
 
 
 def _add_model_choices(groups: dict, d: QuantConfig, dry_rewrite: bool = False) -> None:
@@ -194,9 +208,10 @@ def _add_model_choices(groups: dict, d: QuantConfig, dry_rewrite: bool = False) 
         g.add_argument("--dry-rewrite", action="store_true",
                        help="apply the structural rewrites (SegLinear) without quantizing, to check they are exact")
     g = groups["DualScale"]
-    g.add_argument("--dualscale", choices=DUALSCALE_MODES, default=d.dualscale.mode.value,
+    g.add_argument("--dualscale", choices=DUALSCALE_MODES, default=None,
                    help="separate scales for the negative and positive parts of SiLU/GELU outputs, as two "
-                        "GEMMs: auto (where the measured gain pays), all, off (default: %(default)s)")
+                        "GEMMs: auto (where the measured gain pays), all, off "
+                        f"(default: {_preset_default('dualscale', 'mode')})")
     groups["fallback and target"].add_argument(
         "--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
     groups["runtime"].add_argument(
@@ -216,6 +231,12 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g.add_argument("--allow-unquantized", action="store_true",
                    help="write the model even if no linear site can be quantized (otherwise exit 2)")
 
+    g = groups["preset"]
+    g.add_argument("--preset", choices=PRESET_NAMES, default=Preset.BALANCED.value,
+                   help="how much search to spend: fast (one calibration pass, DualScale off), balanced (DualScale "
+                        "checked at the output on held-back feeds), best (also SmoothQuant and outlier channels chosen "
+                        "there, and a fallback to 40 dB within 5%% of the linear FLOPs); a flag given "
+                        "wins over its preset (default: %(default)s)")
     g = groups["precision"]
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision.format.value,
                    help="what the linear sites are quantized to: int8, or fp8 (E4M3FN, amax/448 scales, opset 19) "
@@ -230,9 +251,9 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g = groups["calibration"]
     g.add_argument("--calib", metavar="DATA", help=".npz (one array per input, axis 0 = samples) or a directory of .npz")
     c = d.calibration
-    g.add_argument("--calib-method", choices=CALIB_METHODS, default=c.method.value,
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default=None,
                    help="activation clipping; auto picks per site by layer error on calibration rows held back "
-                        "from the statistics (default: %(default)s)")
+                        f"from the statistics (default: {_preset_default('calibration', 'method')})")
     g.add_argument("--percentile", type=float, default=c.percentile,
                    help="for --calib-method percentile (default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=c.batch_size,
@@ -245,16 +266,18 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
 
     g = groups["SmoothQuant"]
     alphas = ", ".join(f"{a:g}" for a in d.smoothquant.alphas)
-    g.add_argument("--smoothquant", default=d.smoothquant.flag, metavar="auto|off|ALPHA",
+    g.add_argument("--smoothquant", default=None, metavar="auto|off|ALPHA",
                    help=f"SmoothQuant per site: auto searches alpha in {{{alphas}}} or none by layer error on a "
-                        "calibration-row sample; off; or a fixed alpha (default: %(default)s)")
+                        "calibration-row sample; off; or a fixed alpha "
+                        f"(default: {_preset_default('smoothquant', 'mode')})")
 
     g = groups["outlier channels"]
     o = d.outliers
-    g.add_argument("--outlier-channels", default=o.flag, metavar="auto|off|N",
+    g.add_argument("--outlier-channels", default=None, metavar="auto|off|N",
                    help="run up to N outlier input channels per linear (calibration abs-max > --outlier-ratio x "
                         "the median channel's) in float beside the INT8 GEMM; auto picks N globally, then per site, "
-                        "by the output SQNR on held-back calibration feeds (default: %(default)s)")
+                        "by the output SQNR on held-back calibration feeds "
+                        f"(default: {_preset_default('outliers', 'mode')})")
     g.add_argument("--outlier-ratio", type=float, default=o.ratio, metavar="X",
                    help="an outlier channel's calibration abs-max exceeds X times the median channel's "
                         "(default: %(default)s)")
@@ -265,13 +288,13 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
                    help="at most this share of linear FLOPs in the float outlier branches (default: %(default)s)")
 
     g = groups["fallback and target"]
-    f = d.fallback
-    g.add_argument("--target-sqnr", type=float, default=f.target_sqnr, metavar="DB",
+    g.add_argument("--target-sqnr", type=float, default=None, metavar="DB",
                    help="keep the most sensitive sites in float until the output SQNR on held-back calibration "
-                        f"feeds (every {c.holdout_every}th) reaches DB")
-    g.add_argument("--max-fallback", type=float, default=f.max_fallback_pct, metavar="PERCENT",
+                        f"feeds (every {c.holdout_every}th) reaches DB "
+                        f"(default: {_preset_default('fallback', 'target_sqnr')})")
+    g.add_argument("--max-fallback", type=float, default=None, metavar="PERCENT",
                    help="with --target-sqnr: at most this share of linear FLOPs may stay in float "
-                        "(default: %(default)s)")
+                        f"(default: {_preset_default('fallback', 'max_fallback_pct')})")
     g.add_argument("--sensitivity", action="store_true",
                    help="rank sites by output SQNR with each quantized alone (report)")
 

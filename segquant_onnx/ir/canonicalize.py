@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from segquant_onnx.errors import UserError
-from segquant_onnx.ir.graph_io import gs_quiet
+from segquant_onnx.ir.graph_io import gs_quiet, relink_external_data
 from segquant_onnx.ir.qdq import BFLOAT16, float_dtype
 from segquant_onnx.ir.runtime import quiet_onnxruntime, third_party_verbose
 
@@ -55,7 +55,9 @@ def _raise_opset(graph: gs.Graph, min_opset: int, source: str) -> gs.Graph:
         raise UserError(f"{source} has opset {graph.opset} and onnx's version converter could not raise it to "
                         f"{min_opset} ({type(exc).__name__}: {exc}); export the model with opset {min_opset} "
                         "or later.") from None
-    return gs.import_onnx(model)
+    converted = gs.import_onnx(model)
+    relink_external_data(graph, converted)  # the converter keeps external references, not where they live
+    return converted
 
 
 def _remove_identities(graph: gs.Graph) -> None:
@@ -164,14 +166,21 @@ def _name_nodes(graph: gs.Graph) -> None:
             taken.add(name)
 
 
-def canonicalize(graph: gs.Graph, source: str = "the model", min_opset: int = MIN_OPSET) -> gs.Graph:
+def canonicalize(graph: gs.Graph, source: str = "the model", min_opset: int = MIN_OPSET,
+                 wanted_opset: int | None = None) -> gs.Graph:
     """The graph the passes match on. `min_opset`: the opset the Q/DQ to be written need (13: per-channel
-    INT8; 19: FP8)."""
+    INT8; 19: FP8). `wanted_opset`: raised to if onnx's converter can, else left with a warning (19: the
+    16-bit rest of `--high-precision`, which then stays float32)."""
     refuse_quantized(graph, source)
     half = (np.dtype(np.float16), BFLOAT16)
     if any(isinstance(t, gs.Constant) and float_dtype(t.dtype) in half for t in graph.tensors().values()):
         min_opset = max(min_opset, HALF_OPSET)  # a 16-bit float Q/DQ scale (the DQ's output type) needs opset 19
     graph = _raise_opset(graph, max(min_opset, MIN_OPSET), source)
+    if wanted_opset is not None and graph.opset < wanted_opset:
+        try:
+            graph = _raise_opset(graph, wanted_opset, source)
+        except UserError as exc:
+            log.warning("%s", exc)
     # ONNX Runtime (which folds constants) lags behind onnx's newest IR version: use the lowest the
     # opsets allow
     opsets = list(graph.import_domains or []) or [onnx.helper.make_opsetid("", graph.opset)]

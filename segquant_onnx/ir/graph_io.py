@@ -69,6 +69,17 @@ class _ExternalValues(gs.ir.tensor.LazyValues):
         return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=self.base_dir))
 
 
+def relink_external_data(before: gs.Graph, after: gs.Graph) -> None:
+    """`after` (re-imported from `before`'s export) reads its external weights from where `before` did."""
+    dirs = {t.name: t._values.base_dir for t in before.tensors().values()
+            if isinstance(t, gs.Constant) and isinstance(t._values, _ExternalValues)}
+    for tensor in after.tensors().values():
+        lazy = isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues)
+        if lazy and tensor.name in dirs:
+            tensor._values = _ExternalValues(tensor._values.tensor, dirs[tensor.name])
+            tensor.data_location = None
+
+
 def external_tensors(model: onnx.ModelProto):
     return [t for t in ext._get_all_tensors(model) if ext.uses_external_data(t)]
 

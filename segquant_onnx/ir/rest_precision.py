@@ -41,6 +41,7 @@ from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import BFLOAT16, float_dtype
 
+HALF_OPSET = 19  # a 16-bit float Q/DQ scale (the DQ's output type) needs opset 19
 RANGE_LIMIT = 32768.0  # half of float16's largest finite value (65504): headroom over what calibration saw
 
 # op -> why it stays float32
@@ -78,10 +79,32 @@ class RestReport:
     converted: int
     kept: dict = field(default_factory=dict)  # reason -> node count
     casts: int = 0
+    skipped: str | None = None  # why nothing was converted (the model is 16-bit already)
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "converted_nodes": self.converted, "kept_float32": dict(self.kept),
-                "casts_added": self.casts}
+        out = {"dtype": self.dtype, "converted_nodes": self.converted, "kept_float32": dict(self.kept),
+               "casts_added": self.casts}
+        return out if self.skipped is None else {**out, "skipped": self.skipped}
+
+
+def weights_float_type(graph: gs.Graph) -> np.dtype | None:
+    """The float type holding most of the graph's constant elements (its weights): what the model was
+    exported in. None for a graph without float constants."""
+    sizes: Counter = Counter()
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and float_dtype(t.dtype) is not None:
+            sizes[float_dtype(t.dtype)] += int(np.prod(t.shape, dtype=np.int64))
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def why_rest_stays(graph: gs.Graph, model_type: np.dtype | None) -> str | None:
+    """Why --high-precision leaves the rest as it is (None: it converts): it converts a float32 model's rest,
+    and a 16-bit Q/DQ scale needs opset 19 (canonicalize raises the opset when onnx's converter can)."""
+    if model_type is not None and model_type != np.float32:
+        return f"the model is {'bfloat16' if model_type == BFLOAT16 else model_type}: its rest keeps that type"
+    if graph.opset < HALF_OPSET:
+        return f"opset {graph.opset} could not be raised to {HALF_OPSET} (16-bit Q/DQ scales): the rest stays float32"
+    return None
 
 
 def _is_f32(t: gs.Tensor) -> bool:

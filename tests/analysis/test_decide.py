@@ -142,6 +142,31 @@ def test_a_cap_after_a_repeated_one_is_still_scored():
     assert [r["outlier_channels"] for r in rows] == [0, 2, 4] and best.score == 31.0
 
 
+
+def test_the_progress_bar_counts_every_trial_repeats_and_skips_included(monkeypatch):
+    """caps x variants steps: a repeated cap's variants and a DualScale-off variant not scored again count."""
+    steps, totals = [], []
+
+    class _Bar:
+        def __init__(self, *args, total=None, **kwargs):
+            totals.append(total)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            steps.append(n)
+
+    monkeypatch.setattr(decide, "bar", _Bar)
+    config = QuantConfig(smoothquant={"mode": "auto"}, outliers={"mode": "auto", "candidates": (0, 2, 4)})
+    by_cap = {0: {}, 2: {"lin": np.array([1, 5])}, 4: {"lin": np.array([1, 5])}}
+    table = {(c, sq, "plain"): 30.0 + c for c in (0, 2) for sq in ("auto", "off")}
+    _trials(config, table, by_cap, dual_applies=False)
+    assert totals == [3 * 4] and steps == [1] * 8 + [4] and sum(steps) == totals[0]
+
 @pytest.mark.parametrize("scores, cap", [({0: 30.0, 2: 31.0, 4: 30.5}, 2), ({0: 30.0, 2: 29.0, 4: 29.5}, 0)])
 def test_the_outlier_cap_with_the_best_held_back_score_wins_and_a_repeated_set_is_not_scored(scores, cap):
     config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2, 4, 8)}, dualscale={"mode": "off"})
@@ -181,7 +206,10 @@ def test_the_per_site_search_is_kept_by_its_score_and_channel_count(monkeypatch,
     global_best = decide._Scored(30.0, recipe, cand.fitted(recipe), variant)
     rows: list = []
     best, search = decide._outliers_per_site(None, PLAN, cand, held, (0, 2), global_best, rows)
-    assert search is not None and rows[-1]["outlier_cap"] == "per-site"
+    assert search is not None and rows[-1] == {
+        "outlier_cap": "per-site", "outlier_channels": channels, "smoothquant": variant.smoothquant_flag,
+        "dualscale": "off", "dual_sites": 0, "heldback_sqnr_db": round(30.0 + delta, 3),
+        "analysis_sqnr_db": round(30.0 + delta, 3)}  # the report's row, keyed as the global trials' rows
     assert (best is not global_best) is kept
     assert len(best.q.outliers["lin"]) == (channels if kept else 2)
 
@@ -238,3 +266,105 @@ def test_the_variants_compared_are_the_auto_modes_and_their_off(sq, ds, variants
     no_dual = decide.search_space(QuantPlan(sites=(SITE,)),
                                   QuantConfig(smoothquant={"mode": sq}, dualscale={"mode": ds}))
     assert len(no_dual.variants) == (2 if sq == "auto" else 1)  # DualScale auto, no candidate: nothing to compare
+
+
+@pytest.mark.parametrize("scores, chosen", [((30.0, 35.0), 1), ((35.0, 30.0), 0), ((33.0, 33.0), 0)])
+def test_with_a_target_the_smoothing_setting_whose_fallback_reaches_more_wins(monkeypatch, scores, chosen):
+    """--target-sqnr with SmoothQuant auto: the global choice and the best trial of the other smoothing
+    setting each get their fallback; the higher held-back SQNR after it wins (a tie keeps the global
+    choice), with its float sites, and both results are trial rows."""
+    from segquant_onnx.analysis.sensitivity import Fallback
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    recipes = [(Recipe({"a": SiteChoice("max"), "b": SiteChoice("max")}), Variant("off", "auto")),
+               (Recipe({"a": SiteChoice("max", alpha=0.5), "b": SiteChoice("max")}), Variant("auto", "auto"))]
+    fallbacks = iter([Fallback(("a",), scores[0], 20.0, 0.9, False), Fallback(("b",), scores[1], 21.0, 0.95, False)])
+    seen = []
+
+    def fake_analyse(graph, plan, q, held_back, config, sessions, progress):
+        seen.append(q)
+        return [f"ranking of {len(seen)}"], next(fallbacks)
+
+    monkeypatch.setattr(decide, "analyse", fake_analyse)
+    trials = []
+    config = QuantConfig(smoothquant={"mode": "auto"}, fallback={"target_sqnr": 40.0})
+    recipe, ranking, fallback = decide._with_fallback(
+        None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]), config, None, recipes,
+        trials, False)
+    assert seen == [r for r, _ in recipes]  # each recipe's own fitted quantization was analysed
+    assert fallback.output_sqnr_db == scores[chosen] and ranking == [f"ranking of {chosen + 1}"]
+    assert recipe.sites == recipes[chosen][0].sites and recipe.floating == frozenset(fallback.sites)
+    assert recipe.floating == {"ab"[chosen]}
+    assert [(t["smoothquant"], t["heldback_sqnr_db"], t["float_sites"]) for t in trials] == [
+        ("off", scores[0], 1), ("auto", scores[1], 1)]
+
+
+def test_without_a_target_only_the_global_choice_is_analysed(monkeypatch):
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    calls = []
+    monkeypatch.setattr(decide, "analyse", lambda *a: calls.append(a) or ([], None))
+    recipe = Recipe({"a": SiteChoice("max")})
+    got, ranking, fallback = decide._with_fallback(
+        None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]),
+        QuantConfig(fallback={"sensitivity": True}), None, [(recipe, Variant("off", "auto"))], [], False)
+    assert len(calls) == 1 and got is recipe and fallback is None
+
+
+def test_the_other_smoothing_setting_is_its_best_scored_trial():
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    def scored(score, smooth, ds="auto"):
+        return decide._Scored(score, Recipe({"a": SiteChoice("max")}), None, Variant(smooth, ds))
+
+    trials = [scored(31.0, "off"), scored(29.0, "auto"), scored(30.0, "auto", "off"), scored(30.5, "off", "off")]
+    (other,) = decide._other_smoothing(trials[0], trials)
+    assert other == (trials[2].recipe, trials[2].variant)  # the best "auto" trial, not the first
+    assert decide._other_smoothing(trials[2], trials) == [(trials[0].recipe, trials[0].variant)]
+    assert decide._other_smoothing(trials[0], [trials[0], trials[3]]) == []  # one setting scored only
+
+
+@pytest.mark.parametrize("smooth, alpha, kept", [("auto", None, ("off", None)), ("fixed", 0.5, ("fixed", 0.5)),
+                                                 ("off", None, ("off", None))])
+def test_without_held_back_feeds_only_smoothquant_auto_is_left_off(smooth, alpha, kept):
+    """Too few calibration feeds to hold any back: the auto choices cannot be checked at the output, so
+    SmoothQuant auto is left off; a fixed alpha needs no check and stays (found by the mutation check)."""
+    from segquant_onnx.solve.recipe import Variant
+
+    space = decide.SearchSpace((Variant(smooth, "auto", alpha), Variant(smooth, "off", alpha)), (0,), (), True,
+                               False)
+    got = decide._with_held_back(space, SimpleNamespace(held_back=[]), QuantConfig().calibration)
+    assert [(v.smoothquant.value, v.alpha, v.dualscale.value) for v in got.variants] == [(*kept, "auto")]
+    assert got.output_checks is False
+    assert decide._with_held_back(space, SimpleNamespace(held_back=[{"X": 0}]), QuantConfig().calibration) is space
+
+
+@pytest.mark.parametrize("method, outliers, sampled", [
+    ("max", {"mode": "off"}, ()),  # nothing chosen per site, no DualScale candidate: no row sample
+    ("auto", {"mode": "off"}, ("X",)),  # the calibration method alone is chosen per site
+    ("max", {"mode": "fixed", "count": 2}, ("X",)),  # outlier channels alone
+])
+def test_row_samples_are_gathered_for_what_is_chosen_per_site(method, outliers, sampled):
+    config = QuantConfig(smoothquant={"mode": "off"}, calibration={"method": method, "sample_rows": 77},
+                         outliers=outliers)
+    space = decide.search_space(QuantPlan(sites=(SITE,)), config)
+    assert space.sampled == sampled
+    kwargs = space.calibration(QuantPlan(sites=(SITE,)), config.calibration)
+    assert kwargs["sampled"] == sampled and kwargs["sample_rows"] == 77  # the configured rows, not the default
+
+
+def test_the_candidates_are_fitted_in_the_run_s_format():
+    from segquant_onnx.calib.observers import TensorStats
+    from segquant_onnx.solve.recipe import Variant
+
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
+    st = TensorStats.empty()
+    st.update(x)
+    cal = SimpleNamespace(fit_stats={"X": st}, samples={})
+    cand = decide._Candidates(QuantPlan(sites=(SITE,)), cal, lambda name: w, QuantConfig(precision={"format": "fp8"}),
+                              False)
+    q = cand.fitted(cand.recipe(Variant("off", "off"), {}))
+    assert q.format.name == "fp8"
+    assert q.params["lin"].act_scale == pytest.approx(float(np.float32(np.abs(x).max() / 448)), rel=1e-7)
+    np.testing.assert_array_equal(q.params["lin"].weight_scale, (np.abs(w).max(0) / 448).astype(np.float32))

@@ -83,7 +83,7 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
     smoothquant, dualscale = MODES[mode]
     model = build_linear_model(kind)
     result = quantize(model, _calib_without_new_held_back_data(write_npz, kind), progress=False,
-                      config=QuantConfig(calibration={"method": "max"},
+                      config=QuantConfig(calibration={"method": "max"}, precision={"high_precision": "fp32"},
                                          smoothquant=SmoothQuantConfig.from_flag(smoothquant),
                                          dualscale={"mode": dualscale}, fallback={"sensitivity": True}))
     (gated,) = analysis_models
@@ -107,7 +107,8 @@ def test_gates_at_zero_give_the_float_model_and_at_one_the_quantized_model(kind,
 
 def test_one_gate_open_equals_quantizing_that_site_alone(write_npz, analysis_models):
     calib = _calib_without_new_held_back_data(write_npz, "matmul")
-    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}, fallback={"sensitivity": True})
+    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}, fallback={"sensitivity": True},
+                         precision={"high_precision": "fp32"})
     quantize(build_linear_model("matmul"), calib, config, progress=False)
     # sensitivity=True here too, so the scales come from the same (non-held-back) feeds
     only_fc1 = quantize(build_linear_model("matmul"), calib,
@@ -199,7 +200,8 @@ def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(s
 
     result = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
                       QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
-                                  fallback={"target_sqnr": TARGET}), progress=False)
+                                  fallback={"target_sqnr": TARGET}, precision={"high_precision": "fp32"}),
+                      progress=False)
     fb = result.report["fallback"]
     assert fb["sites"] == ("fc1",)
     assert fb["reached"] is True
@@ -411,7 +413,8 @@ def test_the_fallback_stops_at_a_target_just_under_what_one_site_in_float_reache
     """The sensitive model (fc1 in float reaches 34.85 dB, measured): a target 0.05 dB under it keeps fc1
     only; 0.05 dB over it, the next site of the ranking as well."""
     config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
-                         fallback={"target_sqnr": TARGET, "max_fallback_pct": 100.0})
+                         fallback={"target_sqnr": TARGET, "max_fallback_pct": 100.0},
+                         precision={"high_precision": "fp32"})  # the model written is the one the fallback scored
     first = quantize(sensitive / "model.onnx", sensitive / "calib.npz", config, progress=False, evaluate=False)
     one = first.report["fallback"]["output_sqnr_db"]
     assert first.report["fallback"]["sites"] == ("fc1",) and 33.0 < one < 37.0  # measured 34.85

@@ -201,9 +201,10 @@ def test_quantize_help_is_grouped_and_ends_with_examples(capsys):
         main(["quantize", "--help"])
     out = capsys.readouterr().out
     headings = [line[:-1] for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
-    assert headings == ["options", "input and output", "precision", "calibration", "SegLinear", "DualScale", "SmoothQuant",
-                        "outlier channels", "fallback and target", "evaluation and report", "runtime", "examples"]
-    assert out.count("segquant-onnx quantize model.onnx") == 4
+    assert headings == ["options", "input and output", "preset", "precision", "calibration", "SegLinear", "DualScale",
+                        "SmoothQuant", "outlier channels", "fallback and target", "evaluation and report", "runtime",
+                        "examples"]
+    assert out.count("segquant-onnx quantize model.onnx") == 5
 
 
 def _strict_json(text: str):
@@ -252,3 +253,20 @@ def test_no_eval_contradicting_flags_are_one_line_errors(capsys, tmp_path, model
                        *extra)
     assert_one_line_error(code, err, "--no-eval")
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("preset", ["fast", "balanced", "best"])
+def test_presets_run_end_to_end_and_the_report_holds_their_settings(capsys, model, write_calib, tmp_path, preset):
+    from segquant_onnx import QuantConfig
+
+    report = tmp_path / "r.json"
+    code, _, err = run(capsys, "quantize", model, "--calib", write_calib("matmul", n=8), "-o", tmp_path / "q.onnx",
+                       "-q", "--preset", preset, "--report", report)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["config"] == QuantConfig.preset(preset).as_dict()
+    # fast: one calibration pass, nothing scored on held-back feeds; the others check DualScale there
+    assert bool(r["heldback_trials"]) is (preset != "fast")
+    assert (r["fallback"] is not None) is (preset == "best")
+    if preset == "best":
+        assert r["summary"]["int8_flop_fraction"] >= 0.95

@@ -196,3 +196,37 @@ def test_a_scale_float16_cannot_hold_keeps_its_site_float32(tmp_path):
     assert r.report["high_precision"]["kept_float32"] == {"a DequantizeLinear scale float16 cannot hold": 1}
     got = make_session(q, None).run(None, {"X": x[:1]})[0]
     assert _sqnr(run_model(model, {"X": x[:1]})[0], got) > 33.0  # measured 35.38 dB
+
+
+def test_the_default_rest_is_fp16(tmp_path):
+    """QuantConfig() and the CLI's default write the rest in float16 (the fastest correct TensorRT engine)."""
+    assert QuantConfig().precision.high_precision.value == "fp16"
+    onnx.save(build_linear_model("matmul"), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", X=calib_inputs("matmul", 8))
+    r = quantize(tmp_path / "m.onnx", tmp_path / "c.npz", output=tmp_path / "q.onnx", progress=False)
+    assert r.report["high_precision"]["dtype"] == "fp16" and r.report["high_precision"]["converted_nodes"] > 0
+    assert "skipped" not in r.report["high_precision"]
+    types = _types(onnx.load(tmp_path / "q.onnx"))
+    assert {types[n.output[0]] for n in r.model.graph.node if n.op_type == "MatMul"} == {TensorProto.FLOAT16}
+
+
+def test_an_opset_the_converter_cannot_raise_keeps_the_rest_float32(tmp_path, monkeypatch, caplog):
+    """The float16 rest needs opset 19 (16-bit Q/DQ scales); a model onnx's version converter cannot raise
+    is still quantized, with its rest float32, a warning and the reason in the report."""
+    import segquant_onnx.ir.canonicalize as canonicalize_module
+
+    model = build_linear_model("matmul")
+    assert model.opset_import[0].version < 19
+
+    def refuse(model, target):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(canonicalize_module.version_converter, "convert_version", refuse)
+    np.savez(tmp_path / "c.npz", X=calib_inputs("matmul", 8))
+    with caplog.at_level("WARNING"):
+        r = quantize(model, tmp_path / "c.npz", progress=False)
+    assert "could not raise it to 19" in caplog.text
+    hp = r.report["high_precision"]
+    assert hp["converted_nodes"] == 0 and "could not be raised to 19" in hp["skipped"]
+    assert r.model.opset_import[0].version == model.opset_import[0].version
+    assert {t.data_type for t in r.model.graph.initializer if "scale" in t.name} == {TensorProto.FLOAT}

@@ -31,7 +31,8 @@ def _intermediates(model: onnx.ModelProto, names, x: np.ndarray) -> dict[str, np
 def test_both_inputs_of_both_products_get_abs_max_scales(tmp_path, fmt, qmax):
     x = _calib(tmp_path)
     onnx.save(attention_model(), tmp_path / "m.onnx")
-    cfg = QuantConfig(precision={"format": fmt, "quantize_attention": True}, dualscale={"mode": "off"})
+    cfg = QuantConfig(precision={"format": fmt, "quantize_attention": True, "high_precision": "fp32"},
+                      dualscale={"mode": "off"})
     r = quantize(tmp_path / "m.onnx", tmp_path / "calib.npz", cfg, output=tmp_path / "q.onnx", progress=False)
     q = onnx.load(tmp_path / "q.onnx")
     nodes = {n.name: n for n in q.graph.node}

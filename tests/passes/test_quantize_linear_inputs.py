@@ -24,6 +24,10 @@ from segquant_onnx.solve.quant_math import quantize_int8, weight_scales
 EPS32 = 2.0**-23
 
 
+# max calibration, no DualScale, a float32 rest: what the numpy fake-quant references compute
+PLAIN_MAX = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}, precision={"high_precision": "fp32"})
+
+
 def rng_w(*shape, seed=0):
     return (np.random.default_rng(seed).standard_normal(shape) * 0.2).astype(np.float32)
 
@@ -127,7 +131,7 @@ def quantized(tmp_path_factory):
         calib = d / f"{kind}.npz"
         x = calib_inputs(kind, n=6)
         np.savez(calib, X=x)
-        result = quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+        result = quantize(src, calib, PLAIN_MAX,
                           output=d / f"{kind}_q.onnx", progress=False)
         out[kind] = (result, onnx.load(str(d / f"{kind}_q.onnx")), x)
     return out
@@ -235,7 +239,7 @@ def test_quantize_is_deterministic(tmp_path):
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("matmul"))
     for name in ("a.onnx", "b.onnx"):
-        quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+        quantize(src, calib, PLAIN_MAX,
                  output=tmp_path / name, progress=False)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
@@ -244,7 +248,7 @@ def test_excluded_site_stays_float(tmp_path):
     src = save(build_linear_model("gemm"), tmp_path / "m.onnx")
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("gemm"))
-    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}, fallback={"exclude": ("fc2",)})
+    config = PLAIN_MAX.updated(fallback={"exclude": ("fc2",)})
     result = quantize(src, calib, config, output=tmp_path / "q.onnx", progress=False)
     q = Q(onnx.load(str(tmp_path / "q.onnx")))
     assert [s.name for s in result.plan.sites] == ["fc1"]
@@ -258,7 +262,7 @@ def test_shared_activation_and_attention_get_a_dq_per_consumer(tmp_path):
     src = save(attention_model(), tmp_path / "attn.onnx")
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("matmul", n=3))
-    result = quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+    result = quantize(src, calib, PLAIN_MAX,
                       output=tmp_path / "q.onnx", progress=False)
     model = onnx.load(str(tmp_path / "q.onnx"))
     q = Q(model)
@@ -278,7 +282,7 @@ def test_tied_weight_used_by_two_sites(tmp_path):
     src = save(make_model(nodes, [fvi("X", [1, 8, 16])], [fvi("Y", [1, 8, 16])], {"W": w}), tmp_path / "m.onnx")
     calib = tmp_path / "c.npz"
     np.savez(calib, X=calib_inputs("matmul", n=2))
-    quantize(src, calib, QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"}),
+    quantize(src, calib, PLAIN_MAX,
              output=tmp_path / "q.onnx", progress=False)
     q = Q(onnx.load(str(tmp_path / "q.onnx")))
     weight_dqs = [q.producer[q.nodes[n].input[1]] for n in ("a", "b")]

@@ -267,3 +267,42 @@ def test_the_rounding_noise_estimate_of_a_small_tensor():
     expected = 10 * np.log10(4 * s**2 / (2 * s_pos**2 + 2 * s_neg**2))
     assert estimated_dual_gain(st, single, DualParams(s_pos, s_neg, np.ones(N, np.float32))) == pytest.approx(
         expected, rel=1e-6)
+
+
+def test_under_fp8_the_searches_and_the_gains_are_scored_on_the_fp8_grid():
+    """Scales amax / 448 (DualScale's negative side too) and E4M3 rounding, in the layer SQNR of the per-site
+    search and in DualScale's measured gain."""
+    from segquant_onnx.formats import FP8_E4M3
+
+    recipe = choose(PLAN, {"X": stats_of(FIT)}, {"X": SAMPLE}, lambda name: W,
+                    QuantConfig(precision={"format": "fp8"}), Variant("off", "all"))
+    f8 = FP8_E4M3.fake_quant
+    wq = f8(W, (np.abs(W).max(0) / 448).astype(np.float32), 1)
+    y = SAMPLE.astype(np.float64) @ W
+    snr = lambda approx: 10 * np.log10((y**2).sum() / ((y - approx) ** 2).sum())  # noqa: E731
+    single = snr(f8(SAMPLE, np.float32(np.abs(FIT).max() / 448)) @ wq)
+    dual = snr((f8(np.maximum(SAMPLE, 0), np.float32(FIT.max() / 448))
+                + f8(np.minimum(SAMPLE, 0), np.float32(-FIT.min() / 448))) @ wq)
+    assert recipe.sites["lin"].layer_sqnr_db == pytest.approx(single, abs=2e-3)
+    (d,) = recipe.dual
+    assert d.gain_db == pytest.approx(dual - single, abs=2e-3)
+    assert abs(d.gain_db - dual_gain_ref(FIT, SAMPLE)) > 0.1  # INT8's gain is another number
+
+
+def test_a_site_with_outliers_is_scored_with_its_bulk_maximum_whatever_the_method():
+    """The bulk's histogram is not observed (it still holds the outlier channel), so a percentile of it is
+    not the bulk's: the bulk is clipped at its exact maximum, method `max`."""
+    x = gelu_rows(600, seed=4)
+    x[:, 5] *= 60
+    sample = gelu_rows(200, seed=5)
+    sample[:, 5] *= 60
+    recipe = choose(PLAN, {"X": stats_of(x)}, {"X": sample}, lambda name: W,
+                    QuantConfig(calibration={"method": "percentile", "percentile": 90.0}), Variant("off", "off"),
+                    {"lin": np.array([5], np.int64)})
+    bulk_fit, bulk_sample, w = x.copy(), sample.copy(), W.copy()
+    bulk_fit[:, 5], bulk_sample[:, 5], w[5] = 0, 0, 0
+    y = bulk_sample.astype(np.float64) @ w
+    y_q = fq(bulk_sample, np.abs(bulk_fit).max() / 127) @ fq(w, np.abs(w).max(0) / 127, 1)
+    assert recipe.sites["lin"].method == "max"
+    assert recipe.sites["lin"].layer_sqnr_db == pytest.approx(10 * np.log10((y**2).sum() / ((y - y_q) ** 2).sum()),
+                                                              abs=2e-3)

@@ -19,7 +19,7 @@ from segquant_onnx.ir.runtime import make_session
 from segquant_onnx.solve.quant_math import fp8_mse_amax
 
 F8 = ml_dtypes.float8_e4m3fn
-FP8 = QuantConfig(precision={"format": "fp8"})
+FP8 = QuantConfig(precision={"format": "fp8", "high_precision": "fp32"})  # exact float32 references
 
 
 def _ort_quantize(x: np.ndarray, scale: float) -> np.ndarray:
@@ -166,3 +166,70 @@ def test_onnxruntime_computes_the_fp8_graph_as_onnx_reference_does(kind, tmp_pat
     feed = {"X": data[:model.graph.input[0].type.tensor_type.shape.dim[0].dim_value]}
     np.testing.assert_allclose(make_session(q, None).run(None, feed)[0], ReferenceEvaluator(q).run(None, feed)[0],
                                atol=1e-6)
+
+
+def _e4m3_grid() -> np.ndarray:
+    """The non-negative finite E4M3FN values, ascending (0, subnormals k * 2^-9, normals up to 448)."""
+    v = np.arange(256, dtype=np.uint8).view(F8).astype(np.float64)
+    return np.unique(v[np.isfinite(v) & (v >= 0)])
+
+
+def test_fp8_step_is_the_spacing_of_the_e4m3_grid():
+    from segquant_onnx.solve.quant_math import fp8_step
+
+    grid = _e4m3_grid()
+    assert grid[1] == 2.0**-9 and grid[-1] == 448
+    lo, gap = grid[:-1], np.diff(grid)
+    u = np.concatenate([lo, lo + gap / 2])  # each grid value and the middle of the step above it
+    np.testing.assert_array_equal(fp8_step(u), np.concatenate([gap, gap]))
+
+
+def _fp8_mse_reference(x: np.ndarray) -> float:
+    """fp8_mse_amax written out: 256 candidate edges (bin floor(j * 2047 / 255) + 1 for j = 0..255); at
+    threshold T (s = T / 448) a bin whose centre c is at most T adds count * (spacing of the E4M3 grid at
+    c / s)^2 * s^2 / 12, one above adds count * (c - T)^2; the first least error wins, capped at amax."""
+    import references
+
+    counts, edges, amax = references.histogram(x)
+    centers = (edges[:-1] + edges[1:]) / 2
+    grid = _e4m3_grid()
+    errors, thresholds = [], []
+    for j in range(256):
+        t = float(edges[int(j * 2047 / 255) + 1])
+        s = t / 448
+        err = 0.0
+        for c, n in zip(centers, counts):
+            if not n:
+                continue
+            if c <= t:
+                k = int(np.searchsorted(grid, c / s, side="right")) - 1
+                err += n * ((grid[k + 1] - grid[k]) * s) ** 2 / 12
+            else:
+                err += n * (c - t) ** 2
+        errors.append(err)
+        thresholds.append(t)
+    return float(min(thresholds[int(np.argmin(errors))], amax))
+
+
+@pytest.mark.parametrize("data", ["t2", "t2_small", "gelu", "two_bumps", "one_value"])
+def test_fp8_mse_threshold_equals_the_reference(data):
+    """two_bumps: 100 values around 40 above a unit normal, where the weights of rounding noise and clipping
+    error decide between neighbouring candidates."""
+    rng = np.random.default_rng(4)
+    x = {"t2": rng.standard_t(2, 20000) * 3, "t2_small": rng.standard_t(2, 20000) * 0.01,
+         "gelu": (lambda h: h / (1 + np.exp(-1.702 * h)))(rng.normal(0, 3, 20000)),
+         "two_bumps": (lambda r: np.concatenate([r.normal(0, 1, 20000), r.normal(40, 3, 100)]))(
+             np.random.default_rng(0)),
+         "one_value": np.array([0.3])}[data].astype(np.float32)
+    st = TensorStats.empty()
+    st.update(x)
+    want = _fp8_mse_reference(x)
+    assert fp8_mse_amax(st, FP8_E4M3) == want > 0
+    from segquant_onnx.solve.quant_math import activation_amax, mse_amax
+    assert activation_amax(st, "mse", fmt=FP8_E4M3) == want != mse_amax(st)  # FP8's threshold, not INT8's
+
+
+def test_fp8_mse_threshold_of_no_data_is_zero():
+    st = TensorStats.empty()
+    st.update(np.zeros(64, np.float32))
+    assert fp8_mse_amax(st, FP8_E4M3) == 0.0

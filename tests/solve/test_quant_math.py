@@ -258,3 +258,37 @@ def test_entropy_amax_equals_the_reference_on_other_shapes(data):
     assert activation_amax(stats_of(x), "entropy") == want
     if data == "uniform":
         assert want == float(np.abs(x).max())
+
+
+def test_entropy_amax_equals_the_reference_on_a_very_heavy_tail():
+    """Cubed Laplace data: the mass above a candidate, added to its last bin, moves the optimum (to replace
+    that bin's own mass by it would choose 176 here, not 208)."""
+    import references
+
+    x = (np.random.default_rng(18).laplace(size=17893) ** 3).astype(np.float32)
+    want = references.threshold(x, "entropy")
+    assert activation_amax(stats_of(x), "entropy") == want == 208.0
+
+
+def test_smoothing_vector_is_computed_in_float64_and_rounded_once():
+    from segquant_onnx.solve.quant_math import smoothing_vector
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.01, 50, 4096).astype(np.float32)
+    w = rng.uniform(0.001, 2, 4096).astype(np.float32)
+    for alpha in (0.5, 0.7):
+        want = np.clip(a.astype(np.float64) ** alpha / w.astype(np.float64) ** (1 - alpha), 1e-4, 1e4)
+        np.testing.assert_array_equal(smoothing_vector(a, w, alpha), want.astype(np.float32))
+
+
+def test_weight_scales_of_a_one_dimensional_weight_are_per_element():
+    np.testing.assert_array_equal(weight_scales(np.array([-2.54, 1.27, 0.0], np.float32), 0),
+                                  np.array([2.54 / 127, 1.27 / 127, AMAX_FLOOR / 127], np.float32))
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_the_thresholds_of_a_single_value_are_the_reference(method):
+    import references
+
+    x = np.array([0.3], np.float32)
+    assert activation_amax(stats_of(x), method) == references.threshold(x, method) > 0

@@ -380,7 +380,8 @@ def outlier_runs(tmp_path_factory):
         runs[mode, method] = quantize(_proj_model(), d / "calib.npz",
                                       QuantConfig(calibration={"method": method},
                                                   smoothquant=SmoothQuantConfig.from_flag(mode),
-                                                  dualscale={"mode": "off"}),
+                                                  dualscale={"mode": "off"},
+                                                  precision={"high_precision": "fp32"}),  # numpy references
                                       eval_data=d / "eval.npz", progress=False)
     return runs
 
