@@ -19,11 +19,11 @@ from segquant_onnx.calib.calibrate import calibrate, observe_ranges, rest_feeds
 from segquant_onnx.calib.data import model_inputs, open_calibration
 from segquant_onnx.config import DualScaleMode, QuantConfig
 from segquant_onnx.errors import UserError
-from segquant_onnx.ir.canonicalize import canonicalize
+from segquant_onnx.ir.canonicalize import HALF_OPSET, canonicalize
 from segquant_onnx.ir.finalize import finalize
 from segquant_onnx.ir.graph_io import constant_values, export_model, gs_quiet, model_size, open_source, save_model
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
-from segquant_onnx.ir.rest_precision import (HALF_OPSET, RestReport, convert_rest, float32_tensors, weights_float_type,
+from segquant_onnx.ir.rest_precision import (RestReport, convert_rest, float32_tensors, weights_float_type,
                                              why_rest_stays)
 from segquant_onnx.ir.runtime import check_providers, temporary_directory
 from segquant_onnx.params import Quantization, SiteParams

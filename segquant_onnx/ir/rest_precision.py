@@ -39,9 +39,9 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
+from segquant_onnx.ir.canonicalize import HALF_OPSET  # a 16-bit float Q/DQ scale needs opset 19
 from segquant_onnx.ir.qdq import BFLOAT16, float_dtype
 
-HALF_OPSET = 19  # a 16-bit float Q/DQ scale (the DQ's output type) needs opset 19
 RANGE_LIMIT = 32768.0  # half of float16's largest finite value (65504): headroom over what calibration saw
 
 # op -> why it stays float32
@@ -103,7 +103,8 @@ def why_rest_stays(graph: gs.Graph, model_type: np.dtype | None) -> str | None:
     if model_type is not None and model_type != np.float32:
         return f"the model is {'bfloat16' if model_type == BFLOAT16 else model_type}: its rest keeps that type"
     if graph.opset < HALF_OPSET:
-        return f"opset {graph.opset} could not be raised to {HALF_OPSET} (16-bit Q/DQ scales): the rest stays float32"
+        return (f"opset {graph.opset} could not be raised to {HALF_OPSET} (16-bit Q/DQ scales): the rest stays "
+                "float32")
     return None
 
 
