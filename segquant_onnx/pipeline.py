@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -34,6 +35,22 @@ from segquant_onnx.report.render import write_json, write_markdown
 from segquant_onnx.rewrite import apply_quantization
 from segquant_onnx.solve.fit import fit
 from segquant_onnx.tensorrt.check import check_tensorrt
+
+log = logging.getLogger(__name__)
+
+
+class _Stages:
+    """Wall time per pipeline stage: the report's `stage_seconds`, and a log line each (-v)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+        log.info("%s: %.2f s", stage, self.seconds[stage])
 
 
 @dataclass
@@ -74,7 +91,7 @@ def quantize(model, calib, config: QuantConfig = QuantConfig(), *, output=None, 
 
 def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data, report_path, progress: bool,
               evaluate: bool) -> Result:
-    started = time.perf_counter()
+    started, stages = time.perf_counter(), _Stages()
     providers = check_providers(config.runtime.providers)
     src = open_source(model)
     check_outputs([o for o in (output and model_output(output), report_path and report_output(report_path)) if o],
@@ -97,6 +114,7 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, batch, role="eval")
     if evaluation is None and data.num_feeds is not None and evaluate:
         evaluation = data
+    stages.done("load and plan")
 
     with temporary_directory() as tmp:
         sessions = Sessions(src.source_dir, providers, tmp)
@@ -105,12 +123,15 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             space = search_space(plan, config)
             cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir, providers=providers,
                             tmp_dir=tmp, progress=progress, **space.calibration(plan, config.calibration))
+            stages.done("calibrate")
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: np.asarray(constant_values(weights[name]), np.float32)  # noqa: E731
             decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
+            stages.done("decide")
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress)
             apply_quantization(graph, plan, q)
+            stages.done("fit and rewrite")
             if rest_stays:
                 rest = RestReport(rest_dtype, 0, skipped=rest_stays)
             elif rest_dtype != "fp32":
@@ -118,16 +139,20 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
                     export_model(graph), float32_tensors(graph), rest_feeds(data, cal), source_dir=src.source_dir,
                     providers=providers, tmp_dir=tmp)
                 rest = convert_rest(graph, rest_dtype, ranges)
+                stages.done("high precision")
         quantized = finalize(graph, calibration_shapes=None if cal is None else cal.feed_shapes)
         trt_violations = check_tensorrt(quantized, src.source_dir)
+        stages.done("finalize and check")
         errors, layers = model_error(fp_model, quantized, evaluation, per_layer=config.runtime.per_layer,
                                      source_dir=src.source_dir, providers=providers, tmp_dir=tmp, progress=progress)
+        if evaluation is not None:
+            stages.done("evaluate")
 
     report = build_report(Outcome(
         config, plan, q, data.description, src.size, model_size(quantized), round(time.perf_counter() - started, 2),
         input=src.path, output=output, eval_data=None if evaluation is None else evaluation.description,
         decision=decision, stats=None if cal is None else cal.stats, output_error=errors, layer_error=layers,
-        tensorrt_check=trt_violations, rest=rest))
+        tensorrt_check=trt_violations, rest=rest, stage_seconds=stages.seconds))
     out_path = None if output is None else save_model(quantized, output, source_dir=src.source_dir,
                                                       external=True if src.uses_external_data else None)
     if report_path is not None:

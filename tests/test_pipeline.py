@@ -182,3 +182,20 @@ def test_the_report_is_built_from_the_outcome():
     assert (summary["outlier_sites"], summary["outlier_channels"], summary["dualscale_applied"]) == (1, 1, 0)
     assert (summary["size_before"], summary["size_after"], report["seconds"]) == (100, 60, 1.25)
     assert report["fallback"] == asdict(fallback) and report["heldback_trials"] == [{"outlier_cap": 0}]
+
+
+@pytest.mark.parametrize("config, evaluate, stages", [
+    (QuantConfig(), True, ["load and plan", "calibrate", "decide", "fit and rewrite", "high precision",
+                           "finalize and check", "evaluate"]),
+    (QuantConfig(precision={"high_precision": "fp32"}), False,
+     ["load and plan", "calibrate", "decide", "fit and rewrite", "finalize and check"]),
+    (QuantConfig(seglinear={"dry_rewrite": True}), True, ["load and plan", "finalize and check", "evaluate"]),
+])
+def test_the_report_splits_the_wall_time_by_stage(write_calib, caplog, config, evaluate, stages):
+    with caplog.at_level("INFO", logger="segquant_onnx.pipeline"):
+        r = pipeline.quantize(build_linear_model("matmul"), write_calib("matmul", n=8), config, progress=False,
+                              evaluate=evaluate)
+    split = r.report["stage_seconds"]
+    assert list(split) == stages and all(s >= 0.0 for s in split.values())
+    assert sum(split.values()) <= r.report["seconds"] + 0.01  # the stages tile the run, saving excluded
+    assert [m.split(":")[0] for m in caplog.messages if m.split(":")[0] in stages] == stages  # one -v line each

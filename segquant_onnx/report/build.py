@@ -6,7 +6,9 @@ or `float`), `declined`, `segments`, `dualscale` (every candidate's gain and whe
 GEMMs), `heldback_trials` (the global choices scored at the output), `attention` (the quantized attention
 products' input scales), `high_precision` (the rest's conversion: nodes converted, kept float32 and why),
 `outliers` (`sites`, `per_site_search`, `ranges`, `float_flop_pct`), `sensitivity`,
-`fallback`, `summary` (SUMMARY_KEYS), `output_error`, `layer_error`, `tensorrt_check`, `seconds`.
+`fallback`, `summary` (SUMMARY_KEYS), `output_error`, `layer_error`, `tensorrt_check`, `seconds` (the
+run's wall time before saving), `stage_seconds` (wall time per stage the run went through: load and plan,
+calibrate, decide, fit and rewrite, high precision, finalize and check, evaluate).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 REPORT_KEYS = ("tool", "input", "output", "config", "calibration_data", "eval_data", "sites", "declined", "segments",
                "dualscale", "heldback_trials", "attention", "high_precision", "outliers", "sensitivity", "fallback", "summary",
-               "output_error", "layer_error", "tensorrt_check", "seconds")
+               "output_error", "layer_error", "tensorrt_check", "seconds", "stage_seconds")
 SUMMARY_KEYS = ("sites_quantized", "segment_rewrites", "dualscale_candidates", "dualscale_applied",
                 "dualscale_extra_flop_pct", "outlier_sites", "outlier_channels", "sites_declined",
                 "int8_flop_fraction", "size_before", "size_after")
@@ -57,6 +59,7 @@ class Outcome:
     layer_error: dict = field(default_factory=dict)  # layer name -> OutputError
     tensorrt_check: list = field(default_factory=list)  # tensorrt.check violations
     rest: Any = None  # ir.rest_precision.RestReport when the rest was converted (--high-precision)
+    stage_seconds: dict = field(default_factory=dict)  # pipeline stage -> wall time (s)
 
 
 def _outliers(outcome: Outcome) -> dict:
@@ -130,4 +133,5 @@ def build_report(outcome: Outcome) -> dict:
         "layer_error": [{"layer": name, **e.to_dict()} for name, e in outcome.layer_error.items()],
         "tensorrt_check": [asdict(v) for v in outcome.tensorrt_check],
         "seconds": outcome.seconds,
+        "stage_seconds": dict(outcome.stage_seconds),
     }
