@@ -183,7 +183,10 @@ def _other_smoothing(best: _Scored, scored: list[_Scored]) -> list[tuple[Recipe,
     """The best trial of the other SmoothQuant setting than `best`'s, if one was scored: the fallback may
     reach more from it (the float sites it frees differ; measured on the demo DiT and tiny FLUX, either wins)."""
     other = [t for t in scored if t.variant.smoothquant_flag != best.variant.smoothquant_flag]
-    return [(t.recipe, t.variant) for t in [max(other, key=lambda t: t.score)]] if other else []
+    if not other:
+        return []
+    top = max(other, key=lambda t: t.score)
+    return [(top.recipe, top.variant)]
 
 
 def _with_fallback(graph, plan, cand: _Candidates, cal: Calibration, config: QuantConfig, sessions, recipes: list,
