@@ -17,6 +17,7 @@ from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import PLAN, QUANTIZE, Pass, PreconditionError, QuantizedSite, run_order
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
 from segquant_onnx.passes.find_linear_sites import FindLinearSites
+from segquant_onnx.passes.flatten_linears_to_2d import FlattenLinearsTo2D
 from segquant_onnx.passes.quantize_attention import QuantizeAttention
 from segquant_onnx.passes.quantize_linear_inputs import QuantizeLinearInputs
 from segquant_onnx.passes.smooth_activations import SmoothActivations
@@ -24,18 +25,21 @@ from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 from segquant_onnx.passes.split_outlier_channels import SplitOutlierChannels
 from segquant_onnx.plan import QuantPlan
 
-__all__ = ["DualScaleActivations", "FindLinearSites", "Pass", "PreconditionError", "QuantizeAttention",
+__all__ = ["DualScaleActivations", "FindLinearSites", "FlattenLinearsTo2D", "Pass", "PreconditionError", "QuantizeAttention",
            "QuantizeLinearInputs",
            "QuantizedSite", "SmoothActivations", "SplitLinearBySegment", "SplitOutlierChannels", "detect_all",
            "passes", "rewrite_all"]
 
 
 def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
-           exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False) -> tuple[Pass, ...]:
-    """The run order, for detection and for rewriting alike (a new pass is one line here)."""
+           exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False,
+           block_size: int | None = None, flatten: bool = False) -> tuple[Pass, ...]:
+    """The run order, for detection and for rewriting alike (a new pass is one line here). `block_size`: the
+    weights get INT4 block scales (Conv sites are declined); `flatten`: W4A8's 2-D MatMul layout."""
     return run_order((
         SplitLinearBySegment(seg_output, seg_input, seg_heads),
-        FindLinearSites(exclude),
+        FlattenLinearsTo2D(flatten),
+        FindLinearSites(exclude, block_size),
         SplitOutlierChannels(),
         SmoothActivations(),
         DualScaleActivations(dualscale),
@@ -45,16 +49,17 @@ def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool =
 
 
 def detect_all(graph: gs.Graph, *, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
-               exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False) -> QuantPlan:
+               exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False,
+               block_size: int | None = None, flatten: bool = False) -> QuantPlan:
     """The plan of a canonicalized graph: every pass's findings and declines, in run order. Plan-stage
     passes (SegLinear) rewrite what they found right away, so `graph` is mutated: the sites are those
     of the graph that will be quantized."""
     plan = QuantPlan(sites=())
     for p in passes(seg_output=seg_output, seg_input=seg_input, seg_heads=seg_heads, exclude=exclude,
-                    dualscale=dualscale, attention=attention):
+                    dualscale=dualscale, attention=attention, block_size=block_size, flatten=flatten):
         plan = p.detect(graph, plan)
         if p.stage == PLAN:
-            p.rewrite(graph, list(plan.segments), None)
+            p.rewrite(graph, list(getattr(plan, p.plan_field)), None)
     return plan
 
 

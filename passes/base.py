@@ -13,7 +13,8 @@ that must hold before a pass runs and `ensures` those that hold once it has run;
 an order in which a precondition is unmet, naming the pass, before any pass runs.
 
 `stage` says when a pass rewrites. `"plan"`: the rewrite is structural and exact in float (SegLinear),
-so detection applies it right after the pass's own detect, to the segments it found: the later passes
+so detection applies it right after the pass's own detect, to what it found (the plan field named by its
+`plan_field`): the later passes
 detect on, and calibration observes, the rewritten graph. `"quantize"`: the rewrite runs with the
 solved parameters, after calibration.
 """
@@ -33,6 +34,7 @@ from segquant_onnx.plan import LinearSite, QuantPlan
 # conditions, in the order the passes establish them
 CANONICAL = "canonical"  # canonicalize ran: constants folded, shapes inferred (the caller's promise)
 SEGMENTS_SPLIT = "segments split"
+LAID_OUT = "linears laid out"  # W4A8's 2-D MatMuls where asked for (sites may be found before or after)
 SITES_FOUND = "sites found"
 OUTLIERS_SPLIT = "outliers split"
 SMOOTHED = "smoothed"

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from segquant_onnx.formats import QuantFormat
+from segquant_onnx.formats import Scheme, scheme_of
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import (QuantizedInput, float_dtype, dequantized_weight_input, quantize_activation_input,
@@ -256,13 +256,13 @@ class DualScaleActivations:
                 continue
             node, _, _ = site_node(nodes, site, self.name)
             updated.append(QuantizedSite.of(site, self._split(graph, namer, node, site, params.dual[site.name],
-                                                              params.format)))
+                                                              scheme_of(params.format))))
         graph.cleanup().toposort()
         return updated
 
     @staticmethod
     def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite,
-               p: DualParams, fmt: QuantFormat) -> tuple[QuantizedInput, ...]:
+               p: DualParams, scheme: Scheme) -> tuple[QuantizedInput, ...]:
         ia, iw, axis = site.activation_input_index, site.weight_input_index, site.weight_axis
         pos, neg = f"{site.name}/pos", f"{site.name}/neg"
         a, w, y = node.inputs[ia], node.inputs[iw], node.outputs[0]
@@ -281,14 +281,15 @@ class DualScaleActivations:
         graph.nodes.append(neg_node)
         node.inputs[ia] = relu_out
 
-        pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, fmt=fmt)
-        neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, fmt=fmt)
-        wq, ws = quantized_weight(w, p.weight_scale, axis, fmt)
-        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, ws, axis, fmt=fmt)
-        # one DequantizeLinear per consumer, both reading the same INT8 initializer and scales
+        pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, fmt=scheme.activations)
+        neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, fmt=scheme.activations)
+        wq, ws = quantized_weight(w, p.weight_scale, axis, scheme.weights)
+        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, ws, axis, fmt=scheme.weights)
+        # one DequantizeLinear per consumer, both reading the same quantized initializer and scales
         neg_dq = gs.Variable(namer(neg, "weight_dequantized"), pos_w.dequantized.dtype, pos_w.dequantized.shape)
-        graph.nodes.append(gs.Node("DequantizeLinear", namer(neg, "weight_dq"), {"axis": axis},
-                                   inputs=list(pos_w.dequantized.inputs[0].inputs), outputs=[neg_dq]))
+        pos_dq = pos_w.dequantized.inputs[0]
+        graph.nodes.append(gs.Node("DequantizeLinear", namer(neg, "weight_dq"), dict(pos_dq.attrs),
+                                   inputs=list(pos_dq.inputs), outputs=[neg_dq]))
         neg_node.inputs[iw] = neg_dq
         neg_w = QuantizedInput(neg, "weight", neg_node, iw, w, neg_dq)
 

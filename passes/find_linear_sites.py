@@ -8,9 +8,9 @@
 Detect only (its rewrite is the identity): the sites are what the later passes act on and what
 QuantizeLinearInputs gives Q/DQ. Declined, each with its reason: activation x activation products
 (attention), a constant on the left, --exclude matches, non-float32 dtypes, depthwise Conv,
-ConvTranspose. Preconditions: the graph is canonicalized (constants folded, so a Transpose of a
+ConvTranspose, and under INT4 weight blocks (`block_size`) Conv and K without a whole block. Preconditions: the graph is canonicalized (constants folded, so a Transpose of a
 weight is already a constant; shapes inferred) and SegLinear has split it (its segments are sites
-of their own). Runs second, right after SplitLinearBySegment.
+of their own). Runs second, right after SplitLinearBySegment and FlattenLinearsTo2D.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.formats import MIN_BLOCK, site_block
 from segquant_onnx.ir.linear import trans_b
 from segquant_onnx.ir.qdq import float_dtype
 from segquant_onnx.passes.base import CANONICAL, QUANTIZE, SEGMENTS_SPLIT, SITES_FOUND
@@ -51,8 +52,9 @@ class FindLinearSites:
     requires = (CANONICAL, SEGMENTS_SPLIT)
     ensures = (SITES_FOUND,)
 
-    def __init__(self, exclude: tuple[str, ...] = ()):
+    def __init__(self, exclude: tuple[str, ...] = (), block_size: int | None = None):
         self.exclude = tuple(re.compile(p) for p in exclude)
+        self.block_size = block_size  # INT4 block scales: 2-D weights only, K in whole blocks
 
     # -- match + check -------------------------------------------------------------------------
     def check(self, node: gs.Node) -> LinearSite | str | None:
@@ -77,6 +79,11 @@ class FindLinearSites:
             return (f"dtype {_name(x.dtype)}/{_name(w.dtype)}: only float32, float16 and bfloat16 linears "
                     "(activation and weight alike) are quantized")
         shape = tuple(int(d) for d in w.shape)
+        if self.block_size is not None and node.op in ("MatMul", "Gemm") and len(shape) == 2:
+            k = shape[1] if trans_b(node) else shape[0]
+            if site_block(k, self.block_size) is None:
+                return (f"K = {k} input channels is not a multiple of {MIN_BLOCK}: no whole INT4 block fits it "
+                        "(TensorRT infers the block as K / blocks)")
         if node.op == "MatMul":
             if len(shape) != 2:
                 return f"weight has rank {len(shape)}, expected a 2-D [K, N] matrix"
@@ -88,6 +95,9 @@ class FindLinearSites:
             rows = 2 * _volume(x.shape) * n // max(k, 1) if trans_a and x.shape else _gemm_flops(x, k, n)
             return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if nk else 1, rows,
                               channels_last=not trans_a)
+        if self.block_size is not None:
+            return ("Conv is not quantized to INT4: block scales (w4a16, w4a8) are for the 2-D weights of "
+                    "MatMul/Gemm, as TensorRT's INT4 kernels take them")
         if int(node.attrs.get("group", 1)) == shape[0] and shape[1] == 1 and shape[0] > 1:
             return "depthwise Conv is not quantized (no INT8 speed-up)"
         out = node.outputs[0]

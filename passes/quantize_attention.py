@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.formats import scheme_of
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import quantize_activation_input
 from segquant_onnx.params import Quantization
@@ -57,6 +58,6 @@ class QuantizeAttention:
             node = nodes[name]
             for index, (part, scale) in enumerate(zip(("a", "b"), scales)):
                 quantize_activation_input(graph, namer, name, node, index, scale, part=f"input_{part}",
-                                          fmt=params.format)
+                                          fmt=scheme_of(params.format).activations)
         graph.cleanup().toposort()
         return sites

@@ -3,6 +3,7 @@
     MatMul(X, W)      -> MatMul(DQ(Q(X, s_x)), DQ(Wq, s_w, axis=1))
     Gemm(A, B, C)     -> Gemm(DQ(Q(A, s_a)), DQ(Bq, s_b, axis=0 if transB else 1), C)
     Conv(X, W, b)     -> Conv(DQ(Q(X, s_x)), DQ(Wq, s_w, axis=0), b)
+    W4A16:  MatMul(X, W) -> MatMul(X, DQ(Wq_int4, s_w[nb, N], axis=0, block_size=B))   (weight only)
 
 Rewrite only (its detect is the identity: FindLinearSites found the sites). Activations per tensor,
 weights per output channel, stored as INT8 initializers; bias stays float; nothing is placed on
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.formats import scheme_of
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import dequantized_weight_input, quantize_activation_input, quantized_weight, site_node
 from segquant_onnx.params import Quantization
@@ -42,12 +44,12 @@ class QuantizeLinearInputs:
                 continue
             node, _, w = site_node(nodes, site, self.name)
             p = params.params[site.name]
-            fmt = params.format
-            act = quantize_activation_input(graph, namer, site.name, node, site.activation_input_index, p.act_scale,
-                                            fmt=fmt)
-            wq, ws = quantized_weight(w, p.weight_scale, site.weight_axis, fmt)
+            scheme = scheme_of(params.format)
+            act = () if scheme.activations is None else (quantize_activation_input(
+                graph, namer, site.name, node, site.activation_input_index, p.act_scale, fmt=scheme.activations),)
+            wq, ws = quantized_weight(w, p.weight_scale, site.weight_axis, scheme.weights)
             weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq, ws,
-                                              site.weight_axis, fmt=fmt)
-            updated.append(QuantizedSite.of(site, (act, weight)))
+                                              site.weight_axis, fmt=scheme.weights)
+            updated.append(QuantizedSite.of(site, (*act, weight)))
         graph.cleanup()
         return updated

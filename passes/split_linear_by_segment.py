@@ -54,6 +54,7 @@ from segquant_onnx.passes.segment_patterns import (CUTS, bias_add, const_ints, f
 class SplitLinearBySegment:
     name = "split_linear_by_segment"
     stage = PLAN
+    plan_field = "segments"  # what detect found and the plan-stage rewrite acts on
     requires = (CANONICAL,)
     ensures = (SEGMENTS_SPLIT,)
 

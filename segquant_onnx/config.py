@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
 from segquant_onnx.errors import UserError
-from segquant_onnx.formats import FORMATS, QuantFormat
+from segquant_onnx.formats import FORMATS, INT8, Scheme, int4_scheme, scheme_of
 
 
 class _Mode(str, Enum):
@@ -69,6 +69,8 @@ class Precision(_Mode):
 
     INT8 = "int8"  # W8A8 INT8
     FP8 = "fp8"  # W8A8 FP8 E4M3FN (opset 19)
+    W4A16 = "w4a16"  # INT4 weights in blocks along K, activations in the graph's float type (opset 21)
+    W4A8 = "w4a8"  # INT4 weight blocks, INT8 activations (TensorRT-RTX builds it; FP8 activations it refuses)
 
 
 class HighPrecision(_Mode):
@@ -321,14 +323,27 @@ class PrecisionConfig:
     format: Precision = Precision.INT8
     high_precision: HighPrecision = HighPrecision.FP16
     quantize_attention: bool = False
+    block_size: int = 128
 
     def __post_init__(self):
         object.__setattr__(self, "format", Precision.parse(self.format, "--precision"))
         object.__setattr__(self, "high_precision", HighPrecision.parse(self.high_precision, "--high-precision"))
+        # TensorRT's INT4 block sizes are powers of two; 16 is the smallest its kernels take
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
+                or self.block_size & (self.block_size - 1):
+            raise UserError(f"--block-size {self.block_size} must be a power of two of at least 16 (e.g. 128).")
+        if self.format is Precision.W4A16 and self.quantize_attention:
+            raise UserError("--quantize-attention quantizes activations, which --precision w4a16 keeps in float; "
+                            "drop one of them (w4a8 quantizes activations).")
 
     @property
-    def quant_format(self) -> QuantFormat:
-        return FORMATS[self.format.value]
+    def quant_format(self) -> Scheme:
+        """What the linear sites are quantized to: weight and activation formats."""
+        if self.format is Precision.W4A16:
+            return int4_scheme(None, self.block_size)
+        if self.format is Precision.W4A8:
+            return int4_scheme(INT8, self.block_size)
+        return scheme_of(FORMATS[self.format.value])
 
 
 GROUPS = {"precision": PrecisionConfig, "calibration": CalibrationConfig, "seglinear": SegLinearConfig,

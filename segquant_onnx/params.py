@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segquant_onnx.formats import INT8, QuantFormat
+from segquant_onnx.formats import INT8, QuantFormat, Scheme
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ class DualParams:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"DualParams.{name} must be finite and > 0, got {value}")
         ws = np.asarray(self.weight_scale)
-        if ws.ndim != 1 or not (np.isfinite(ws).all() and (ws > 0).all()):
-            raise ValueError("DualParams.weight_scale must be a 1-D vector of finite positive scales")
+        if ws.ndim not in (1, 2) or not (np.isfinite(ws).all() and (ws > 0).all()):
+            raise ValueError("DualParams.weight_scale must be finite positive scales, per channel (1-D) or per "
+                             "block (2-D)")
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,13 @@ class DualDecision:
 @dataclass
 class Quantization:
     """Everything solve decided: scales, DualScale sites, outlier channels, sites left in float, and the
-    number format the scales are for (what the passes store and write Q/DQ in)."""
+    number formats the scales are for (a QuantFormat: weights and activations in it; or a Scheme: what the
+    passes store weights in and write activation Q/DQ in, none for weight-only)."""
 
     params: dict[str, SiteParams]
     dual: dict
     outliers: dict[str, np.ndarray]
     decisions: list = field(default_factory=list)  # DualScale decisions, for the report
     floating: frozenset = frozenset()
-    format: QuantFormat = INT8
+    format: QuantFormat | Scheme = INT8
     attention: dict = field(default_factory=dict)  # attention product -> (scale of input a, of input b)

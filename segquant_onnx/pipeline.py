@@ -63,11 +63,14 @@ class Result:
 
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
-    """The passes' plan (passes.detect_all: mutates `graph` by SegLinear's exact split)."""
-    seg = config.seglinear
+    """The passes' plan (passes.detect_all: mutates `graph` by SegLinear's exact split). Weight-only schemes
+    (W4A16) have no DualScale candidates: the activations are not quantized."""
+    seg, scheme = config.seglinear, config.precision.quant_format
     return detect_all(graph, seg_output=seg.output, seg_input=seg.input, seg_heads=seg.heads,
-                      exclude=config.fallback.exclude, dualscale=config.dualscale.mode is not DualScaleMode.OFF,
-                      attention=config.precision.quantize_attention)
+                      exclude=config.fallback.exclude,
+                      dualscale=config.dualscale.mode is not DualScaleMode.OFF and scheme.activations is not None,
+                      attention=config.precision.quantize_attention, block_size=scheme.weights.block_size,
+                      flatten=scheme.blocked and scheme.activations is not None)
 
 
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:

@@ -99,6 +99,7 @@ class QuantPlan:
     dual: tuple[DualSite, ...] = ()
     notes: tuple[str, ...] = field(default=())
     attention: tuple[AttentionSite, ...] = ()
+    flattened: tuple[str, ...] = ()  # linears laid out as 2-D MatMuls for W4A8 (passes/flatten_linears_to_2d.py)
 
     @property
     def observed_tensors(self) -> tuple[str, ...]:
@@ -127,6 +128,7 @@ class QuantPlan:
             "dual": [asdict(d) for d in self.dual],
             "notes": list(self.notes),
             "attention": [asdict(a) for a in self.attention],
+            "flattened": list(self.flattened),
         }
 
     def to_json(self) -> str:
@@ -144,4 +146,5 @@ class QuantPlan:
             dual=tuple(DualSite(**d) for d in data.get("dual", ())),
             notes=tuple(data.get("notes", ())),
             attention=tuple(AttentionSite(a["name"], tuple(a["inputs"])) for a in data.get("attention", ())),
+            flattened=tuple(data.get("flattened", ())),
         )

@@ -29,7 +29,7 @@ EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli.demo", "segquant_onnx.cli.
 # flag (argparse dest) -> (config group, field): where each plain quantize flag lands
 FLAG_SETTINGS = {
     "precision": ("precision", "format"), "high_precision": ("precision", "high_precision"),
-    "quantize_attention": ("precision", "quantize_attention"),
+    "quantize_attention": ("precision", "quantize_attention"), "block_size": ("precision", "block_size"),
     "calib_method": ("calibration", "method"), "percentile": ("calibration", "percentile"),
     "batch_size": ("calibration", "batch_size"), "dry_rewrite": ("seglinear", "dry_rewrite"),
     "dualscale": ("dualscale", "mode"), "dualscale_min_gain": ("dualscale", "min_gain_db"),
@@ -239,8 +239,12 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
                         "wins over its preset (default: %(default)s)")
     g = groups["precision"]
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision.format.value,
-                   help="what the linear sites are quantized to: int8, or fp8 (E4M3FN, amax/448 scales, opset 19) "
+                   help="what the linear sites are quantized to: int8, fp8 (E4M3FN, amax/448 scales, opset 19), "
+                        "w4a16 (INT4 weights in blocks along K, activations in float) or w4a8 (INT4 weight blocks, "
+                        "INT8 activations); INT4 needs opset 21 and quantizes MatMul/Gemm only "
                         "(default: %(default)s)")
+    g.add_argument("--block-size", type=positive_int, default=d.precision.block_size,
+                   help="INT4 weights: input channels per scale block, a power of two >= 16 (default: %(default)s)")
     g.add_argument("--high-precision", choices=HIGH_PRECISIONS, default=d.precision.high_precision.value,
                    help="dtype of the unquantized rest of an fp32 model; tensors whose calibrated range does not "
                         "fit fp16 stay fp32 (default: %(default)s)")

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx.external_data_helper as ext
@@ -158,9 +159,23 @@ def constant_values(tensor: gs.Constant) -> np.ndarray:
     return tensor.values
 
 
+SUB_BYTE = (np.dtype(ml_dtypes.int4),)  # stored two a byte
+
+
+def packed_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A constant whose values onnx packs as it stores them (INT4: two a byte). onnx-graphsurgeon 0.6 writes
+    an in-memory INT4 array one byte per value, which onnx rejects, so the constant holds onnx's own packed
+    TensorProto (gs exports lazy values as they are)."""
+    return gs.Constant(name, gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(values, name)))
+
+
 def export_model(graph: gs.Graph) -> onnx.ModelProto:
     """The graph as a ModelProto with the lowest IR version its opsets allow (ONNX Runtime and
     TensorRT lag behind onnx's newest IR version)."""
+    for t in graph.tensors().values():  # sub-byte constants someone read into memory: packed again
+        if isinstance(t, gs.Constant) and not isinstance(t._values, gs.ir.tensor.LazyValues) \
+                and t.values.dtype in SUB_BYTE:
+            t._values = packed_constant(t.name, t.values)._values
     model = gs.export_onnx(graph)
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model

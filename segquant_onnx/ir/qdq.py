@@ -2,9 +2,11 @@
 
     consumer(x, ...)  -> consumer(DQ(Q(x, s), s), ...)          activation: per tensor
     consumer(W, ...)  -> consumer(DQ(Wq, s_w, axis), ...)       weight: stored quantized, per output channel
+    consumer(W, ...)  -> consumer(DQ(Wq, s_w[nb, N], axis=0, block_size=B), ...)   INT4 (MatMul W[K, N]):
+                                                                per output channel and per block of B along K
 
-The stored type is the format's (formats.py: INT8, or FP8 E4M3FN whose zero point's type makes the Q/DQ
-FP8). Every Q/DQ written here is symmetric (zero point 0 of the quantized dtype), carries an explicit
+The stored type is the format's (formats.py: INT8, FP8 E4M3FN or INT4, whose zero point's type makes the Q/DQ
+that type; INT4 initializers are stored packed, two values a byte). Every Q/DQ written here is symmetric (zero point 0 of the quantized dtype), carries an explicit
 `axis`, and feeds exactly one consumer input (TensorRT cannot share a DQ between consumers). Each
 insertion returns a QuantizedInput: what the consumer read before and the DQ output it reads now
 (analysis/gates.py builds its blends from these, after the production rewrite).
@@ -20,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.formats import INT8, QuantFormat
-from segquant_onnx.ir.graph_io import constant_values
+from segquant_onnx.ir.graph_io import constant_values, packed_constant
 from segquant_onnx.ir.naming import Namer
 
 
@@ -101,17 +103,30 @@ def quantized_weight(w: gs.Constant, scale: np.ndarray, axis: int, fmt: QuantFor
     return fmt.quantize(constant_values(w).astype(np.float32), s.astype(np.float32), axis), s
 
 
+def weight_dq_attrs(weight_q: np.ndarray, scale: np.ndarray, axis: int, fmt: QuantFormat) -> dict:
+    """The weight DequantizeLinear's attributes: the output-channel `axis`, or for block scales (the weight's
+    rank) the blocked input axis of the 2-D weight and the block size (ONNX blocked quantization, opset 21)."""
+    if fmt.block_size is not None and np.ndim(scale) == np.ndim(weight_q) == 2:
+        k_axis = 1 - axis
+        return {"axis": k_axis, "block_size": weight_q.shape[k_axis] // np.shape(scale)[k_axis]}
+    return {"axis": axis}
+
+
 def dequantized_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node, index: int,
                              weight_q: np.ndarray, scale: np.ndarray, axis: int,
                              part: str = "weight", fmt: QuantFormat = INT8) -> QuantizedInput:
-    """consumer.inputs[index] = DQ(weight_q, scale, axis): stored in the format's type, per output channel;
-    the DQ outputs the scale's float type (quantized_weight gives both)."""
+    """consumer.inputs[index] = DQ(weight_q, scale, axis): stored in the format's type, per output channel
+    (or per block: weight_dq_attrs); the DQ outputs the scale's float type (quantized_weight gives both)."""
     w = consumer.inputs[index]
-    wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(fmt.dtype))
+    if fmt.dtype in (np.int8, ml_dtypes.float8_e4m3fn):
+        wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(fmt.dtype))
+        zp = _const(namer, layer, f"{part}_zero_point", fmt.zero(scale.shape))
+    else:  # sub-byte: packed
+        wq = packed_constant(namer(layer, f"{part}_quantized"), weight_q.astype(fmt.dtype))
+        zp = packed_constant(namer(layer, f"{part}_zero_point"), fmt.zero(scale.shape))
     s = _const(namer, layer, f"{part}_scale", scale_values(scale, scale.dtype))
-    zp = _const(namer, layer, f"{part}_zero_point", fmt.zero(scale.shape))
     out = gs.Variable(namer(layer, f"{part}_dequantized"), dtype=s.values.dtype, shape=list(weight_q.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"), {"axis": axis},
-                               inputs=[wq, s, zp], outputs=[out]))
+    graph.nodes.append(gs.Node("DequantizeLinear", namer(layer, f"{part}_dq"),
+                               weight_dq_attrs(weight_q, scale, axis, fmt), inputs=[wq, s, zp], outputs=[out]))
     consumer.inputs[index] = out
     return QuantizedInput(layer, part, consumer, index, w, out)

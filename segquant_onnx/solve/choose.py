@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from segquant_onnx.calib.observers import Stats, TensorStats
 from segquant_onnx.config import CalibMethod, DualScaleMode, QuantConfig, SmoothQuantMode
-from segquant_onnx.formats import INT8, QuantFormat
+from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of
 from segquant_onnx.ir.linear import as_kn, input_channel_axis, input_channels, scale_input_channels
 from segquant_onnx.params import DualDecision, DualParams, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
@@ -24,28 +24,35 @@ from segquant_onnx.solve.quant_math import fake_quant, sqnr_db
 from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant, site_methods
 
 
-def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams, fmt: QuantFormat = INT8) -> float:
+def fq_activation(x: np.ndarray, scale: float, fmt: QuantFormat | Scheme) -> np.ndarray:
+    """What the activation Q/DQ computes (weight-only schemes: none, the float rows)."""
+    act = scheme_of(fmt).activations
+    return x.astype(np.float64) if act is None else fake_quant(x, np.float32(scale), fmt=act)
+
+
+def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams,
+               fmt: QuantFormat | Scheme = INT8) -> float:
     """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]."""
     x_s = rows if p.smooth is None else rows / p.smooth
     w_s = scale_input_channels(w, site, p.smooth)
     y = rows.astype(np.float64) @ as_kn(w, site)
-    y_q = (fake_quant(x_s, np.float32(p.act_scale), fmt=fmt)
-           @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis, fmt), site))
+    y_q = (fq_activation(x_s, p.act_scale, fmt)
+           @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis, scheme_of(fmt).weights), site))
     return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
 
 
 def measured_dual_gain(rows: np.ndarray, w: np.ndarray, site: LinearSite, single: SiteParams,
-                       dual: DualParams, fmt: QuantFormat = INT8) -> float:
+                       dual: DualParams, fmt: QuantFormat | Scheme = INT8) -> float:
     """Layer output SQNR(dual) - SQNR(single) in dB on sampled activation rows [R, K].
 
     Y = rows @ W; single: fq(rows, s) @ fq(W); dual: (fq(relu(rows), s+) + fq(min(rows, 0), s-)) @ fq(W).
     """
-    wq = fake_quant(w, single.weight_scale, site.weight_axis, fmt)
+    wq = fake_quant(w, single.weight_scale, site.weight_axis, scheme_of(fmt).weights)
     w_kn, wq_kn = as_kn(w, site), as_kn(wq, site)
     y = rows.astype(np.float64) @ w_kn
-    y_single = fake_quant(rows, np.float32(single.act_scale), fmt=fmt) @ wq_kn
-    y_dual = (fake_quant(np.maximum(rows, 0), np.float32(dual.pos_scale), fmt=fmt)
-              + fake_quant(np.minimum(rows, 0), np.float32(dual.neg_scale), fmt=fmt)) @ wq_kn
+    y_single = fq_activation(rows, single.act_scale, fmt) @ wq_kn
+    y_dual = (fq_activation(np.maximum(rows, 0), dual.pos_scale, fmt)
+              + fq_activation(np.minimum(rows, 0), dual.neg_scale, fmt)) @ wq_kn
     signal = float((y**2).sum())
     return sqnr_db(signal, float(((y - y_dual) ** 2).sum())) - sqnr_db(signal, float(((y - y_single) ** 2).sum()))
 

@@ -10,7 +10,10 @@ statistics to score its candidates, the pipeline on every calibration feed for t
   maxima, so method `max`.
 - DualScale: s+ = amax(X > 0) / 127 and s- = |amax(X < 0)| / 128 of the (smoothed) bulk (FP8: both / 448).
 
-Scales are for the format given (formats.py: INT8 by default, FP8 E4M3FN).
+Scales are for the format given (formats.py: INT8 by default, FP8 E4M3FN), or for a Scheme's two: the
+activation's in its activation format, the weight's in its weight format (INT4: per block along K).
+Weight-only schemes (W4A16) write no activation Q/DQ; their sites still get an activation threshold (INT8's,
+for the report), which nothing inserts.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from segquant_onnx.calib.observers import Stats, TensorStats
 from segquant_onnx.ir.linear import input_channel_amax, scale_input_channels, zero_input_channels
 from segquant_onnx.params import DualParams, Quantization, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
-from segquant_onnx.formats import INT8, QuantFormat
+from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of, site_block
 from segquant_onnx.solve.quant_math import activation_amax, scale_from_amax, smoothing_vector, weight_scales
 from segquant_onnx.solve.recipe import Recipe
 
@@ -59,35 +62,50 @@ def smoothing(st: TensorStats, w: np.ndarray, site: LinearSite, alpha: float | N
     return None if alpha is None else smoothing_vector(st.channel_amax, input_channel_amax(w, site), alpha)
 
 
+def activation_format(fmt: QuantFormat | Scheme) -> QuantFormat:
+    """The format activation thresholds are read for (INT8's for a weight-only scheme: reported, not inserted)."""
+    return scheme_of(fmt).activations or INT8
+
+
+def site_weight_scales(w: np.ndarray, axis: int, fmt: QuantFormat | Scheme = INT8) -> np.ndarray:
+    """The weight's scales in the scheme's weight format: per output channel, or per block along K."""
+    wf = scheme_of(fmt).weights
+    block = None if wf.block_size is None else site_block(w.shape[1 - axis], wf.block_size)
+    return weight_scales(w, axis, wf.qmax, block)
+
+
 def site_params(site: LinearSite, st: TensorStats, w: np.ndarray, method: str, smooth: np.ndarray | None,
-                alpha: float | None, percentile: float, masked: bool = False, fmt: QuantFormat = INT8) -> SiteParams:
+                alpha: float | None, percentile: float, masked: bool = False,
+                fmt: QuantFormat | Scheme = INT8) -> SiteParams:
     """Scales of X / s (`smooth`; None: X) and of s * W, with the activation clipped by `method`."""
+    act = activation_format(fmt)
     if smooth is None and not masked:
-        amax = activation_amax(st, method, percentile, fmt)
+        amax = activation_amax(st, method, percentile, act)
     else:
         method = "max"  # see the module docstring
         amax = float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
-    return SiteParams(amax, float(scale_from_amax(amax, fmt.qmax)),
-                      weight_scales(scale_input_channels(w, site, smooth), site.weight_axis, fmt.qmax), method, smooth,
+    return SiteParams(amax, float(scale_from_amax(amax, act.qmax)),
+                      site_weight_scales(scale_input_channels(w, site, smooth), site.weight_axis, fmt), method, smooth,
                       alpha)
 
 
 def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int,
-                fmt: QuantFormat = INT8) -> DualParams:
+                fmt: QuantFormat | Scheme = INT8) -> DualParams:
     """s_pos = max(x) / 127 on [0, 127]; s_neg = |min(x)| / 128 on [-128, 0]; weight per channel (FP8: / 448).
 
     `pos_amax` and `neg_amax` are magnitudes (`neg_amax = -min(x)`; its sign is ignored). Dead
     polarities get the smallest positive scale (scale_from_amax's floor).
     """
+    act = activation_format(fmt)
     return DualParams(
-        pos_scale=float(scale_from_amax(pos_amax, fmt.qmax)),
-        neg_scale=float(scale_from_amax(abs(neg_amax), fmt.neg_levels)),
-        weight_scale=weight_scales(weight, axis, fmt.qmax),
+        pos_scale=float(scale_from_amax(pos_amax, act.qmax)),
+        neg_scale=float(scale_from_amax(abs(neg_amax), act.neg_levels)),
+        weight_scale=site_weight_scales(weight, axis, fmt),
     )
 
 
 def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: np.ndarray | None,
-                     fmt: QuantFormat = INT8) -> DualParams:
+                     fmt: QuantFormat | Scheme = INT8) -> DualParams:
     """DualScale parameters of the (bulk) site from its polarity statistics, after smoothing."""
     pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
                 (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
@@ -95,7 +113,7 @@ def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: n
 
 
 def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
-        fmt: QuantFormat = INT8, progress: bool = False) -> Quantization:
+        fmt: QuantFormat | Scheme = INT8, progress: bool = False) -> Quantization:
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
     Sites kept in float get scales too (reported as float, never inserted). `progress`: a bar per site."""
@@ -110,6 +128,7 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
     for name in recipe.dual_sites:
         st, w = bulk(sites[name], stats, weight, recipe.outliers)
         dual[name] = site_dual_params(sites[name], st, w, params[name].smooth, fmt)
-    attention = {a.name: tuple(float(scale_from_amax(stats[t].amax, fmt.qmax)) for t in a.inputs)
+    act = activation_format(fmt)
+    attention = {a.name: tuple(float(scale_from_amax(stats[t].amax, act.qmax)) for t in a.inputs)
                  for a in plan.attention}  # abs-max: the softmax output is bounded, Q/K/V are searched by no one
     return Quantization(params, dual, dict(recipe.outliers), list(recipe.dual), recipe.floating, fmt, attention)

@@ -145,10 +145,23 @@ def smoothing_vector(act_channel_amax: np.ndarray, weight_channel_amax: np.ndarr
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def weight_scales(w: np.ndarray, axis: int, qmax: int = INT8_MAX) -> np.ndarray:
-    """Per-output-channel scales: abs-max over every axis but `axis`, / qmax."""
+def weight_scales(w: np.ndarray, axis: int, qmax: int = INT8_MAX, block: int | None = None) -> np.ndarray:
+    """Per-output-channel scales: abs-max over every axis but `axis`, / qmax. With `block` (a 2-D weight),
+    per output channel and per block of `block` input channels: the weight's shape with ceil(K / block)
+    along the input axis (1 - axis), each the abs-max of its block (the last may be short) / qmax."""
+    if block is not None:
+        return scale_from_amax(block_amax(w, 1 - axis, block), qmax)
     other = tuple(i for i in range(w.ndim) if i != axis)
     return scale_from_amax(np.abs(w).max(axis=other) if other else np.abs(w), qmax)
+
+
+def block_amax(w: np.ndarray, k_axis: int, block: int) -> np.ndarray:
+    """Abs-max of each block of `block` consecutive entries along `k_axis` of a 2-D `w`."""
+    a = np.abs(np.moveaxis(np.asarray(w), k_axis, 0))  # [K, N]
+    k = a.shape[0]
+    blocks = -(-k // block)
+    a = np.pad(a, ((0, blocks * block - k), (0, 0)))
+    return np.moveaxis(a.reshape(blocks, block, a.shape[1]).max(axis=1), 0, k_axis)
 
 
 def quantize_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:

@@ -17,15 +17,17 @@ from types import MappingProxyType
 import numpy as np
 
 from segquant_onnx.config import CalibMethod, DualScaleMode, SmoothQuantMode
-from segquant_onnx.formats import QuantFormat
+from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of
 from segquant_onnx.params import DualDecision
 
 SITE_METHODS = tuple(m.value for m in CalibMethod if m is not CalibMethod.AUTO)  # what a site is fitted with
 
 
-def site_methods(fmt: QuantFormat) -> tuple[str, ...]:
-    """What `--calib-method auto` compares per site: entropy (INT8's uniform levels) is INT8's only."""
-    return SITE_METHODS if fmt.dtype is np.int8 else tuple(m for m in SITE_METHODS if m != CalibMethod.ENTROPY)
+def site_methods(fmt: QuantFormat | Scheme) -> tuple[str, ...]:
+    """What `--calib-method auto` compares per site: entropy (INT8's uniform levels) is INT8's only
+    (a weight-only scheme's activation threshold is INT8's: reported, not inserted)."""
+    act = scheme_of(fmt).activations or INT8
+    return SITE_METHODS if act.dtype is np.int8 else tuple(m for m in SITE_METHODS if m != CalibMethod.ENTROPY)
 
 
 @dataclass(frozen=True)

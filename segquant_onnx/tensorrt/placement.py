@@ -22,8 +22,10 @@ checked:
   Transposes, whose perm moves the axis) to a weight input: MatMul B [.., K, N] -> the last axis;
   Gemm B -> 0 with transB=1, 1 with transB=0; Conv and ConvTranspose W -> 0 (TensorRT scales
   ConvTranspose weights on axis 0 only). Other consumers are not checked.
-- `block` (weight-only): a GEMM whose weight is block-quantized must not also read a dequantized
-  input 0 (TensorRT-RTX 1.7 parses such a graph and then fails to build it).
+- `block` (weight-only, or W4A8's one form): a GEMM whose weight is block-quantized may read a
+  dequantized input 0 only as a MatMul of a 2-D INT8 activation with a weight blocked along K (axis 0
+  of [K, N]). TensorRT-RTX 1.7 builds that form, and parses but fails to build the others it was tried
+  on (a 3-D activation, a Gemm, FP8 activations: README "Precisions").
 """
 
 from __future__ import annotations
@@ -81,13 +83,21 @@ def check_gemm(g: GraphIndex, node: onnx.NodeProto) -> list[tuple[str, str, str]
                     f"(input {i}) keeps the GEMM out of INT8; put the Q/DQ right before the {node.op_type}")))
     wdq = g.weight_source(node)
     if wdq is not None and _is_blocked(g, wdq) and (dq := g.source(node.input[0])[1]) is not None \
-            and dq.op_type == "DequantizeLinear":
+            and dq.op_type == "DequantizeLinear" and not _w4a8_form(g, node, dq, wdq):
         out.append(("block", g.name(node), (
-            f"block-quantized weight '{g.name(wdq)}' with a quantized input '{g.name(dq)}': TensorRT builds block "
-            "quantization as weight-only; keep that input in float")))
+            f"block-quantized weight '{g.name(wdq)}' with a quantized input '{g.name(dq)}': TensorRT builds that "
+            "only as a MatMul of a 2-D INT8 input with a [K, N] weight blocked along K; keep the input in float "
+            "(weight-only) or lay it out so (--precision w4a8 does)")))
     if g.is_weighted(node):
         out += _check_output(g, node)
     return out
+
+
+def _w4a8_form(g: GraphIndex, node: onnx.NodeProto, dq: onnx.NodeProto, wdq: onnx.NodeProto) -> bool:
+    """MatMul(DQ(INT8 x, 2-D), DQ(INT4 W[K, N], blocked along axis 0)): the W4A8 layout TensorRT builds."""
+    shape = g.shape(node.input[0])
+    return (node.op_type == "MatMul" and shape is not None and len(shape) == 2
+            and g.quant_type(dq) == onnx.TensorProto.INT8 and attrs(wdq).get("axis", 1) == 0)
 
 
 def _is_blocked(g: GraphIndex, dq: onnx.NodeProto) -> bool:

@@ -14,13 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import attention_model, build_linear_model
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.params import Quantization
-from segquant_onnx.passes import (DualScaleActivations, FindLinearSites, Pass, PreconditionError,
+from segquant_onnx.passes import (DualScaleActivations, FindLinearSites, FlattenLinearsTo2D, Pass, PreconditionError,
                                   QuantizeAttention, QuantizeLinearInputs, SmoothActivations, SplitLinearBySegment,
                                   SplitOutlierChannels, detect_all, passes, rewrite_all)
 from segquant_onnx.passes.base import PLAN, QUANTIZE, run_order
 from segquant_onnx.plan import DeclinedSite, QuantPlan
 
-ORDER = ["split_linear_by_segment", "find_linear_sites", "split_outlier_channels", "smooth_activations",
+ORDER = ["split_linear_by_segment", "flatten_linears_to_2d", "find_linear_sites", "split_outlier_channels", "smooth_activations",
          "dual_scale_activations", "quantize_linear_inputs", "quantize_attention"]
 
 
@@ -62,16 +62,17 @@ def test_run_order_is_the_list_for_detection_and_for_rewriting(monkeypatch):
             return original(self, *args)
         return recorded
 
-    for cls in (SplitLinearBySegment, FindLinearSites, SplitOutlierChannels, SmoothActivations,
+    for cls in (SplitLinearBySegment, FlattenLinearsTo2D, FindLinearSites, SplitOutlierChannels, SmoothActivations,
                 DualScaleActivations, QuantizeLinearInputs, QuantizeAttention):
         for method in ("detect", "rewrite"):
             monkeypatch.setattr(cls, method, spy(method, getattr(cls, method)))
     graph = canonical(build_linear_model("matmul"))
     plan = detect_all(graph)
-    assert calls == [(ORDER[0], "detect"), (ORDER[0], "rewrite")] + [(name, "detect") for name in ORDER[1:]]
+    plan_stage = [(name, m) for name in ORDER[:2] for m in ("detect", "rewrite")]  # SegLinear, the 2-D layout
+    assert calls == plan_stage + [(name, "detect") for name in ORDER[2:]]
     calls.clear()
     rewrite_all(graph, plan, Quantization({}, {}, {}, floating=frozenset(s.name for s in plan.sites)))
-    assert calls == [(name, "rewrite") for name in ORDER[1:]]  # the plan stage's split is done
+    assert calls == [(name, "rewrite") for name in ORDER[2:]]  # the plan stage's rewrites are done
 
 
 # -- detect: pure, adds findings, declines with reasons ----------------------------------------------
