@@ -25,7 +25,8 @@ from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 from segquant_onnx.passes.split_outlier_channels import SplitOutlierChannels
 from segquant_onnx.plan import QuantPlan
 
-__all__ = ["DualScaleActivations", "FindLinearSites", "FlattenLinearsTo2D", "Pass", "PreconditionError", "QuantizeAttention",
+__all__ = ["DualScaleActivations", "FindLinearSites", "FlattenLinearsTo2D", "Pass", "PreconditionError",
+           "QuantizeAttention",
            "QuantizeLinearInputs",
            "QuantizedSite", "SmoothActivations", "SplitLinearBySegment", "SplitOutlierChannels", "detect_all",
            "passes", "rewrite_all"]

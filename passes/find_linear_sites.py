@@ -8,9 +8,10 @@
 Detect only (its rewrite is the identity): the sites are what the later passes act on and what
 QuantizeLinearInputs gives Q/DQ. Declined, each with its reason: activation x activation products
 (attention), a constant on the left, --exclude matches, non-float32 dtypes, depthwise Conv,
-ConvTranspose, and under INT4 weight blocks (`block_size`) Conv and K without a whole block. Preconditions: the graph is canonicalized (constants folded, so a Transpose of a
+ConvTranspose, and under INT4 weight blocks (`block_size`) Conv and K without a whole block.
+Preconditions: the graph is canonicalized (constants folded, so a Transpose of a
 weight is already a constant; shapes inferred) and SegLinear has split it (its segments are sites
-of their own). Runs second, right after SplitLinearBySegment and FlattenLinearsTo2D.
+of their own). Runs right after SplitLinearBySegment and FlattenLinearsTo2D.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
                                                                 per output channel and per block of B along K
 
 The stored type is the format's (formats.py: INT8, FP8 E4M3FN or INT4, whose zero point's type makes the Q/DQ
-that type; INT4 initializers are stored packed, two values a byte). Every Q/DQ written here is symmetric (zero point 0 of the quantized dtype), carries an explicit
+that type; INT4 initializers are stored packed, two values a byte). Every Q/DQ written here is symmetric
+(zero point 0 of the quantized dtype), carries an explicit
 `axis`, and feeds exactly one consumer input (TensorRT cannot share a DQ between consumers). Each
 insertion returns a QuantizedInput: what the consumer read before and the DQ output it reads now
 (analysis/gates.py builds its blends from these, after the production rewrite).

@@ -20,7 +20,8 @@ from segquant_onnx.passes import (DualScaleActivations, FindLinearSites, Flatten
 from segquant_onnx.passes.base import PLAN, QUANTIZE, run_order
 from segquant_onnx.plan import DeclinedSite, QuantPlan
 
-ORDER = ["split_linear_by_segment", "flatten_linears_to_2d", "find_linear_sites", "split_outlier_channels", "smooth_activations",
+ORDER = ["split_linear_by_segment", "flatten_linears_to_2d", "find_linear_sites", "split_outlier_channels",
+         "smooth_activations",
          "dual_scale_activations", "quantize_linear_inputs", "quantize_attention"]
 
 
