@@ -3,7 +3,8 @@
     detect_all:  canonical graph -> QuantPlan           every pass detects, in order; SegLinear's exact
                                                         split is applied right after its detection
     rewrite_all: graph + plan + Quantization -> graph   every quantize-stage pass rewrites, in order:
-                                                        outlier split -> smoothing -> DualScale -> Q/DQ
+                                                        outlier split -> smoothing -> low rank
+                                                        -> DualScale -> Q/DQ
 
 The contract every pass follows is in base.py. Only the pipeline stages run the passes (pipeline,
 rewrite); the other core modules never import them.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.params import Quantization
+from segquant_onnx.passes.add_low_rank_branch import AddLowRankBranch
 from segquant_onnx.passes.base import PLAN, QUANTIZE, Pass, PreconditionError, QuantizedSite, run_order
 from segquant_onnx.passes.dual_scale_activations import DualScaleActivations
 from segquant_onnx.passes.find_linear_sites import FindLinearSites
@@ -25,7 +27,8 @@ from segquant_onnx.passes.split_linear_by_segment import SplitLinearBySegment
 from segquant_onnx.passes.split_outlier_channels import SplitOutlierChannels
 from segquant_onnx.plan import QuantPlan
 
-__all__ = ["DualScaleActivations", "FindLinearSites", "FlattenLinearsTo2D", "Pass", "PreconditionError",
+__all__ = ["AddLowRankBranch", "DualScaleActivations", "FindLinearSites", "FlattenLinearsTo2D", "Pass",
+           "PreconditionError",
            "QuantizeAttention",
            "QuantizeLinearInputs",
            "QuantizedSite", "SmoothActivations", "SplitLinearBySegment", "SplitOutlierChannels", "detect_all",
@@ -43,6 +46,7 @@ def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool =
         FindLinearSites(exclude, block_size),
         SplitOutlierChannels(),
         SmoothActivations(),
+        AddLowRankBranch(),
         DualScaleActivations(dualscale),
         QuantizeLinearInputs(),
         QuantizeAttention(attention),

@@ -38,6 +38,7 @@ LAID_OUT = "linears laid out"  # W4A8's 2-D MatMuls where asked for (sites may b
 SITES_FOUND = "sites found"
 OUTLIERS_SPLIT = "outliers split"
 SMOOTHED = "smoothed"
+LOW_RANK_SPLIT = "low-rank branches split off"
 DUAL_QUANTIZED = "dual sites quantized"
 QUANTIZED = "quantized"
 ATTENTION_QUANTIZED = "attention quantized"

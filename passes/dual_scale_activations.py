@@ -283,7 +283,7 @@ class DualScaleActivations:
 
         pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, fmt=scheme.activations)
         neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, fmt=scheme.activations)
-        wq, ws = quantized_weight(w, p.weight_scale, axis, scheme.weights)
+        wq, ws = quantized_weight(w, p.weight_scale, axis, scheme.weights, p.rounded)
         pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, ws, axis, fmt=scheme.weights)
         # one DequantizeLinear per consumer, both reading the same quantized initializer and scales
         neg_dq = gs.Variable(namer(neg, "weight_dequantized"), pos_w.dequantized.dtype, pos_w.dequantized.shape)

@@ -66,6 +66,8 @@ class FlattenLinearsTo2D:
         return replace(plan, flattened=plan.flattened + tuple(found), declined=plan.declined + tuple(declined))
 
     def rewrite(self, graph: gs.Graph, sites: list[str], params=None) -> list[str]:
+        if not sites:
+            return sites  # the graph as it is (a toposort would reorder it: other bytes out)
         nodes = {n.name: n for n in graph.nodes}
         namer = Namer(graph)
         for name in sites:

@@ -47,7 +47,7 @@ class QuantizeLinearInputs:
             scheme = scheme_of(params.format)
             act = () if scheme.activations is None else (quantize_activation_input(
                 graph, namer, site.name, node, site.activation_input_index, p.act_scale, fmt=scheme.activations),)
-            wq, ws = quantized_weight(w, p.weight_scale, site.weight_axis, scheme.weights)
+            wq, ws = quantized_weight(w, p.weight_scale, site.weight_axis, scheme.weights, p.rounded)
             weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq, ws,
                                               site.weight_axis, fmt=scheme.weights)
             updated.append(QuantizedSite.of(site, (*act, weight)))

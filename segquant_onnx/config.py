@@ -73,6 +73,13 @@ class Precision(_Mode):
     W4A8 = "w4a8"  # INT4 weight blocks, INT8 activations (TensorRT-RTX builds it; FP8 activations it refuses)
 
 
+class WeightRounding(_Mode):
+    """How weights are rounded onto their grid (the scales are fitted either way)."""
+
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # GPTQ: each input channel's rounding error compensated by the next ones (solve/gptq.py)
+
+
 class HighPrecision(_Mode):
     """The dtype of the graph's unquantized rest."""
 
@@ -106,6 +113,7 @@ CALIB_METHODS = tuple(m.value for m in CalibMethod)
 PRESET_NAMES = tuple(m.value for m in Preset)
 PRECISIONS = tuple(m.value for m in Precision)
 HIGH_PRECISIONS = tuple(m.value for m in HighPrecision)
+WEIGHT_ROUNDINGS = tuple(m.value for m in WeightRounding)
 DUALSCALE_MODES = tuple(m.value for m in DualScaleMode)
 
 
@@ -316,7 +324,9 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class PrecisionConfig:
     """format: what the linear sites are quantized to (see Precision). high_precision: the dtype the rest
-    of the graph is written in (an fp32 model's rest converted where calibrated ranges allow).
+    of the graph is written in (an fp32 model's rest converted where calibrated ranges allow). block_size:
+    INT4 weights' input channels per scale. weight_rounding: round to nearest or GPTQ (WeightRounding).
+    low_rank: the rank of the float branch each MatMul/Gemm weight keeps (SVDQuant; 0: none).
     quantize_attention: per-tensor Q/DQ on both inputs of the attention products (Q @ K^T, softmax @ V),
     the placement TensorRT's fused MHA kernels take (passes/quantize_attention.py)."""
 
@@ -324,14 +334,19 @@ class PrecisionConfig:
     high_precision: HighPrecision = HighPrecision.FP16
     quantize_attention: bool = False
     block_size: int = 128
+    weight_rounding: WeightRounding = WeightRounding.RTN
+    low_rank: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "format", Precision.parse(self.format, "--precision"))
+        object.__setattr__(self, "weight_rounding", WeightRounding.parse(self.weight_rounding, "--weight-rounding"))
         object.__setattr__(self, "high_precision", HighPrecision.parse(self.high_precision, "--high-precision"))
         # TensorRT's INT4 block sizes are powers of two; 16 is the smallest its kernels take
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
                 or self.block_size & (self.block_size - 1):
             raise UserError(f"--block-size {self.block_size} must be a power of two of at least 16 (e.g. 128).")
+        if isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int) or self.low_rank < 0:
+            raise UserError(f"--low-rank {self.low_rank} must be a rank: 0 (off) or a positive integer such as 32.")
         if self.format is Precision.W4A16 and self.quantize_attention:
             raise UserError("--quantize-attention quantizes activations, which --precision w4a16 keeps in float; "
                             "drop one of them (w4a8 quantizes activations).")

@@ -20,7 +20,10 @@ class SiteParams:
 
     With SmoothQuant, `smooth` is the per-input-channel vector s (the activation is divided by it and
     the weight multiplied), `act_amax` is of X / s and `weight_scale` of s * W. `layer_sqnr_db` is the
-    layer output SQNR of the chosen configuration on the row sample (None without a sample).
+    layer output SQNR of the chosen configuration on the row sample (None without a sample). `rounded`: the
+    weight (s * W, the site's layout) already on its grid when it is not rounded to nearest (GPTQ), else None.
+    With a low-rank branch, `low_rank` holds its factors and the weight quantized (scales, `rounded`) is the
+    residual R = s * W - L1 @ L2.
     """
 
     act_amax: float
@@ -30,6 +33,8 @@ class SiteParams:
     smooth: np.ndarray | None = None
     alpha: float | None = None
     layer_sqnr_db: float | None = None
+    rounded: np.ndarray | None = None
+    low_rank: tuple[np.ndarray, np.ndarray] | None = None  # (L1 [K, r], L2 [r, N]): s * W = L1 @ L2 + R
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class DualParams:
     pos_scale: float
     neg_scale: float
     weight_scale: np.ndarray
+    rounded: np.ndarray | None = None  # as SiteParams.rounded (both branches read the same weight)
 
     def __post_init__(self):
         for name in ("pos_scale", "neg_scale"):

@@ -22,7 +22,8 @@ from segquant_onnx.config import DualScaleMode, QuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.canonicalize import HALF_OPSET, canonicalize
 from segquant_onnx.ir.finalize import finalize
-from segquant_onnx.ir.graph_io import constant_values, export_model, gs_quiet, model_size, open_source, save_model
+from segquant_onnx.ir.graph_io import (constant_values, export_model, gs_quiet, model_size, open_source, save_model,
+                                       weight_bytes)
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
 from segquant_onnx.ir.rest_precision import (RestReport, convert_rest, float32_tensors, weights_float_type,
                                              why_rest_stays)
@@ -73,6 +74,17 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
                       flatten=scheme.blocked and scheme.activations is not None)
 
 
+def _site_weight_bytes(graph: gs.Graph, plan: QuantPlan) -> int:
+    """Bytes of the float weights of the linear sites (read from their shapes and types, not their values)."""
+    tensors = graph.tensors()
+    total = 0
+    for site in plan.sites:
+        dtype = tensors[site.weight].dtype
+        size = 2 if isinstance(dtype, int) else np.dtype(dtype).itemsize  # an ONNX type number: bfloat16
+        total += size * int(np.prod(site.weight_shape, dtype=np.int64))
+    return total
+
+
 def inspect_model(model, config: QuantConfig = QuantConfig()) -> QuantPlan:
     src = open_source(model)
     with gs_quiet():
@@ -112,6 +124,7 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
     if not plan.sites and not dry and not config.runtime.allow_unquantized:
         raise UserError(plan.nothing_to_quantize(src.description))
     inputs = model_inputs(graph)
+    weights_before = _site_weight_bytes(graph, plan)
     batch = config.calibration.batch_size
     data = open_calibration(calib, inputs, batch)
     evaluation = None if eval_data is None else open_calibration(eval_data, inputs, batch, role="eval")
@@ -132,7 +145,8 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
             stages.done("decide")
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
-                    fmt=fmt, progress=progress)
+                    fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,
+                    low_rank=config.precision.low_rank)
             apply_quantization(graph, plan, q)
             stages.done("fit and rewrite")
             if rest_stays:
@@ -151,11 +165,15 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
         if evaluation is not None:
             stages.done("evaluate")
 
+    floating = tuple(s.weight for s in plan.sites if s.name in q.floating or dry) + tuple(
+        f"{name}/low_rank_{part}_weight" for name, p in q.params.items() if p.low_rank is not None
+        for part in ("l1", "l2"))  # the float branches' factors (passes/add_low_rank_branch.py names them)
     report = build_report(Outcome(
         config, plan, q, data.description, src.size, model_size(quantized), round(time.perf_counter() - started, 2),
         input=src.path, output=output, eval_data=None if evaluation is None else evaluation.description,
         decision=decision, stats=None if cal is None else cal.stats, output_error=errors, layer_error=layers,
-        tensorrt_check=trt_violations, rest=rest, stage_seconds=stages.seconds))
+        tensorrt_check=trt_violations, rest=rest, stage_seconds=stages.seconds,
+        weight_bytes=(weights_before, weight_bytes(quantized, floating))))
     out_path = None if output is None else save_model(quantized, output, source_dir=src.source_dir,
                                                       external=True if src.uses_external_data else None)
     if report_path is not None:

@@ -209,12 +209,18 @@ def v_int4_activation():
     return g.model(g.node("MatMul", [a, g.weight()], "Y", name="mm"))
 
 
-def _block(shape, scale_shape, axis, block_size, quantized_input=False):
-    """A block-quantized INT4 weight; the activation stays float (weight-only) unless asked."""
+def _block(shape, scale_shape, axis, block_size, quantized_input=False, x_shape=(1, 4, 8), op="MatMul",
+           act_type=None):
+    """A block-quantized INT4 weight; the activation stays float (weight-only) unless asked (INT8, or the
+    zero point type `act_type`); `op` Gemm reads the weight as [N, K] (transB=1)."""
     g = G(21)
     w = g.weight(shape=shape, axis=axis, dtype=TensorProto.INT4, scale=np.full(scale_shape, 0.01, np.float32),
                  block_size=block_size)
-    return g.model(g.node("MatMul", [g.act("X") if quantized_input else "X", w], "Y", name="mm"))
+    x = "X"
+    if quantized_input:
+        x = g.act("X") if act_type is None else g.act("X", zp=0, zp_dtype=act_type)
+    attrs = {"transB": 1} if op == "Gemm" else {}
+    return g.model(g.node(op, [x, w], "Y", name="mm", **attrs), x_shape=x_shape)
 
 
 def v_fusion_cast():
@@ -297,6 +303,10 @@ VIOLATING = {
     "block-two-axes": (lambda: _block((8, 6), (2, 3), 0, 4), {"block"}),
     "block-partial": (lambda: _block((8, 6), (3, 6), 0, 3), {"block"}),
     "block-quantized-input": (lambda: _block((8, 6), (2, 6), 0, 4, quantized_input=True), {"block"}),
+    "block-gemm-quantized-input": (lambda: _block((6, 8), (6, 2), 1, 4, quantized_input=True, x_shape=(4, 8),
+                                                  op="Gemm"), {"block"}),
+    "block-fp8-input": (lambda: _block((8, 6), (2, 6), 0, 4, quantized_input=True, x_shape=(4, 8),
+                                       act_type=TensorProto.FLOAT8E4M3FN), {"block"}),
     "fusion-cast": (v_fusion_cast, {"fusion-break"}),
     "fusion-weight-mul": (v_fusion_mul_weight, {"fusion-break"}),
     "output-residual-add": (v_output_residual, {"output-qdq"}),

@@ -29,7 +29,8 @@ from segquant_onnx.analysis.held_back import HeldBack, Sessions, bar
 from segquant_onnx.analysis.outlier_search import SearchResult, per_site_outliers
 from segquant_onnx.analysis.sensitivity import Fallback, SiteSensitivity, analyse
 from segquant_onnx.calib.calibrate import Calibration
-from segquant_onnx.config import CalibrationConfig, DualScaleMode, OutlierMode, QuantConfig, SmoothQuantMode
+from segquant_onnx.config import (CalibrationConfig, DualScaleMode, OutlierMode, QuantConfig, SmoothQuantMode,
+                                  WeightRounding)
 from segquant_onnx.errors import UserError
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import QuantPlan
@@ -47,13 +48,15 @@ class SearchSpace:
     `variants`: the global modes compared at the output, the settings as given first; `caps`: the
     global outlier-channel caps; `sampled`: activations whose row samples the per-site choices score
     on; `output_checks`: whether the choices are checked on held-back feeds; `held_back_required`:
-    whether the run cannot do without those feeds (sensitivity, fallback, per-site outliers)."""
+    whether the run cannot do without those feeds (sensitivity, fallback, per-site outliers); `hessian_rows`:
+    activations sampled only for GPTQ's X^T X (they need no held-back feeds)."""
 
     variants: tuple[Variant, ...]
     caps: tuple[int, ...]
     sampled: tuple[str, ...]
     output_checks: bool
     held_back_required: bool
+    hessian_rows: tuple[str, ...] = ()
 
     @property
     def settings(self) -> Variant:
@@ -61,7 +64,7 @@ class SearchSpace:
 
     def calibration(self, plan: QuantPlan, config: CalibrationConfig) -> dict:
         """calibrate()'s keyword arguments for what this space needs."""
-        return dict(sampled=self.sampled, sample_rows=config.sample_rows,
+        return dict(sampled=tuple(dict.fromkeys(self.sampled + self.hessian_rows)), sample_rows=config.sample_rows,
                     holdout_every=config.holdout_every if (self.sampled or self.output_checks) else 0,
                     keep_held_back=config.max_holdout_feeds if self.output_checks else 0,
                     channel_axes=channel_axes(plan))
@@ -90,7 +93,9 @@ def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:
         + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
     required = config.fallback.ranks or outliers.mode is OutlierMode.AUTO
     checks = required or len(variants) > 1
-    return SearchSpace(tuple(variants), outliers.caps, sampled, checks, required)
+    gptq = config.precision.weight_rounding is WeightRounding.GPTQ
+    hessian_rows = tuple(s.activation for s in plan.sites if s.channels_last) if gptq else ()
+    return SearchSpace(tuple(variants), outliers.caps, sampled, checks, required, hessian_rows)
 
 
 @dataclass(frozen=True)

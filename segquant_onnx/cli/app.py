@@ -14,6 +14,7 @@ from segquant_onnx.version import __version__
 from segquant_onnx.calib.data import DEFAULT_DYNAMIC_BATCH
 from segquant_onnx.cli.argtypes import positive_int
 from segquant_onnx.config import (CALIB_METHODS, DUALSCALE_MODES, GROUPS, HIGH_PRECISIONS, PRECISIONS, PRESET_NAMES,
+                                  WEIGHT_ROUNDINGS,
                                   PRESETS, OutlierConfig, Preset, QuantConfig, SmoothQuantConfig)
 from segquant_onnx.errors import UserError
 from segquant_onnx.examples import EXAMPLE_CALIB, EXAMPLE_EVAL, EXAMPLE_MODEL, example_path
@@ -30,6 +31,7 @@ EXTRA_COMMANDS: tuple[str, ...] = ("segquant_onnx.cli.demo", "segquant_onnx.cli.
 FLAG_SETTINGS = {
     "precision": ("precision", "format"), "high_precision": ("precision", "high_precision"),
     "quantize_attention": ("precision", "quantize_attention"), "block_size": ("precision", "block_size"),
+    "weight_rounding": ("precision", "weight_rounding"), "low_rank": ("precision", "low_rank"),
     "calib_method": ("calibration", "method"), "percentile": ("calibration", "percentile"),
     "batch_size": ("calibration", "batch_size"), "dry_rewrite": ("seglinear", "dry_rewrite"),
     "dualscale": ("dualscale", "mode"), "dualscale_min_gain": ("dualscale", "min_gain_db"),
@@ -245,6 +247,13 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
                         "(default: %(default)s)")
     g.add_argument("--block-size", type=positive_int, default=d.precision.block_size,
                    help="INT4 weights: input channels per scale block, a power of two >= 16 (default: %(default)s)")
+    g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default=d.precision.weight_rounding.value,
+                   help="rtn rounds each weight to the nearest grid point; gptq rounds input channel by input channel, "
+                        "moving each one's error onto the next through calibration statistics (X^T X of each "
+                        "layer's sampled input rows), which lowers the layer output error (default: %(default)s)")
+    g.add_argument("--low-rank", type=int, metavar="R", default=d.precision.low_rank,
+                   help="keep a rank-R branch of each MatMul/Gemm weight in float (two small GEMMs in the rest's "
+                        "dtype) and quantize only the residual (SVDQuant); 0 turns it off (default: %(default)s)")
     g.add_argument("--high-precision", choices=HIGH_PRECISIONS, default=d.precision.high_precision.value,
                    help="dtype of the unquantized rest of an fp32 model; tensors whose calibrated range does not "
                         "fit fp16 stay fp32 (default: %(default)s)")

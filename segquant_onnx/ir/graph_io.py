@@ -181,6 +181,30 @@ def export_model(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes a stored tensor takes: its external data, its raw bytes, or its element count at its type's width
+    (INT4 two a byte)."""
+    if ext.uses_external_data(t):
+        return int(ext.ExternalDataInfo(t).length or 0)
+    if t.raw_data:
+        return len(t.raw_data)
+    n = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def weight_bytes(model: onnx.ModelProto, float_weights: tuple[str, ...] = ()) -> int:
+    """Bytes of the model's weights: every stored-quantized weight (a constant a DequantizeLinear reads, with
+    its scale and zero point) and the float initializers named in `float_weights`."""
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {n for n in float_weights if n in inits}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            names.update(i for i in node.input if i in inits)
+    return sum(tensor_bytes(inits[n]) for n in names)
+
+
 def model_size(model: onnx.ModelProto) -> int:
     """Bytes the model would take on disk with all its weights (external ones counted too)."""
     external = sum(int(ext.ExternalDataInfo(t).length or 0) for t in external_tensors(model))

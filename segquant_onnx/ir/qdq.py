@@ -98,10 +98,15 @@ def quantize_activation_input(graph: gs.Graph, namer: Namer, layer: str, consume
     return QuantizedInput(layer, part, consumer, index, x, dq_out)
 
 
-def quantized_weight(w: gs.Constant, scale: np.ndarray, axis: int, fmt: QuantFormat) -> tuple[np.ndarray, np.ndarray]:
-    """(stored weight, scale in the weight's float type): `w` quantized with the scale as it is stored."""
+def quantized_weight(w: gs.Constant, scale: np.ndarray, axis: int, fmt: QuantFormat,
+                     rounded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(stored weight, scale in the weight's float type): `w` quantized with the scale as it is stored, or
+    `rounded` (the weight already on its grid, e.g. by GPTQ) stored with it."""
     s = scale_values(scale, w.dtype)
-    return fmt.quantize(constant_values(w).astype(np.float32), s.astype(np.float32), axis), s
+    values = constant_values(w) if rounded is None else rounded
+    if tuple(np.shape(values)) != tuple(w.shape):
+        raise RuntimeError(f"rounded weight of {w.name} has shape {np.shape(values)}, the graph's {tuple(w.shape)}")
+    return fmt.quantize(np.asarray(values, np.float32), s.astype(np.float32), axis), s
 
 
 def weight_dq_attrs(weight_q: np.ndarray, scale: np.ndarray, axis: int, fmt: QuantFormat) -> dict:

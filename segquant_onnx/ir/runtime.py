@@ -103,6 +103,10 @@ def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAU
         model = float32_shadow(model, source_dir)
     opts = ort.SessionOptions()
     opts.log_severity_level = quiet_onnxruntime()
+    # ORT's CPU optimizer fuses an INT4 DequantizeLinear + MatMul into MatMulNBits, by default at accuracy level
+    # 4: it rounds the float activation to int8 as well (measured, ORT 1.31: a W4A16 fp32 MatMul off by 0.7% of
+    # its output). Level 1 computes in float32, what the graph says
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if shadow:
         # the shadow's Casts from (former) bfloat16 to float32 cast float32 to itself; ORT's basic-level
         # cast elimination then drops ones whose output we fetch and refuses its own graph (measured on a

@@ -35,7 +35,8 @@ REPORT_KEYS = ("tool", "input", "output", "config", "calibration_data", "eval_da
                "output_error", "layer_error", "tensorrt_check", "seconds", "stage_seconds")
 SUMMARY_KEYS = ("sites_quantized", "segment_rewrites", "dualscale_candidates", "dualscale_applied",
                 "dualscale_extra_flop_pct", "outlier_sites", "outlier_channels", "sites_declined",
-                "int8_flop_fraction", "size_before", "size_after")
+                "int8_flop_fraction", "size_before", "size_after", "weight_bytes", "low_rank_sites",
+                "low_rank_extra_flop_pct")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Outcome:
     tensorrt_check: list = field(default_factory=list)  # tensorrt.check violations
     rest: Any = None  # ir.rest_precision.RestReport when the rest was converted (--high-precision)
     stage_seconds: dict = field(default_factory=dict)  # pipeline stage -> wall time (s)
+    weight_bytes: tuple[int, int] = (0, 0)  # the linear sites' weights before and after (stored, with scales)
 
 
 def _outliers(outcome: Outcome) -> dict:
@@ -80,7 +82,7 @@ def _outliers(outcome: Outcome) -> dict:
             "float_flop_pct": round(100 * float_flops / max(plan.total_flops, 1), 3)}
 
 
-def _summary(outcome: Outcome, fallback) -> dict:
+def _summary(outcome: Outcome, fallback, rows: list[dict]) -> dict:
     plan, q, dry = outcome.plan, outcome.quantization, outcome.config.seglinear.dry_rewrite
     flops = {site.name: site.flops for site in plan.sites}
     return {
@@ -95,6 +97,10 @@ def _summary(outcome: Outcome, fallback) -> dict:
         "int8_flop_fraction": (0.0 if not plan.sites or dry else fallback.int8_flop_fraction if fallback else 1.0),
         "size_before": outcome.size_before,
         "size_after": outcome.size_after,
+        "weight_bytes": {"before": outcome.weight_bytes[0], "after": outcome.weight_bytes[1]},
+        "low_rank_sites": sum(1 for r in rows if "low_rank" in r),
+        "low_rank_extra_flop_pct": round(100 * sum(r.get("low_rank_flops", 0) for r in rows)
+                                         / max(plan.total_flops, 1), 3),
     }
 
 
@@ -111,6 +117,7 @@ def build_report(outcome: Outcome) -> dict:
     """The report dict (REPORT_KEYS); strict-JSON writing and Markdown are report.render's."""
     plan, q, decision = outcome.plan, outcome.quantization, outcome.decision
     fallback = decision.fallback if decision else None
+    rows = site_rows(plan, q.params, q.floating)
     return {
         "tool": f"segquant-onnx {__version__}",
         "input": str(outcome.input) if outcome.input else None,
@@ -118,7 +125,7 @@ def build_report(outcome: Outcome) -> dict:
         "config": _as_run(outcome.config, decision),
         "calibration_data": outcome.calibration_data,
         "eval_data": outcome.eval_data,
-        "sites": site_rows(plan, q.params, q.floating),
+        "sites": rows,
         "declined": [asdict(d) for d in plan.declined],
         "segments": [asdict(m) for m in plan.segments],
         "dualscale": [{**asdict(d), "apply": d.site in q.dual} for d in q.decisions],
@@ -128,7 +135,7 @@ def build_report(outcome: Outcome) -> dict:
         "outliers": _outliers(outcome),
         "sensitivity": [asdict(r) for r in decision.sensitivity] if decision else [],
         "fallback": asdict(fallback) if fallback else None,
-        "summary": _summary(outcome, fallback),
+        "summary": _summary(outcome, fallback, rows),
         "output_error": {name: e.to_dict() for name, e in outcome.output_error.items()},
         "layer_error": [{"layer": name, **e.to_dict()} for name, e in outcome.layer_error.items()],
         "tensorrt_check": [asdict(v) for v in outcome.tensorrt_check],

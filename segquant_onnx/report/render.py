@@ -9,6 +9,7 @@ import os
 
 from segquant_onnx.ir.outputs import write_atomic, write_text_atomic
 from segquant_onnx.plan import QuantPlan
+from segquant_onnx.solve.low_rank import low_rank_flops
 from segquant_onnx.params import SiteParams
 
 
@@ -23,7 +24,11 @@ def site_rows(plan: QuantPlan, params: dict[str, SiteParams] | None = None, floa
         elif params and s.name in params:
             p = params[s.name]
             row.update(act_amax=p.act_amax, act_scale=p.act_scale, method=p.method, smooth_alpha=p.alpha,
-                       layer_sqnr_db=p.layer_sqnr_db)
+                       layer_sqnr_db=p.layer_sqnr_db, gptq=p.rounded is not None)
+            if p.low_rank is not None:
+                r = p.low_rank[0].shape[1]
+                k, n = p.low_rank[0].shape[0], p.low_rank[1].shape[1]
+                row.update(low_rank=r, low_rank_flops=low_rank_flops(r, k, n, s.flops))
         rows.append(row)
     return rows
 
@@ -78,8 +83,12 @@ def format_summary(report: dict) -> str:
         f"quantized {s['sites_quantized']} linear sites ({100 * s['int8_flop_fraction']:.1f}% of linear FLOPs in "
         f"{fmt}), "
         f"declined {s['sites_declined']}",
-        f"model size {_mb(s['size_before'])} -> {_mb(s['size_after'])}",
+        f"model size {_mb(s['size_before'])} -> {_mb(s['size_after'])}"
+        + (f", linear weights {_mb(wb['before'])} -> {_mb(wb['after'])}" if (wb := s.get("weight_bytes")) else ""),
     ]
+    if s.get("low_rank_sites"):
+        lines.append(f"low-rank branches on {s['low_rank_sites']} sites "
+                     f"(+{s['low_rank_extra_flop_pct']:.1f}% GEMM FLOPs in float)")
     if s.get("dualscale_candidates"):
         gains = [d["gain_db"] for d in report["dualscale"] if d["apply"]]
         lines.insert(1, f"DualScale on {s['dualscale_applied']} of {s['dualscale_candidates']} SiLU/GELU -> linear sites "

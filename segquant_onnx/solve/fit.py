@@ -25,10 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from segquant_onnx.calib.observers import Stats, TensorStats
-from segquant_onnx.ir.linear import input_channel_amax, scale_input_channels, zero_input_channels
+from segquant_onnx.ir.linear import (as_kn, input_channel_amax, input_channels, scale_input_channels, weight_is_nk,
+                                     zero_input_channels)
 from segquant_onnx.params import DualParams, Quantization, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of, site_block
+from segquant_onnx.solve.gptq import gptq_round, hessian
+from segquant_onnx.solve.low_rank import low_rank_split
 from segquant_onnx.solve.quant_math import activation_amax, scale_from_amax, smoothing_vector, weight_scales
 from segquant_onnx.solve.recipe import Recipe
 
@@ -112,22 +115,75 @@ def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: n
     return dual_params(pos, neg, scale_input_channels(w, site, smooth), site.weight_axis, fmt)
 
 
+def gptq_weight(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray,
+                fmt: QuantFormat | Scheme) -> np.ndarray:
+    """The site's (bulk) weight rounded by GPTQ with its fitted scales, on the Hessian of its sampled rows: s * W
+    in the site's layout, on the grid (solve/gptq.py)."""
+    wf = scheme_of(fmt).weights
+    w_s = scale_input_channels(w, site, p.smooth)
+    x = rows if p.smooth is None else rows / p.smooth
+    per_element = wf.dequantize(np.ones(w_s.shape, np.float32), p.weight_scale, site.weight_axis)
+    rounded = gptq_round(as_kn(w_s, site), as_kn(per_element, site), hessian(x), wf)
+    return (rounded.T if weight_is_nk(site) else rounded).astype(np.float32)
+
+
+def site_kn(site: LinearSite) -> tuple[int, int]:
+    """(K, N) of a MatMul/Gemm site."""
+    k, n = site.weight_shape
+    return (n, k) if weight_is_nk(site) else (k, n)
+
+
+def split_low_rank(site: LinearSite, w: np.ndarray, smooth: np.ndarray | None,
+                   rank: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """((L1, L2), W') with s * W = L1 @ L2 + s * W': the low-rank factors of the smoothed weight, and the residual
+    in the unsmoothed domain (what site_params and gptq_weight take, both smoothing it again)."""
+    l1, l2, r_kn = low_rank_split(as_kn(scale_input_channels(w, site, smooth), site), rank)
+    residual = r_kn.T if weight_is_nk(site) else r_kn
+    unsmoothed = residual if smooth is None else scale_input_channels(residual, site, 1.0 / smooth.astype(np.float64))
+    return (l1.astype(np.float32), l2.astype(np.float32)), unsmoothed.astype(np.float32)
+
+
+def site_rows(site: LinearSite, samples: dict[str, np.ndarray], outliers) -> np.ndarray | None:
+    """The site's sampled input rows [R, K], its outlier channels zeroed (None: not sampled)."""
+    rows = samples.get(site.activation) if site.channels_last else None
+    if rows is None or rows.shape[-1] != input_channels(site):
+        return None
+    idx = outliers.get(site.name)
+    if idx is not None:
+        rows = rows.copy()
+        rows[:, idx] = 0
+    return rows
+
+
 def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
-        fmt: QuantFormat | Scheme = INT8, progress: bool = False) -> Quantization:
+        fmt: QuantFormat | Scheme = INT8, progress: bool = False, samples: dict[str, np.ndarray] | None = None,
+        rounding: str = "rtn", low_rank: int = 0) -> Quantization:
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
-    Sites kept in float get scales too (reported as float, never inserted). `progress`: a bar per site."""
-    params = {}
+    Sites kept in float get scales too (reported as float, never inserted). With `rounding` gptq, the
+    weights of the sites with sampled rows (`samples`) are GPTQ-rounded (the others to nearest). With
+    `low_rank` r > 0, every MatMul/Gemm site with r < min(K, N) keeps a rank-r branch of s * W in float and is
+    fitted on the residual.
+    `progress`: a bar per site."""
+    params, residuals = {}, {}
     for site in tqdm(plan.sites, desc="fitting scales", unit="site", disable=None if progress else True, leave=False):
         choice = recipe.sites[site.name]
         st, w = bulk(site, stats, weight, recipe.outliers)
-        params[site.name] = site_params(site, st, w, choice.method, smoothing(st, w, site, choice.alpha),
-                                        choice.alpha, percentile, masked=site.name in recipe.outliers, fmt=fmt)
-        params[site.name] = replace(params[site.name], layer_sqnr_db=choice.layer_sqnr_db)
+        smooth = smoothing(st, w, site, choice.alpha)
+        factors = None
+        if low_rank and site.channels_last and site.name not in recipe.floating and low_rank < min(site_kn(site)):
+            factors, w = split_low_rank(site, w, smooth, low_rank)
+            residuals[site.name] = w
+        p = site_params(site, st, w, choice.method, smooth, choice.alpha, percentile,
+                        masked=site.name in recipe.outliers, fmt=fmt)
+        rows = site_rows(site, samples or {}, recipe.outliers) if rounding == "gptq" else None
+        rounded = None if rows is None or site.name in recipe.floating else gptq_weight(site, w, p, rows, fmt)
+        params[site.name] = replace(p, layer_sqnr_db=choice.layer_sqnr_db, rounded=rounded, low_rank=factors)
     sites, dual = {s.name: s for s in plan.sites}, {}
     for name in recipe.dual_sites:
         st, w = bulk(sites[name], stats, weight, recipe.outliers)
-        dual[name] = site_dual_params(sites[name], st, w, params[name].smooth, fmt)
+        dual[name] = replace(site_dual_params(sites[name], st, residuals.get(name, w), params[name].smooth, fmt),
+                             rounded=params[name].rounded)
     act = activation_format(fmt)
     attention = {a.name: tuple(float(scale_from_amax(stats[t].amax, act.qmax)) for t in a.inputs)
                  for a in plan.attention}  # abs-max: the softmax output is bounded, Q/K/V are searched by no one

@@ -107,8 +107,9 @@ class GraphIndex:
             p is not None and p.op_type == "QuantizeLinear" and self.constant(p.input[0]) is not None)
 
     def shape(self, name: str) -> tuple | None:
+        """A tensor's shape where known (a Q/DQ output has its input's)."""
         p = self.producer.get(name)
-        if name not in self.shapes and p is not None and p.op_type == "QuantizeLinear":
+        if name not in self.shapes and p is not None and p.op_type in QDQ_OPS:
             return self.shape(p.input[0])
         c = self.constant(name)
         return tuple(c.dims) if c is not None else self.shapes.get(name)

@@ -14,14 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import attention_model, build_linear_model
 from segquant_onnx.ir.canonicalize import canonicalize
 from segquant_onnx.params import Quantization
-from segquant_onnx.passes import (DualScaleActivations, FindLinearSites, FlattenLinearsTo2D, Pass, PreconditionError,
+from segquant_onnx.passes import (AddLowRankBranch, DualScaleActivations, FindLinearSites, FlattenLinearsTo2D, Pass,
+                                  PreconditionError,
                                   QuantizeAttention, QuantizeLinearInputs, SmoothActivations, SplitLinearBySegment,
                                   SplitOutlierChannels, detect_all, passes, rewrite_all)
 from segquant_onnx.passes.base import PLAN, QUANTIZE, run_order
 from segquant_onnx.plan import DeclinedSite, QuantPlan
 
 ORDER = ["split_linear_by_segment", "flatten_linears_to_2d", "find_linear_sites", "split_outlier_channels",
-         "smooth_activations",
+         "smooth_activations", "add_low_rank_branch",
          "dual_scale_activations", "quantize_linear_inputs", "quantize_attention"]
 
 
@@ -64,7 +65,7 @@ def test_run_order_is_the_list_for_detection_and_for_rewriting(monkeypatch):
         return recorded
 
     for cls in (SplitLinearBySegment, FlattenLinearsTo2D, FindLinearSites, SplitOutlierChannels, SmoothActivations,
-                DualScaleActivations, QuantizeLinearInputs, QuantizeAttention):
+                AddLowRankBranch, DualScaleActivations, QuantizeLinearInputs, QuantizeAttention):
         for method in ("detect", "rewrite"):
             monkeypatch.setattr(cls, method, spy(method, getattr(cls, method)))
     graph = canonical(build_linear_model("matmul"))

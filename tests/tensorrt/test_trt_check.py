@@ -96,6 +96,7 @@ PASSING = {
     "fp8-opset19": lambda: _fp8(19),
     "int4-opset21": lambda: _weighted(21, dtype=TensorProto.INT4)[0].model("Y"),
     "int4-block": lambda: _block((8, 6), (2, 6), 0, 4),
+    "int4-block-2d-int8-input": lambda: _block((8, 6), (2, 6), 0, 4, quantized_input=True, x_shape=(4, 8)),
     "matmul-axis-minus-1": lambda: _weighted(17, axis=-1)[0].model("Y"),
     "gemm-transB1-axis0": lambda: _gemm(1, 0),
     "gemm-transB0-axis1": lambda: _gemm(0, 1),
@@ -151,7 +152,7 @@ def test_external_data_is_read_from_base_dir(tmp_path):
 # and rules stricter than its parser: see the trt_check docstring)
 PARSER_REJECTS = ("scale-zero", "scale-negative", "scale-nan", "zp-nonzero", "zp-volume", "int32-bias",
                   "matmul-integer", "dynamic-quantize", "block-axis-last-of-3", "block-two-axes", "block-partial",
-                  "block-quantized-input")
+                  "block-quantized-input", "block-gemm-quantized-input", "block-fp8-input")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,49 @@
+"""GPTQ weight rounding (Frantar et al. 2023): round a weight to minimise the layer's output error, not the
+weight's (pure numpy).
+
+With H = X^T X over calibration rows of the layer's input, the output error of a rounded weight is
+tr((W - Q)^T H (W - Q)). GPTQ quantizes the input channels (rows of W[K, N]) in order, and after each row it
+moves that row's rounding error onto the rows not yet quantized, in proportion to the inverse Hessian:
+
+    U = upper Cholesky factor of H^-1  (H^-1 = U^T U, H damped by `damp` x its mean diagonal)
+    for k in 0..K-1:   q_k = fq(w_k);   e = (w_k - q_k) / U[k, k];   w_{k+1:} -= U[k, k+1:]^T e
+
+The scales stay fixed: those `fit` chose (per output channel, or per block along K), so what is stored is
+the scheme's grid and GPTQ only decides which grid point each weight takes ("static groups" in the paper).
+H comes from the site's row sample (calib: a reservoir of at most `sample_rows` rows), which bounds the
+statistics GPTQ needs to K x K per site, computed one site at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from segquant_onnx.formats import QuantFormat
+
+DAMP = 0.01  # the paper's: 1% of the mean diagonal keeps H invertible on few rows
+
+
+def hessian(rows: np.ndarray) -> np.ndarray:
+    """H = X^T X (float64) of activation rows [R, K]."""
+    x = np.asarray(rows, np.float64)
+    return x.T @ x
+
+
+def gptq_round(w_kn: np.ndarray, scale_kn: np.ndarray, h: np.ndarray, fmt: QuantFormat,
+               damp: float = DAMP) -> np.ndarray:
+    """The weight [K, N] rounded by GPTQ onto the grid fmt gives with the per-element scales `scale_kn` [K, N]:
+    its dequantized values (float64), so that fmt.quantize(result, scale) stores exactly that grid point."""
+    w = np.array(w_kn, np.float64)
+    k = w.shape[0]
+    h = np.array(h, np.float64)
+    dead = np.diag(h) <= 0  # an input channel that is always zero: its weight does not matter
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    q = np.empty_like(w)
+    for i in range(k):
+        q[i] = fmt.fake_quant(w[i], scale_kn[i])
+        err = (w[i] - q[i]) / u[i, i]
+        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    return q

@@ -1,0 +1,59 @@
+"""GPTQ rounding: on the scheme's grid, equal to rounding to nearest when input channels are uncorrelated,
+and a lower layer output error than rounding to nearest on correlated inputs (INT8, INT4 blocks, FP8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segquant_onnx.formats import FP8_E4M3, INT4, INT8
+from segquant_onnx.solve.gptq import gptq_round, hessian
+from segquant_onnx.solve.quant_math import weight_scales
+
+
+def correlated_rows(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Rows of one distribution (the seed draws the rows, not the distribution) whose channels share a few
+    factors, as real activations do, plus a few large channels."""
+    loading = np.random.default_rng(100).standard_normal((4, k))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4)) @ loading + 0.3 * rng.standard_normal((n, k))
+    x[:, :3] *= 5
+    return x.astype(np.float32)
+
+
+def per_element(w: np.ndarray, fmt, block: int | None) -> np.ndarray:
+    s = weight_scales(w, 1, fmt.qmax, block)
+    return fmt.dequantize(np.ones(w.shape, np.float32), s, 1), s
+
+
+@pytest.mark.parametrize("fmt,block", [(INT8, None), (INT4, 32), (FP8_E4M3, None)])
+def test_gptq_beats_round_to_nearest_at_the_layer_output(fmt, block):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 24)) * 0.2).astype(np.float32)
+    fit_rows, eval_rows = correlated_rows(512, 64, seed=2), correlated_rows(256, 64, seed=3)
+    scale_full, scale = per_element(w, fmt, block)
+    q = gptq_round(w, scale_full, hessian(fit_rows), fmt)
+    np.testing.assert_array_equal(fmt.fake_quant(q, scale, 1), q)  # every value is a grid point of its scale
+    rtn = fmt.fake_quant(w, scale, 1)
+    err = lambda wq: float(((eval_rows @ (w - wq)) ** 2).sum())  # noqa: E731  (rows not used to fit)
+    gain_db = 10 * np.log10(err(rtn) / err(q))
+    assert gain_db > 6.0, gain_db  # measured: INT8 13.4, INT4 13.4, FP8 14.2 dB
+
+
+def test_gptq_is_round_to_nearest_when_channels_are_uncorrelated():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    scale_full, scale = per_element(w, INT4, 16)
+    h = np.diag(rng.uniform(1, 3, 32))  # diagonal X^T X: no error can be moved onto another channel
+    np.testing.assert_array_equal(gptq_round(w, scale_full, h, INT4), INT4.fake_quant(w, scale, 1))
+
+
+def test_dead_input_channels_are_zeroed_and_the_rest_still_quantized():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    rows = correlated_rows(64, 16)
+    rows[:, 5] = 0  # a channel that never fires: H[5, 5] = 0
+    scale_full, scale = per_element(w, INT8, None)
+    q = gptq_round(w, scale_full, hessian(rows), INT8)
+    assert not q[5].any() and np.isfinite(q).all()
+    np.testing.assert_array_equal(INT8.fake_quant(q, scale, 1), q)
