@@ -165,3 +165,11 @@ def test_the_cli_preset_and_flags_given_over_it():
     # a flag equal to the balanced default still wins over the preset
     assert _config(_args("--preset", "fast", "--dualscale", "auto")).dualscale.mode is DualScaleMode.AUTO
     assert _config(_args("--preset", "best", "--max-fallback", "10")).fallback.max_fallback_pct == 10.0
+
+
+def test_best_rounds_int4_weights_with_gptq_unless_told_otherwise():
+    assert QuantConfig.preset("best", precision={"format": "w4a8"}).precision.weight_rounding.value == "gptq"
+    assert QuantConfig.preset("best", precision={"format": "w4a16", "weight_rounding": "rtn"}
+                              ).precision.weight_rounding.value == "rtn"
+    assert QuantConfig.preset("best").precision.weight_rounding.value == "rtn"  # 8 bits: to nearest
+    assert QuantConfig.preset("balanced", precision={"format": "w4a8"}).precision.weight_rounding.value == "rtn"

@@ -247,10 +247,11 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
                         "(default: %(default)s)")
     g.add_argument("--block-size", type=positive_int, default=d.precision.block_size,
                    help="INT4 weights: input channels per scale block, a power of two >= 16 (default: %(default)s)")
-    g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default=d.precision.weight_rounding.value,
+    g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default=None,
                    help="rtn rounds each weight to the nearest grid point; gptq rounds input channel by input channel, "
                         "moving each one's error onto the next through calibration statistics (X^T X of each "
-                        "layer's sampled input rows), which lowers the layer output error (default: %(default)s)")
+                        "layer's sampled input rows), which lowers the layer output error (default: "
+                        f"{d.precision.weight_rounding.value}; --preset best with w4a16 or w4a8: gptq)")
     g.add_argument("--low-rank", type=int, metavar="R", default=d.precision.low_rank,
                    help="keep a rank-R branch of each MatMul/Gemm weight in float (two small GEMMs in the rest's "
                         "dtype) and quantize only the residual (SVDQuant); 0 turns it off (default: %(default)s)")
