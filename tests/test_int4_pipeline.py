@@ -193,3 +193,22 @@ def test_w4a8_with_3d_activations_unflattened_is_what_tensorrt_refuses(tmp_path)
     assert {v.rule for v in check_tensorrt(model)} == {"block"}
     onnx.save(model, str(tmp_path / "m.onnx"))
     assert not build_engine(tmp_path / "m.onnx").built
+
+
+def test_the_readme_int4_table_comes_from_the_cli(tmp_path):
+    """Two rows of the README's INT4 table, measured afresh with the flags the row shows."""
+    from pathlib import Path
+    import json
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for flags in ("--precision w4a16 --weight-rounding gptq", "--precision w4a8"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{flags}` |"))
+        shown = float(row.split("|")[2])
+        report = tmp_path / "r.json"
+        subprocess.run([sys.executable, "-m", "segquant_onnx", "-q", "quantize", "--example", "-o",
+                        str(tmp_path / "q.onnx"), "--force", "--report", str(report), *flags.split()],
+                       check=True, capture_output=True)
+        measured = json.loads(report.read_text())["output_error"]["out"]["sqnr_db"]
+        assert round(measured, 2) == shown, (flags, measured, shown)
