@@ -109,8 +109,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-# `best` at INT4 also rounds weights with GPTQ (measured on the demo DiT, W4A16: 18.9 -> 25.2 dB); at 8 bits it
-# stays round-to-nearest (+0.1 dB there, not worth the time)
+# `best` at INT4 also clips weight blocks and rounds with GPTQ (measured on the demo DiT, W4A16: GPTQ 18.9 -> 25.2
+# dB); at 8 bits weights stay round-to-nearest and unclipped (GPTQ +0.1 dB there, not worth the time)
 INT4_PRECISIONS = ("w4a16", "w4a8")
 
 CALIB_METHODS = tuple(m.value for m in CalibMethod)
@@ -330,7 +330,8 @@ class PrecisionConfig:
     """format: what the linear sites are quantized to (see Precision). high_precision: the dtype the rest
     of the graph is written in (an fp32 model's rest converted where calibrated ranges allow). block_size:
     INT4 weights' input channels per scale. weight_rounding: round to nearest or GPTQ (WeightRounding).
-    low_rank: the rank of the float branch each MatMul/Gemm weight keeps (SVDQuant; 0: none).
+    low_rank: the rank of the float branch each MatMul/Gemm weight keeps (SVDQuant; 0: none). weight_clip:
+    clip each weight block's scale where that lowers the layer output error on sampled rows (AWQ's clip search).
     quantize_attention: per-tensor Q/DQ on both inputs of the attention products (Q @ K^T, softmax @ V),
     the placement TensorRT's fused MHA kernels take (passes/quantize_attention.py)."""
 
@@ -340,6 +341,7 @@ class PrecisionConfig:
     block_size: int = 128
     weight_rounding: WeightRounding = WeightRounding.RTN
     low_rank: int = 0
+    weight_clip: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "format", Precision.parse(self.format, "--precision"))
@@ -427,6 +429,7 @@ class QuantConfig:
         precision = merged["precision"]
         if name == Preset.BEST and isinstance(precision, dict) and str(precision.get("format")) in INT4_PRECISIONS:
             precision.setdefault("weight_rounding", WeightRounding.GPTQ)
+            precision.setdefault("weight_clip", True)
         return cls(**merged)
 
     def updated(self, **groups) -> QuantConfig:

@@ -146,7 +146,7 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             stages.done("decide")
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,
-                    low_rank=config.precision.low_rank)
+                    low_rank=config.precision.low_rank, clip=config.precision.weight_clip)
             apply_quantization(graph, plan, q)
             stages.done("fit and rewrite")
             if rest_stays:

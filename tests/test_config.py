@@ -169,6 +169,8 @@ def test_the_cli_preset_and_flags_given_over_it():
 
 def test_best_rounds_int4_weights_with_gptq_unless_told_otherwise():
     assert QuantConfig.preset("best", precision={"format": "w4a8"}).precision.weight_rounding.value == "gptq"
+    assert QuantConfig.preset("best", precision={"format": "w4a8"}).precision.weight_clip
+    assert not QuantConfig.preset("best").precision.weight_clip
     assert QuantConfig.preset("best", precision={"format": "w4a16", "weight_rounding": "rtn"}
                               ).precision.weight_rounding.value == "rtn"
     assert QuantConfig.preset("best").precision.weight_rounding.value == "rtn"  # 8 bits: to nearest

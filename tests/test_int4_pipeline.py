@@ -79,12 +79,15 @@ def linear_weights_of(kind):
 
 
 @pytest.mark.parametrize("kind", ["matmul", "gemm"])
-@pytest.mark.parametrize("precision", ["w4a16", "w4a8"])
-def test_int4_sites_compute_what_they_store(tmp_path, kind, precision):
+@pytest.mark.parametrize("precision,weights", [("w4a16", {}), ("w4a8", {}),
+                                               ("w4a16", {"weight_rounding": "gptq", "weight_clip": True}),
+                                               ("w4a8", {"weight_rounding": "gptq", "weight_clip": True})])
+def test_int4_sites_compute_what_they_store(tmp_path, kind, precision, weights):
     src = save(build_linear_model(kind, hidden=64), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", X=calib_inputs(kind, n=8))
-    result = quantize(str(src), str(tmp_path / "c.npz"), plain(precision), output=tmp_path / "q.onnx",
-                      progress=False)
+    config = plain(precision).updated(precision=weights)
+    result = quantize(str(src), str(tmp_path / "c.npz"), config, output=tmp_path / "q.onnx", progress=False)
+    assert all(r["gptq"] == bool(weights) for r in result.report["sites"])
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
     ops = [n.op_type for n in model.graph.node]

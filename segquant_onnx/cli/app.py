@@ -32,6 +32,7 @@ FLAG_SETTINGS = {
     "precision": ("precision", "format"), "high_precision": ("precision", "high_precision"),
     "quantize_attention": ("precision", "quantize_attention"), "block_size": ("precision", "block_size"),
     "weight_rounding": ("precision", "weight_rounding"), "low_rank": ("precision", "low_rank"),
+    "weight_clip": ("precision", "weight_clip"),
     "calib_method": ("calibration", "method"), "percentile": ("calibration", "percentile"),
     "batch_size": ("calibration", "batch_size"), "dry_rewrite": ("seglinear", "dry_rewrite"),
     "dualscale": ("dualscale", "mode"), "dualscale_min_gain": ("dualscale", "min_gain_db"),
@@ -252,6 +253,10 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
                         "moving each one's error onto the next through calibration statistics (X^T X of each "
                         "layer's sampled input rows), which lowers the layer output error (default: "
                         f"{d.precision.weight_rounding.value}; --preset best with w4a16 or w4a8: gptq)")
+    g.add_argument("--weight-clip", action="store_true", default=None,
+                   help="clip each weight block's scale (ratios 1.0 down to 0.7 of its abs-max, per output channel) "
+                        "where that lowers the layer output error on sampled input rows, as AWQ's clip search does "
+                        "(default: off; --preset best with w4a16 or w4a8: on)")
     g.add_argument("--low-rank", type=int, metavar="R", default=d.precision.low_rank,
                    help="keep a rank-R branch of each MatMul/Gemm weight in float (two small GEMMs in the rest's "
                         "dtype) and quantize only the residual (SVDQuant); 0 turns it off (default: %(default)s)")

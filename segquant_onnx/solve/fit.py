@@ -30,7 +30,7 @@ from segquant_onnx.ir.linear import (as_kn, input_channel_amax, input_channels, 
 from segquant_onnx.params import DualParams, Quantization, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of, site_block
-from segquant_onnx.solve.gptq import gptq_round, hessian
+from segquant_onnx.solve.gptq import clip_scales, gptq_round, hessian
 from segquant_onnx.solve.low_rank import low_rank_split
 from segquant_onnx.solve.quant_math import activation_amax, scale_from_amax, smoothing_vector, weight_scales
 from segquant_onnx.solve.recipe import Recipe
@@ -127,6 +127,19 @@ def gptq_weight(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray
     return (rounded.T if weight_is_nk(site) else rounded).astype(np.float32)
 
 
+def clipped_scales(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray,
+                   fmt: QuantFormat | Scheme) -> np.ndarray:
+    """The site's weight scales after the clip search (solve/gptq.py clip_scales), in the site's layout."""
+    wf = scheme_of(fmt).weights
+    w_kn = as_kn(scale_input_channels(w, site, p.smooth), site)
+    x = rows if p.smooth is None else rows / p.smooth
+    scale = np.asarray(p.weight_scale)
+    s_kn = (scale.T if weight_is_nk(site) else scale) if scale.ndim == 2 else scale[None, :]
+    block = w_kn.shape[0] // s_kn.shape[0]
+    clipped = clip_scales(w_kn, s_kn, x, wf, block)
+    return (clipped.T if weight_is_nk(site) else clipped) if scale.ndim == 2 else clipped[0]
+
+
 def site_kn(site: LinearSite) -> tuple[int, int]:
     """(K, N) of a MatMul/Gemm site."""
     k, n = site.weight_shape
@@ -157,13 +170,14 @@ def site_rows(site: LinearSite, samples: dict[str, np.ndarray], outliers) -> np.
 
 def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
         fmt: QuantFormat | Scheme = INT8, progress: bool = False, samples: dict[str, np.ndarray] | None = None,
-        rounding: str = "rtn", low_rank: int = 0) -> Quantization:
+        rounding: str = "rtn", low_rank: int = 0, clip: bool = False) -> Quantization:
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
     Sites kept in float get scales too (reported as float, never inserted). With `rounding` gptq, the
     weights of the sites with sampled rows (`samples`) are GPTQ-rounded (the others to nearest). With
     `low_rank` r > 0, every MatMul/Gemm site with r < min(K, N) keeps a rank-r branch of s * W in float and is
-    fitted on the residual.
+    fitted on the residual. With `clip`, the weight scales of sites with sampled rows are clipped per block and
+    output channel where that lowers the layer output error on the rows (AWQ's clip search; before GPTQ).
     `progress`: a bar per site."""
     params, residuals = {}, {}
     for site in tqdm(plan.sites, desc="fitting scales", unit="site", disable=None if progress else True, leave=False):
@@ -176,14 +190,17 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
             residuals[site.name] = w
         p = site_params(site, st, w, choice.method, smooth, choice.alpha, percentile,
                         masked=site.name in recipe.outliers, fmt=fmt)
-        rows = site_rows(site, samples or {}, recipe.outliers) if rounding == "gptq" else None
-        rounded = None if rows is None or site.name in recipe.floating else gptq_weight(site, w, p, rows, fmt)
+        rows = site_rows(site, samples or {}, recipe.outliers) if rounding == "gptq" or clip else None
+        if clip and rows is not None and site.name not in recipe.floating:
+            p = replace(p, weight_scale=clipped_scales(site, w, p, rows, fmt))
+        rounded = None if rows is None or rounding != "gptq" or site.name in recipe.floating \
+            else gptq_weight(site, w, p, rows, fmt)
         params[site.name] = replace(p, layer_sqnr_db=choice.layer_sqnr_db, rounded=rounded, low_rank=factors)
     sites, dual = {s.name: s for s in plan.sites}, {}
     for name in recipe.dual_sites:
         st, w = bulk(sites[name], stats, weight, recipe.outliers)
         dual[name] = replace(site_dual_params(sites[name], st, residuals.get(name, w), params[name].smooth, fmt),
-                             rounded=params[name].rounded)
+                             rounded=params[name].rounded, weight_scale=params[name].weight_scale)
     act = activation_format(fmt)
     attention = {a.name: tuple(float(scale_from_amax(stats[t].amax, act.qmax)) for t in a.inputs)
                  for a in plan.attention}  # abs-max: the softmax output is bounded, Q/K/V are searched by no one

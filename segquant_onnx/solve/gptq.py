@@ -47,3 +47,26 @@ def gptq_round(w_kn: np.ndarray, scale_kn: np.ndarray, h: np.ndarray, fmt: Quant
         err = (w[i] - q[i]) / u[i, i]
         w[i + 1:] -= np.outer(u[i, i + 1:], err)
     return q
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # of each block's abs-max (AWQ's clip search)
+
+
+def clip_scales(w_kn: np.ndarray, scale_kn: np.ndarray, rows: np.ndarray, fmt: QuantFormat, block: int,
+                ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+    """Block scales [K / block, N] with each block's clipping ratio chosen to minimise that block's share of the
+    layer output error on `rows` [R, K]: ||X_b (W_b - fq(W_b, r s_b))||^2 per block b and output channel (AWQ's
+    weight clip search, for a weight [K, N] scaled per output channel and block of `block` rows)."""
+    w = np.asarray(w_kn, np.float64)
+    x = np.asarray(rows, np.float64)
+    best = np.array(scale_kn, np.float64)
+    for b in range(best.shape[0]):
+        sl = slice(b * block, (b + 1) * block)
+        xb, wb = x[:, sl], w[sl]
+        errs = []
+        for r in ratios:
+            s = best[b] * r
+            errs.append((((xb @ (wb - fmt.fake_quant(wb, s, 1))) ** 2).sum(axis=0)))
+        pick = np.argmin(np.stack(errs), axis=0)  # per output channel: the first ratio on ties (1.0 first)
+        best[b] = best[b] * np.asarray(ratios)[pick]
+    return best.astype(np.float32)

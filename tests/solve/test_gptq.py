@@ -57,3 +57,24 @@ def test_dead_input_channels_are_zeroed_and_the_rest_still_quantized():
     q = gptq_round(w, scale_full, hessian(rows), INT8)
     assert not q[5].any() and np.isfinite(q).all()
     np.testing.assert_array_equal(INT8.fake_quant(q, scale, 1), q)
+
+
+def test_clip_search_never_raises_a_blocks_error_and_lowers_the_layers_on_unseen_rows():
+    from segquant_onnx.solve.gptq import CLIP_RATIOS, clip_scales
+
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((64, 12)) * 0.2).astype(np.float32)
+    w[rng.integers(0, 64, 6), rng.integers(0, 12, 6)] = 1.5  # a few large weights stretch their blocks' grids
+    fit_rows, eval_rows = correlated_rows(512, 64, seed=7), correlated_rows(256, 64, seed=8)
+    _, scale = per_element(w, INT4, 16)
+    clipped = clip_scales(w, scale, fit_rows, INT4, 16)
+    ratio = clipped / scale
+    assert np.all(np.isin(np.round(ratio, 5), np.round(np.float32(CLIP_RATIOS), 5)))  # only the searched ratios
+    assert (ratio < 1).any()
+    for b in range(4):  # on the rows it searched, no block-column gets worse
+        sl = slice(16 * b, 16 * (b + 1))
+        def err(s):
+            return ((fit_rows[:, sl] @ (w[sl] - INT4.fake_quant(w[sl], s[b], 1))) ** 2).sum(axis=0)
+        assert np.all(err(clipped) <= err(scale) + 1e-9)
+    out_err = lambda s: float(((eval_rows @ (w - INT4.fake_quant(w, s, 1))) ** 2).sum())  # noqa: E731
+    assert out_err(clipped) < out_err(scale)
