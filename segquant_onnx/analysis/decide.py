@@ -128,6 +128,9 @@ class _Candidates:
     weight: Callable[[str], np.ndarray]
     config: QuantConfig
     progress: bool
+    # per-site choices already scored (solve.choose): the searches ask for the same site, smoothing and outliers
+    # again and again (measured: 11 recipes for --preset best on the demo DiT, 2368 layer scores)
+    cache: dict = field(default_factory=dict)
 
     def outliers(self, cap: int, max_flop_pct: float | None = None) -> dict[str, np.ndarray]:
         budget = self.config.outliers.max_flop_pct if max_flop_pct is None else max_flop_pct
@@ -135,7 +138,7 @@ class _Candidates:
 
     def recipe(self, variant: Variant, outliers: dict[str, np.ndarray]) -> Recipe:
         return choose(self.plan, self.cal.fit_stats, self.cal.samples, self.weight, self.config, variant, outliers,
-                      progress=self.progress)
+                      progress=self.progress, cache=self.cache)
 
     def fitted(self, recipe: Recipe) -> Quantization:
         return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.calibration.percentile,

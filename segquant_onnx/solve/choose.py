@@ -30,14 +30,21 @@ def fq_activation(x: np.ndarray, scale: float, fmt: QuantFormat | Scheme) -> np.
     return x.astype(np.float64) if act is None else fake_quant(x, np.float32(scale), fmt=act)
 
 
-def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams,
-               fmt: QuantFormat | Scheme = INT8) -> float:
-    """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]."""
-    x_s = rows if p.smooth is None else rows / p.smooth
+def fq_weight_kn(w: np.ndarray, site: LinearSite, p: SiteParams, fmt: QuantFormat | Scheme = INT8) -> np.ndarray:
+    """fq(s * W) as [K, N]: the weight a candidate quantizes, as its GEMM reads it."""
     w_s = scale_input_channels(w, site, p.smooth)
-    y = rows.astype(np.float64) @ as_kn(w, site)
-    y_q = (fq_activation(x_s, p.act_scale, fmt)
-           @ as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis, scheme_of(fmt).weights), site))
+    return as_kn(fake_quant(w_s, p.weight_scale, site.weight_axis, scheme_of(fmt).weights), site)
+
+
+def layer_sqnr(rows: np.ndarray, w: np.ndarray, site: LinearSite, p: SiteParams,
+               fmt: QuantFormat | Scheme = INT8, y: np.ndarray | None = None,
+               wq_kn: np.ndarray | None = None) -> float:
+    """SQNR (dB) of Y = rows @ W against fq(rows / s) @ fq(s * W) on sampled rows [R, K]. `y` and `wq_kn`
+    (fq_weight_kn) may be given when a search already has them: they do not depend on the activation scale."""
+    x_s = rows if p.smooth is None else rows / p.smooth
+    y = rows.astype(np.float64) @ as_kn(w, site) if y is None else y
+    wq_kn = fq_weight_kn(w, site, p, fmt) if wq_kn is None else wq_kn
+    y_q = fq_activation(x_s, p.act_scale, fmt) @ wq_kn
     return sqnr_db(float((y**2).sum()), float(((y - y_q) ** 2).sum()))
 
 
@@ -115,11 +122,15 @@ def _choose_site(site, st, rows, w, config: QuantConfig, variant: Variant,
     elif smoothable and variant.smoothquant is SmoothQuantMode.FIXED:
         alphas = (variant.alpha,)
     best = None
+    y = None if rows is None else rows.astype(np.float64) @ as_kn(w, site)  # the float reference, once
     for alpha in alphas:
         smooth = smoothing(st, w, site, alpha)
+        wq_kn = None  # the quantized weight depends on alpha, not on the method
         for method in (methods if rows is not None else methods[:1]):
             p = site_params(site, st, w, method, smooth, alpha, config.calibration.percentile, masked, fmt)
-            score = layer_sqnr(rows, w, site, p, fmt) if rows is not None else None
+            if rows is not None and wq_kn is None:
+                wq_kn = fq_weight_kn(w, site, p, fmt)
+            score = layer_sqnr(rows, w, site, p, fmt, y, wq_kn) if rows is not None else None
             if best is None or (score is not None and score > best[0]):
                 best = (score, p)
     score, p = best
@@ -143,22 +154,36 @@ def _choose_dual(site: LinearSite, kind: str, st, rows, w, single: SiteParams, c
     return DualDecision(site.name, kind, apply, round(gain, 3), measured, site.flops)
 
 
+def _key(site: LinearSite, outliers, variant: Variant, *extra) -> tuple:
+    """What a site's choice depends on besides the run's fixed inputs (statistics, samples, weights, config)."""
+    idx = outliers.get(site.name)
+    return (site.name, None if idx is None else idx.tobytes(), variant.smoothquant, variant.alpha, *extra)
+
+
 def choose(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], weight: Weights, config: QuantConfig,
-           variant: Variant, outliers: dict[str, np.ndarray] | None = None, progress: bool = False) -> Recipe:
+           variant: Variant, outliers: dict[str, np.ndarray] | None = None, progress: bool = False,
+           cache: dict | None = None) -> Recipe:
     """The recipe for `variant` with `outliers` (choose_outliers) on the fit statistics `stats` and the
     row `samples`. Sites with outlier channels are chosen on their INT8 bulk. Every DualScale candidate
     gets a decision and its gain, also where `variant.dualscale` is `off` (the report shows them).
     `progress`: a bar per site and per candidate (the searches run GEMMs: minutes on big models)."""
     outliers = outliers or {}
+    cache = {} if cache is None else cache  # the same inputs give the same choice: computed once a run
     sites, single = {}, {}
     for site in tqdm(plan.sites, desc="solving sites", unit="site", disable=None if progress else True, leave=False):
-        st, w = bulk(site, stats, weight, outliers)
-        rows = _rows(site, samples, outliers, config.calibration.search_rows)
-        sites[site.name], single[site.name] = _choose_site(site, st, rows, w, config, variant, site.name in outliers)
+        key = _key(site, outliers, variant)
+        if key not in cache:
+            st, w = bulk(site, stats, weight, outliers)
+            rows = _rows(site, samples, outliers, config.calibration.search_rows)
+            cache[key] = _choose_site(site, st, rows, w, config, variant, site.name in outliers)
+        sites[site.name], single[site.name] = cache[key]
     by_name, dual = {s.name: s for s in plan.sites}, []
     for cand in tqdm(plan.dual, desc="DualScale gains", unit="site", disable=None if progress else True, leave=False):
         site = by_name[cand.site]
-        st, w = bulk(site, stats, weight, outliers)
-        rows = _rows(site, samples, outliers, config.calibration.search_rows)
-        dual.append(_choose_dual(site, cand.kind, st, rows, w, single[site.name], config, variant))
+        key = _key(site, outliers, variant, "dual", cand.kind, variant.dualscale)
+        if key not in cache:
+            st, w = bulk(site, stats, weight, outliers)
+            rows = _rows(site, samples, outliers, config.calibration.search_rows)
+            cache[key] = _choose_dual(site, cand.kind, st, rows, w, single[site.name], config, variant)
+        dual.append(cache[key])
     return Recipe(sites, tuple(dual), outliers)
