@@ -215,3 +215,28 @@ def test_the_readme_int4_table_comes_from_the_cli(tmp_path):
                        check=True, capture_output=True)
         measured = json.loads(report.read_text())["output_error"]["out"]["sqnr_db"]
         assert round(measured, 2) == shown, (flags, measured, shown)
+
+
+def test_weight_rounding_auto_keeps_gptq_where_it_pays_on_rows_it_did_not_fit(tmp_path):
+    from segquant_onnx.formats import int4_scheme
+    from segquant_onnx.params import SiteParams
+    from segquant_onnx.plan import LinearSite
+    from segquant_onnx.solve.fit import gptq_pays, site_weight_scales
+
+    src = save(build_linear_model("matmul", hidden=64), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", X=calib_inputs("matmul", n=8))
+    result = quantize(str(src), str(tmp_path / "c.npz"), plain("w4a16").updated(precision={"weight_rounding": "auto"}),
+                      progress=False)
+    assert {r["name"] for r in result.report["sites"]} == {"fc1", "fc2"}
+    rng = np.random.default_rng(0)
+    site = LinearSite("mm", "MatMul", "x", "w", (64, 16), 1, 2 * 64 * 16)
+    w = (rng.standard_normal((64, 16)) * 0.3).astype(np.float32)
+    scheme = int4_scheme(None)
+    p = SiteParams(1.0, 1.0, site_weight_scales(w, 1, scheme), "max")
+    loading = rng.standard_normal((3, 64))
+    correlated = (rng.standard_normal((400, 3)) @ loading + 0.05 * rng.standard_normal((400, 64))).astype(np.float32)
+    assert gptq_pays(site, w, p, correlated, scheme)  # shared factors: moving errors between channels pays
+    # one-hot rows: X^T X is diagonal, GPTQ is rounding to nearest, so it does not win
+    one_hot = np.eye(64, dtype=np.float32)[rng.integers(0, 64, 400)]
+    assert not gptq_pays(site, w, p, one_hot, scheme)
+    assert not gptq_pays(site, w, p, correlated[:1], scheme)  # one row: nothing to hold out

@@ -93,7 +93,7 @@ def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:
         + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
     required = config.fallback.ranks or outliers.mode is OutlierMode.AUTO
     checks = required or len(variants) > 1
-    gptq = config.precision.weight_rounding is WeightRounding.GPTQ or config.precision.weight_clip
+    gptq = config.precision.weight_rounding is not WeightRounding.RTN or config.precision.weight_clip
     hessian_rows = tuple(s.activation for s in plan.sites if s.channels_last) if gptq else ()
     return SearchSpace(tuple(variants), outliers.caps, sampled, checks, required, hessian_rows)
 

@@ -251,7 +251,8 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
     g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default=None,
                    help="rtn rounds each weight to the nearest grid point; gptq rounds input channel by input channel, "
                         "moving each one's error onto the next through calibration statistics (X^T X of each "
-                        "layer's sampled input rows), which lowers the layer output error (default: "
+                        "layer's sampled input rows), which lowers the layer output error; auto uses GPTQ on the sites "
+                        "where it lowers the layer error on rows it was not fitted on (default: "
                         f"{d.precision.weight_rounding.value}; --preset best with w4a16 or w4a8: gptq)")
     g.add_argument("--weight-clip", action="store_true", default=None,
                    help="clip each weight block's scale (ratios 1.0 down to 0.7 of its abs-max, per output channel) "

@@ -140,6 +140,20 @@ def clipped_scales(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndar
     return (clipped.T if weight_is_nk(site) else clipped) if scale.ndim == 2 else clipped[0]
 
 
+def gptq_pays(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray, fmt: QuantFormat | Scheme) -> bool:
+    """Whether GPTQ fitted on half of the rows (even) gives a lower layer output error than rounding to nearest
+    on the other half (odd): ||X (s W - Q)||^2 with X = rows / s (`--weight-rounding auto`)."""
+    if len(rows) < 2:
+        return False
+    x = (rows if p.smooth is None else rows / p.smooth)[1::2].astype(np.float64)
+    w_kn = as_kn(scale_input_channels(w, site, p.smooth), site).astype(np.float64)
+    rtn = as_kn(scheme_of(fmt).weights.fake_quant(scale_input_channels(w, site, p.smooth), p.weight_scale,
+                                                   site.weight_axis), site)
+    gptq = as_kn(gptq_weight(site, w, p, rows[0::2], fmt), site).astype(np.float64)
+    err = lambda q: float(((x @ (w_kn - q)) ** 2).sum())  # noqa: E731
+    return err(gptq) < err(rtn) * (1 - 1e-6)  # a tie (GPTQ is rounding to nearest) is no win
+
+
 def site_kn(site: LinearSite) -> tuple[int, int]:
     """(K, N) of a MatMul/Gemm site."""
     k, n = site.weight_shape
@@ -174,7 +188,8 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
     Sites kept in float get scales too (reported as float, never inserted). With `rounding` gptq, the
-    weights of the sites with sampled rows (`samples`) are GPTQ-rounded (the others to nearest). With
+    weights of the sites with sampled rows (`samples`) are GPTQ-rounded (the others to nearest); with `auto`,
+    those where GPTQ pays on held-out rows (gptq_pays). With
     `low_rank` r > 0, every MatMul/Gemm site with r < min(K, N) keeps a rank-r branch of s * W in float and is
     fitted on the residual. With `clip`, the weight scales of sites with sampled rows are clipped per block and
     output channel where that lowers the layer output error on the rows (AWQ's clip search; before GPTQ).
@@ -190,11 +205,13 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
             residuals[site.name] = w
         p = site_params(site, st, w, choice.method, smooth, choice.alpha, percentile,
                         masked=site.name in recipe.outliers, fmt=fmt)
-        rows = site_rows(site, samples or {}, recipe.outliers) if rounding == "gptq" or clip else None
+        rows = site_rows(site, samples or {}, recipe.outliers) if rounding != "rtn" or clip else None
         if clip and rows is not None and site.name not in recipe.floating:
             p = replace(p, weight_scale=clipped_scales(site, w, p, rows, fmt))
-        rounded = None if rows is None or rounding != "gptq" or site.name in recipe.floating \
-            else gptq_weight(site, w, p, rows, fmt)
+        rounded = None
+        if rows is not None and rounding != "rtn" and site.name not in recipe.floating and (
+                rounding == "gptq" or gptq_pays(site, w, p, rows, fmt)):
+            rounded = gptq_weight(site, w, p, rows, fmt)
         params[site.name] = replace(p, layer_sqnr_db=choice.layer_sqnr_db, rounded=rounded, low_rank=factors)
     sites, dual = {s.name: s for s in plan.sites}, {}
     for name in recipe.dual_sites:
