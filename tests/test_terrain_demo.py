@@ -170,3 +170,21 @@ def test_good_arguments(demo):
     args = demo.parse_args(["--methods", "fp32,default,best", "--seeds", "3", "7", "--no-readme"])
     assert args.method_names == ["fp32", "default", "best"] and args.seeds == [3, 7]
     assert demo.VARIATION_STRENGTH in demo.CURVE_STRENGTHS and 1.0 in demo.CURVE_STRENGTHS
+
+
+def test_readme_table_is_the_committed_metrics(tr):
+    """The README's terrain table is what scripts/terrain_demo.py wrote from docs/terrain_demo/terrain_metrics.json
+    (re-running it needs the network, ModelOpt and half an hour: not a CI job), so a hand edit fails here."""
+    import json
+
+    metrics = json.loads((ROOT / "docs" / "terrain_demo" / "terrain_metrics.json").read_text())
+    lines = (ROOT / "README.md").read_text().split("\n")
+    assert lines.count(tr.TABLE_HEADER) == 1
+    start = lines.index(tr.TABLE_HEADER) + 2
+    rows = []
+    while lines[start + len(rows)].startswith("|"):
+        rows.append(lines[start + len(rows)])
+    assert rows == tr.table_rows(metrics)
+    for name in ("terrain_grid.png", "terrain_step_error.png"):
+        path = ROOT / "docs" / "terrain_demo" / name
+        assert path.is_file() and path.stat().st_size < 400_000, f"{name}: missing or over 400 kB"
