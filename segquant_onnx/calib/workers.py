@@ -205,6 +205,9 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
     `shard`, in feed order."""
     providers = tuple(providers)
     per_task = DEFAULT_TASK_FEEDS if num_feeds is None else max(1, math.ceil(num_feeds / (4 * workers)))
+    if num_feeds is not None:
+        workers = min(workers, math.ceil(num_feeds / per_task))  # no process without a task
+    log.info("calibrating on %d %s workers, %d feeds per task", workers, "Ray" if ray_address else "local", per_task)
     pool = _RayPool(ray_address, source, providers) if ray_address else _LocalPool(workers, source, providers)
     empty = Shard(shard.observed, tuple(shard.samples), _sample_rows(shard), shard.holdout_every,
                   {n: st.channel_axis for n, st in shard.stats.items()})
