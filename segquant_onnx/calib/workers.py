@@ -185,6 +185,10 @@ class _RayPool:
                 raise UserError(f"--ray-address {address}: cannot connect to a Ray cluster there ({exc}); start one "
                                 "(ray start --head) or pass 'local'.") from None
         gpus = 1 if any(p in GPU_PROVIDERS for p in providers) else 0
+        if gpus and ray.cluster_resources().get("GPU", 0) < 1:  # a task asking for one would wait forever
+            self.close()
+            raise UserError(f"--providers {providers[0]} with --ray-address {address}: the Ray cluster has no GPU; "
+                            "add GPU nodes or use CPUExecutionProvider.")
         self.remote = ray.remote(_run_ray_task).options(num_cpus=1, num_gpus=gpus, max_retries=0)
         self.source, self.run_id, self.providers = ray.put(source), uuid.uuid4().hex, providers
 

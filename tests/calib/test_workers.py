@@ -109,8 +109,9 @@ def _calibrate(tmp_path, **kw) -> Calibration:
     src = open_source(path)
     graph = canonicalize(src.graph, src.description, 13)
     data = open_calibration(tmp_path / "c.npz", model_inputs(graph))
-    return calibrate(graph, ("X", "g"), data, source_dir=src.source_dir, providers=("CPUExecutionProvider",),
-                     progress=False, sampled=("g",), sample_rows=10, holdout_every=4, keep_held_back=2, **kw)
+    kw.setdefault("providers", ("CPUExecutionProvider",))
+    return calibrate(graph, ("X", "g"), data, source_dir=src.source_dir, progress=False, sampled=("g",),
+                     sample_rows=10, holdout_every=4, keep_held_back=2, **kw)
 
 
 def _assert_same_calibration(a: Calibration, b: Calibration) -> None:
@@ -138,6 +139,10 @@ def test_ray_local_cluster_gives_the_single_process_calibration(tmp_path):
     started = time.perf_counter()
     _assert_same_calibration(_calibrate(tmp_path, workers=2, ray_address="local"), _calibrate(tmp_path))
     assert time.perf_counter() - started < 120
+    if gpu_count() == 0:  # a GPU task on a cluster without GPUs would wait forever: refused at once
+        with pytest.raises(UserError, match="--ray-address local: the Ray cluster has no GPU"):
+            _calibrate(tmp_path, workers=2, ray_address="local",
+                       providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
 
 
 def test_cli_workers_2_writes_the_bytes_of_workers_1_and_a_dead_worker_leaves_no_file(tmp_path, monkeypatch, capsys):
