@@ -12,6 +12,7 @@ config. Adding a setting: a field in its group (with its validation) and its fla
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections.abc import Mapping
@@ -315,16 +316,27 @@ class RuntimeConfig:
     """Where and how the run executes and what it reports. providers: ONNX Runtime execution providers
     for calibration and evaluation. per_layer: also measure each linear layer's output error against the
     float graph (report). allow_unquantized: write the model even when no linear site can be quantized
-    (otherwise an error: an "output" identical to the input is rarely what the user wanted)."""
+    (otherwise an error: an "output" identical to the input is rarely what the user wanted). workers:
+    calibration runs in this many local worker processes, each with its own session (1: in this process);
+    ray_address: on a Ray cluster instead ("local" starts one here, "auto" or host:port joins one), one
+    worker per `workers`. Either way the output is byte-identical to one process's (calib.workers)."""
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     per_layer: bool = False
     allow_unquantized: bool = False
+    workers: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "providers", tuple(self.providers))
         if not self.providers:
             raise UserError("--providers is empty; name at least one ONNX Runtime execution provider.")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise UserError(f"--workers {self.workers} must be a whole number of at least 1.")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise UserError("--ray-address is empty; give 'local', 'auto' or the cluster's host:port.")
+        if self.ray_address is not None and importlib.util.find_spec("ray") is None:  # found, not imported
+            raise UserError('--ray-address needs Ray, which is not installed; pip install "segquant-onnx[ray]".')
 
 
 @dataclass(frozen=True)

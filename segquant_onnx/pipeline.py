@@ -138,7 +138,8 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
         if not dry:
             space = search_space(plan, config)
             cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir, providers=providers,
-                            tmp_dir=tmp, progress=progress, **space.calibration(plan, config.calibration))
+                            tmp_dir=tmp, progress=progress, workers=config.runtime.workers,
+                            ray_address=config.runtime.ray_address, **space.calibration(plan, config.calibration))
             stages.done("calibrate")
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: np.asarray(constant_values(weights[name]), np.float32)  # noqa: E731

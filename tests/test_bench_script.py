@@ -177,3 +177,19 @@ def test_demo_dynamo_is_the_trained_checkpoint_through_the_dynamo_exporter(tmp_p
     want = ort.InferenceSession(str(DATA_DIR / "demo_dit.onnx"), providers=["CPUExecutionProvider"]).run(
         None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_workers_section_is_replaced_and_keeps_its_analysis(tmp_path, monkeypatch):
+    """`bench.py --suite workers` rewrites only its own section, and the hand-written analysis below the
+    marker survives a new run."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from benchkit.scaling import NOTES_MARK, SECTION_TITLE, write_section
+
+    md = tmp_path / "B.md"
+    md.write_text(f"# B\n\n## Results\n\nr\n\n{SECTION_TITLE}\n\nold table\n{NOTES_MARK}\nthe analysis\n\n"
+                  "## Real pretrained models\n\nreal\n")
+    write_section(md, f"{SECTION_TITLE}\n\nnew table\n")
+    text = md.read_text()
+    assert "old table" not in text and "new table" in text
+    assert text.index("new table") < text.index(NOTES_MARK) < text.index("the analysis") < text.index("## Real")
+    assert text.count(SECTION_TITLE) == 1 and "## Results\n\nr" in text

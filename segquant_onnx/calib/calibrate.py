@@ -20,7 +20,7 @@ from segquant_onnx.calib.data import CalibrationData
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.calib.observers import RowSample, Stats, TensorStats
-from segquant_onnx.ir.runtime import make_session
+from segquant_onnx.ir.runtime import make_session, session_source
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,73 @@ def rest_feeds(data: CalibrationData, cal: Calibration) -> list[dict[str, np.nda
     return list(itertools.islice(iter(data), RANGE_FEEDS))
 
 
+class Shard:
+    """What a run of calibration feeds adds: statistics of the feeds the searches fit to (`stats`), of the
+    held-back ones (`held`), and row samples. Shards of consecutive runs merge exactly (observers), so a
+    run split over workers and merged in feed order is bit for bit the run done in one pass."""
+
+    def __init__(self, observed: tuple[str, ...], sampled: tuple[str, ...], sample_rows: int, holdout_every: int,
+                 channel_axes: dict[str, int]):
+        self.observed, self.holdout_every = observed, holdout_every
+        self.stats: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
+        self.held: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
+        self.samples = {name: RowSample(sample_rows) for name in sampled}
+        self.feeds = 0
+
+    def is_held_back(self, index: int) -> bool:
+        return self.holdout_every > 0 and index % self.holdout_every == self.holdout_every - 1
+
+    def add(self, index: int, feed: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+        """Feed number `index` (in the whole data) and the observed tensors it gave (graph inputs: the feed)."""
+        held_back = self.is_held_back(index)
+        for name in self.observed:
+            value = values[name] if name in values else feed[name]
+            (self.held if held_back else self.stats)[name].update(value)
+            if name in self.samples and (held_back or self.holdout_every == 0):
+                self.samples[name].update(value, index)
+        self.feeds += 1
+
+    def merge(self, later: "Shard") -> "Shard":
+        """Add the shard of the feeds right after this one's (in place; returns self)."""
+        for mine, theirs in ((self.stats, later.stats), (self.held, later.held)):
+            for name, st in theirs.items():
+                mine[name].merge(st)
+        for name, sample in later.samples.items():
+            self.samples[name].merge(sample)
+        self.feeds += later.feeds
+        return self
+
+
+def run_feeds(session, fetch: list[str], shard: Shard, indexed_feeds) -> Shard:
+    """Run `(index, feed)` pairs through the calibration session into `shard` (here or in a worker)."""
+    for index, feed in indexed_feeds:
+        shard.add(index, feed, dict(zip(fetch, session.run(fetch, feed))))
+    return shard
+
+
+class _HeldFeeds:
+    """Up to `keep` held-back feeds kept by reservoir sampling: the kept feeds span the whole data set
+    (captured trajectories are often ordered by timestep; the first k would all be early steps)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.feeds, self.seen, self.rng = keep, [], 0, np.random.default_rng(0)
+
+    def offer(self, feed: dict[str, np.ndarray]) -> None:
+        if len(self.feeds) < self.keep:
+            self.feeds.append(feed)
+        else:
+            slot = int(self.rng.integers(0, self.seen + 1))
+            if slot < self.keep:
+                self.feeds[slot] = feed
+        self.seen += 1
+
+
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,
               source_dir: str | None, providers, tmp_dir: str | None = None, progress: bool = True,
               sampled: tuple[str, ...] = (), sample_rows: int = 1024,
               holdout_every: int = 0, keep_held_back: int = 0,
-              channel_axes: dict[str, int] | None = None) -> Calibration:
+              channel_axes: dict[str, int] | None = None, workers: int = 1,
+              ray_address: str | None = None) -> Calibration:
     """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
     each tensor in `sampled` (a subset of `observed`). Per-channel maxima run over the last axis, or
     over `channel_axes[name]` (1 for a tensor only Convs read).
@@ -107,46 +169,40 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     the row sample only from the held-back ones, so searches scored on the sample see data their
     candidate scales were not fitted to (clipping of unseen values shows up); `stats` still cover
     every feed, for the final scales. Up to
-    `keep_held_back` held-back feeds are kept for model-output searches (sensitivity, fallback)."""
-    session = make_session(with_outputs(graph, observed), source_dir, providers, tmp_dir)
-    output_names = [o.name for o in session.get_outputs()]
+    `keep_held_back` held-back feeds are kept for model-output searches (sensitivity, fallback).
+
+    `workers > 1` (or a `ray_address`) runs the feeds in that many worker processes (calib.workers), with
+    the same result."""
+    model = with_outputs(graph, observed)
+    source = session_source(model, source_dir, tmp_dir)
+    output_names = {o.name for o in model.graph.output}
     fetch = [n for n in observed if n in output_names]
-    axes = channel_axes or {}
-    stats: Stats = {name: TensorStats.empty(channel_axis=axes.get(name, -1)) for name in observed}
-    held_stats: Stats = {name: TensorStats.empty(channel_axis=axes.get(name, -1)) for name in observed}
-    samples = {name: RowSample(sample_rows) for name in sampled}
-    held: list[dict[str, np.ndarray]] = []
-    held_seen, rng = 0, np.random.default_rng(0)
-    batches, feed_shapes = 0, {}
-    # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
-    with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch", disable=None if progress else True,
-              leave=False) as bar:
-        for i, feed in enumerate(bar):
-            if i == 0:
-                feed_shapes = {name: tuple(int(d) for d in value.shape) for name, value in feed.items()}
-            held_back = holdout_every > 0 and i % holdout_every == holdout_every - 1
-            if held_back and keep_held_back:
-                # reservoir sampling: the kept feeds span the whole data set (captured trajectories are
-                # often ordered by timestep; the first k would all be early steps)
-                if len(held) < keep_held_back:
-                    held.append(feed)
-                else:
-                    slot = int(rng.integers(0, held_seen + 1))
-                    if slot < keep_held_back:
-                        held[slot] = feed
-                held_seen += 1
-            values = dict(zip(fetch, session.run(fetch, feed)))
-            for name in observed:
-                value = values[name] if name in values else feed[name]
-                (held_stats if held_back else stats)[name].update(value)
-                if name in samples and (held_back or holdout_every == 0):
-                    samples[name].update(value)
-            batches += 1
-    if batches == 0:
+    shard = Shard(observed, sampled, sample_rows, holdout_every, channel_axes or {})
+    held, feed_shapes = _HeldFeeds(keep_held_back), {}
+
+    def indexed():
+        # no bar off a terminal (disable=None); on one, the bar is cleared when bad data raises mid-way
+        with tqdm(data, total=data.num_feeds, desc="calibrating", unit="batch",
+                  disable=None if progress else True, leave=False) as bar:
+            for i, feed in enumerate(bar):
+                if i == 0:
+                    feed_shapes.update({name: tuple(int(d) for d in value.shape) for name, value in feed.items()})
+                if keep_held_back and shard.is_held_back(i):
+                    held.offer(feed)
+                yield i, feed
+
+    if workers > 1 or ray_address is not None:
+        from segquant_onnx.calib.workers import run_sharded  # multiprocessing / Ray only when asked for
+
+        run_sharded(source, providers, fetch, shard, indexed(), workers=workers, ray_address=ray_address,
+                    num_feeds=data.num_feeds)
+    else:
+        run_feeds(source.open(providers), fetch, shard, indexed())
+    if shard.feeds == 0:
         raise UserError(f"Calibration data {data.description} yielded zero feeds; give at least one.")
-    log.info("calibrated %d tensors on %d batches", len(observed), batches)
-    rows = {name: s.rows for name, s in samples.items() if s.rows is not None}
+    log.info("calibrated %d tensors on %d batches", len(observed), shard.feeds)
+    rows = {name: s.rows for name, s in shard.samples.items() if s.rows is not None}
     if holdout_every == 0:
-        return Calibration(stats, rows, held, stats, feed_shapes)
-    everything = {name: copy.deepcopy(st).merge(held_stats[name]) for name, st in stats.items()}
-    return Calibration(everything, rows, held, stats, feed_shapes)
+        return Calibration(shard.stats, rows, held.feeds, shard.stats, feed_shapes)
+    everything = {name: copy.deepcopy(st).merge(shard.held[name]) for name, st in shard.stats.items()}
+    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes)

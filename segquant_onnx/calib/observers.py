@@ -1,8 +1,9 @@
 """Observers: reduce each calibration batch to running statistics at once.
 
 Memory does not grow with the calibration set: a tensor's statistics are a few scalars, one vector
-over its last axis, and a fixed-size histogram of |x|. Statistics of two shards merge exactly, so
-calibration can be split across processes and reduced afterwards.
+over its last axis, and a fixed-size histogram of |x|. Statistics of shards merge exactly: `update` with a
+batch gives the same bits as merging that batch's own statistics, and `merge` is associative, so calibration
+split over workers (contiguous runs of feeds, merged in feed order) writes the same bytes as one process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ _MIN_RANGE = 2.0**-24
 
 def _pow2_ceil(x: float) -> float:
     return 2.0 ** math.ceil(math.log2(max(x, _MIN_RANGE)))
+
+
+def _range_for(amax: float) -> float:
+    """The histogram range a batch with abs-max `amax` needs: a function of amax alone (not of the ranges
+    seen before), so the final range is _range_for(max of all batches) in any order or split."""
+    return _pow2_ceil(amax * (1 + 2**-20))
 
 
 @dataclass
@@ -42,6 +49,10 @@ class TensorStats:
     channel_neg_amax: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     # the axis the per-channel vectors run over: -1 (the last, K of a MatMul/Gemm input) or 1 (NCHW)
     channel_axis: int = -1
+    # the vectors above cover batches whose channel count is the first batch's; batches of another count
+    # (a dynamic sequence on the channel axis) keep theirs here, {count: [amax, pos_amax, neg_amax]}, so
+    # that a shard starting with such a batch still merges exactly
+    other_channels: dict[int, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, num_bins: int = NUM_BINS, channel_axis: int = -1) -> "TensorStats":
@@ -59,6 +70,20 @@ class TensorStats:
         self.hist[: len(merged)] = merged
         self.hist_range = new_range
 
+    def _channels(self, size: int, amax: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> None:
+        """Fold per-channel maxima of `size` channels in: the main vectors if they have that size (or are
+        unset: the first batch decides), else `other_channels[size]`."""
+        if self.channel_amax.size == 0 and not self.other_channels:
+            self.channel_amax, self.channel_pos_amax, self.channel_neg_amax = amax.copy(), pos.copy(), neg.copy()
+        elif self.channel_amax.size == size:
+            for mine, theirs in zip((self.channel_amax, self.channel_pos_amax, self.channel_neg_amax),
+                                    (amax, pos, neg)):
+                np.maximum(mine, theirs, out=mine)
+        elif size in self.other_channels:
+            np.maximum(self.other_channels[size], np.stack([amax, pos, neg]), out=self.other_channels[size])
+        else:
+            self.other_channels[size] = np.stack([amax, pos, neg])
+
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
         if x.size == 0:
@@ -68,27 +93,23 @@ class TensorStats:
         self.amax = max(self.amax, amax)
         self.pos_amax = max(self.pos_amax, float(x.max()))
         self.neg_amax = max(self.neg_amax, float(-x.min()))
-        ch = x.ndim > self.channel_axis if self.channel_axis >= 0 else x.ndim > 0
-        if ch and self.count == 0:
+        if x.ndim > self.channel_axis if self.channel_axis >= 0 else x.ndim > 0:
             c = x.shape[self.channel_axis]
-            self.channel_amax = np.zeros(c, np.float32)
-            self.channel_pos_amax = np.zeros(c, np.float32)
-            self.channel_neg_amax = np.zeros(c, np.float32)
-        if ch and self.channel_amax.size == x.shape[self.channel_axis]:
-            rows = np.moveaxis(x, self.channel_axis, -1).reshape(-1, self.channel_amax.size)
-            np.maximum(self.channel_amax, np.abs(rows).max(axis=0), out=self.channel_amax)
-            np.maximum(self.channel_pos_amax, rows.max(axis=0), out=self.channel_pos_amax)
-            np.maximum(self.channel_neg_amax, -rows.min(axis=0), out=self.channel_neg_amax)
-        if amax >= self.hist_range:
-            self._widen(_pow2_ceil(amax * (1 + 2**-20)))
+            rows = np.moveaxis(x, self.channel_axis, -1).reshape(-1, c)
+            self._channels(c, np.abs(rows).max(axis=0), rows.max(axis=0), -rows.min(axis=0))
+        needed = _range_for(amax)
+        if needed > self.hist_range:
+            self._widen(needed)
         n = len(self.hist)
+        # hist_range and n are powers of two: the scaling is exact, so a value's bin at a wider range is
+        # its bin here divided by the widening factor (what _widen does): bins never depend on the order
         idx = np.minimum((a.ravel() * (n / self.hist_range)).astype(np.int64), n - 1)
         self.hist += np.bincount(idx, minlength=n)
         self.neg_count += int(np.count_nonzero(x < 0))
         self.count += x.size
 
     def merge(self, other: "TensorStats") -> "TensorStats":
-        """Combine two shards' statistics (in place; returns self)."""
+        """Combine two shards' statistics (in place; returns self): `self` holds the earlier feeds."""
         rng = max(self.hist_range, other.hist_range)
         self._widen(rng)
         other_hist = TensorStats(0, 0, 0, 0, other.channel_amax, other.hist.copy(), other.hist_range)
@@ -99,12 +120,11 @@ class TensorStats:
         self.amax = max(self.amax, other.amax)
         self.pos_amax = max(self.pos_amax, other.pos_amax)
         self.neg_amax = max(self.neg_amax, other.neg_amax)
-        for name in ("channel_amax", "channel_pos_amax", "channel_neg_amax"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine.size == 0:
-                setattr(self, name, theirs.copy())
-            elif mine.shape == theirs.shape:
-                np.maximum(mine, theirs, out=mine)
+        if other.channel_amax.size or other.other_channels:
+            self._channels(other.channel_amax.size, other.channel_amax, other.channel_pos_amax,
+                           other.channel_neg_amax)
+        for size, vectors in other.other_channels.items():
+            self._channels(size, *vectors)
         return self
 
     @property
@@ -128,30 +148,43 @@ def merge_stats(a: Stats, b: Stats) -> Stats:
 class RowSample:
     """A bounded, deterministic uniform sample of a tensor's rows (vectors over its last axis).
 
-    Searches that need a layer's real outputs (DualScale's decision, later SmoothQuant's alpha) run on
-    this sample instead of storing activations: at most `max_rows` rows are kept (reservoir
-    sampling with a fixed seed, so results are reproducible).
+    Searches that need a layer's real outputs (DualScale's decision, SmoothQuant's alpha) run on this
+    sample instead of storing activations. Each row gets a pseudo-random priority drawn from (seed, the
+    feed's index, the row's place in the feed), and the `max_rows` rows of lowest priority are kept, in
+    priority order: the first m of them are themselves a uniform sample of m rows. A row's fate depends on
+    its own key only, never on how many rows came before, so shards of the feeds sampled apart and merged
+    keep exactly the rows one pass keeps (a classic reservoir would need each shard's row offset).
     """
 
     def __init__(self, max_rows: int = 512, seed: int = 0):
-        self.max_rows = max_rows
+        self.max_rows, self.seed = max_rows, seed
         self.rows: np.ndarray | None = None
+        # per kept row: priority, feed index, row index in the feed (lexicographic order breaks ties)
+        self.keys = (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
         self.seen = 0
-        self._rng = np.random.default_rng(seed)
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, feed_index: int) -> None:
+        """Offer the rows of `x`, the tensor's value in feed number `feed_index` (each feed at most once)."""
         x = np.asarray(x, np.float32)
         rows = x.reshape(-1, x.shape[-1])
-        if self.rows is None:
-            self.rows = np.empty((0, rows.shape[1]), np.float32)
-        room = self.max_rows - len(self.rows)
-        if room > 0:
-            self.rows = np.concatenate([self.rows, rows[:room]])
-        rest = rows[max(room, 0):]
-        if len(rest):
-            # reservoir: row number t (0-based, over all rows seen) replaces a random slot with p = k/(t+1)
-            t = self.seen + max(room, 0) + np.arange(len(rest))
-            slots = (self._rng.random(len(rest)) * (t + 1)).astype(np.int64)
-            keep = slots < self.max_rows
-            self.rows[slots[keep]] = rest[keep]
+        prio = np.random.default_rng((self.seed, feed_index)).random(len(rows))
+        self._keep(rows, (prio, np.full(len(rows), feed_index, np.int64), np.arange(len(rows), dtype=np.int64)))
         self.seen += len(rows)
+
+    def merge(self, other: "RowSample") -> "RowSample":
+        """Add another shard's sample (in place; returns self): the same rows as sampling both at once."""
+        if other.rows is not None:
+            self._keep(other.rows, other.keys)
+        self.seen += other.seen
+        return self
+
+    def _keep(self, rows: np.ndarray, keys: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        if self.rows is not None and len(self.rows) == self.max_rows:
+            # only rows that can beat the current last one need copying (ties go through to the sort)
+            cand = keys[0] <= self.keys[0][-1]
+            rows, keys = rows[cand], tuple(k[cand] for k in keys)
+        if self.rows is not None:
+            rows = np.concatenate([self.rows, rows])
+            keys = tuple(np.concatenate([a, b]) for a, b in zip(self.keys, keys))
+        order = np.lexsort(keys[::-1])[: self.max_rows]  # by priority, then feed, then row
+        self.rows, self.keys = np.ascontiguousarray(rows[order]), tuple(k[order] for k in keys)

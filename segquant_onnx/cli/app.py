@@ -40,6 +40,7 @@ FLAG_SETTINGS = {
     "outlier_min_gain": ("outliers", "min_gain_db"), "sensitivity": ("fallback", "sensitivity"),
     "target_sqnr": ("fallback", "target_sqnr"), "max_fallback": ("fallback", "max_fallback_pct"),
     "per_layer": ("runtime", "per_layer"), "allow_unquantized": ("runtime", "allow_unquantized"),
+    "workers": ("runtime", "workers"), "ray_address": ("runtime", "ray_address"),
 }
 
 
@@ -219,7 +220,20 @@ def _add_model_choices(groups: dict, d: QuantConfig, dry_rewrite: bool = False) 
         "--exclude", action="append", metavar="REGEX", help="keep sites whose node name matches in float (repeatable)")
     groups["runtime"].add_argument(
         "--providers", default=",".join(d.runtime.providers),
-        help="ONNX Runtime execution providers, comma-separated (default: %(default)s)")
+        help="ONNX Runtime execution providers, comma-separated, e.g. CUDAExecutionProvider,CPUExecutionProvider "
+             "or TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider (GPU ones need onnxruntime-gpu "
+             "and a GPU; with --workers, worker i runs on GPU i mod the GPU count) (default: %(default)s)")
+
+
+def _add_workers(group, d: QuantConfig) -> None:
+    """--workers / --ray-address: where calibration runs (quantize, sensitivity)."""
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="calibrate in N worker processes, each with its own ONNX Runtime session, the feeds "
+                            "split between them and their statistics merged: the same output bytes as one "
+                            f"process (default: {d.runtime.workers}, in this process)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run the --workers on a Ray cluster: 'local' starts one on this machine, 'auto' or "
+                            "HOST:PORT joins a running one (needs: pip install \"segquant-onnx[ray]\")")
 
 
 def _add_quantize_options(q, d: QuantConfig) -> None:
@@ -280,6 +294,7 @@ def _add_quantize_options(q, d: QuantConfig) -> None:
                    help=f"calibration batch when the model's batch is dynamic (default: {DEFAULT_DYNAMIC_BATCH})")
 
     _add_model_choices(groups, d, dry_rewrite=True)
+    _add_workers(groups["runtime"], d)
     groups["DualScale"].add_argument(
         "--dualscale-min-gain", type=float, default=d.dualscale.min_gain_db, metavar="DB",
         help="with --dualscale auto: the layer-output SQNR gain (dB) a site needs (default: %(default)s)")
@@ -375,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="as for quantize (default: %(default)s)")
     se.add_argument("--report", metavar="JSON", help="write the full JSON report here (and a Markdown one beside it)")
     se.add_argument("--force", action="store_true", help="replace the report if it exists")
-    _add_model_choices(_groups(se), d)
+    se_groups = _groups(se)
+    _add_model_choices(se_groups, d)
+    _add_workers(se_groups["runtime"], d)
     se.set_defaults(func=_cmd_sensitivity)
     for module in EXTRA_COMMANDS:  # other subcommands live in their own modules: add_parser(sub)
         importlib.import_module(module).add_parser(sub)
@@ -397,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"segquant-onnx: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from segquant_onnx.calib.workers import WorkerError  # a worker failed twice: one line, no stack trace
+        if not isinstance(exc, WorkerError):
+            raise
+        print(f"segquant-onnx: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("segquant-onnx: interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +40,39 @@ def quiet_onnxruntime() -> int:
     return severity
 
 
+# providers that run on one GPU, picked by their `device_id` option
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def check_providers(providers: tuple[str, ...]) -> tuple[str, ...]:
     available = ort.get_available_providers()
     for p in providers:
         if p not in available:
-            raise UserError(f"--providers: ONNX Runtime has no '{p}' here; available: {', '.join(available)}.")
+            hint = " (GPU providers need onnxruntime-gpu: pip install onnxruntime-gpu)" if p in GPU_PROVIDERS else ""
+            raise UserError(f"--providers: ONNX Runtime has no '{p}' here{hint}; available: {', '.join(available)}.")
     return tuple(providers)
+
+
+def gpu_count() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the devices `nvidia-smi -L` lists
+    (0 when neither says: then every worker asks for device 0)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def provider_options(providers: tuple[str, ...], worker: int = 0, gpus: int = 0) -> list[dict[str, str]]:
+    """ONNX Runtime's per-provider options: worker `worker` runs on GPU `worker % gpus` (one GPU per worker
+    while there are enough; device 0 when the count is unknown), other providers take no options."""
+    device = worker % gpus if gpus > 0 else 0
+    return [{"device_id": str(device)} if p in GPU_PROVIDERS else {} for p in providers]
 
 
 def _float_typed(t: onnx.TensorProto, base_dir: str | None) -> onnx.TensorProto:
@@ -91,52 +121,85 @@ def has_fp8_qdq(model: onnx.ModelProto) -> bool:
                for n in model.graph.node)
 
 
-def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
-                 tmp_dir: str | None = None) -> ort.InferenceSession:
-    """A session for `model`, whose external-data tensors (if any) live in `source_dir`.
+@dataclass(frozen=True)
+class SessionSource:
+    """A model as ONNX Runtime loads it, with the options `make_session` picks for it; picklable, so a
+    worker process opens the same session: the serialized model (`model`), or a file written once
+    (`path`, a model over protobuf's limit), its external-data tensors in `source_dir`."""
 
-    Small models go to ONNX Runtime as bytes; ones over protobuf's limit are written to `tmp_dir`
-    (a temporary directory the caller owns) with external data first.
-    """
+    model: bytes | None
+    path: str | None
+    source_dir: str | None
+    shadow: bool  # a bfloat16 graph's float32 shadow: run as written
+    fp8: bool  # FP8 Q/DQ: unfused, basic optimizations
+
+    def open(self, providers=DEFAULT_PROVIDERS, options: list[dict[str, str]] | None = None,
+             threads: int = 0) -> ort.InferenceSession:
+        """A session on `providers` with their `options` (provider_options); `threads`: intra-op threads
+        (0: ONNX Runtime's default, one per core)."""
+        opts = ort.SessionOptions()
+        opts.log_severity_level = quiet_onnxruntime()
+        opts.intra_op_num_threads = threads
+        # ORT's CPU optimizer fuses an INT4 DequantizeLinear + MatMul into MatMulNBits, by default at accuracy level
+        # 4: it rounds the float activation to int8 as well (measured, ORT 1.31: a W4A16 fp32 MatMul off by 0.7% of
+        # its output). Level 1 computes in float32, what the graph says
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        if self.shadow:
+            # the shadow's Casts from (former) bfloat16 to float32 cast float32 to itself; ORT's basic-level
+            # cast elimination then drops ones whose output we fetch and refuses its own graph (measured on a
+            # TorchScript bfloat16 FLUX export): run the shadow as written
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if self.fp8:
+            # ORT's CPU optimizer fuses Q/DQ + Gemm/MatMul/Conv into its QGemm/QLinear* kernels, which accept
+            # 8-bit integers only: with FP8 the fused graph fails its type check. And its extended-level
+            # rewrites change what an FP8 graph computes (measured, ORT 1.31: a DualScale site off by 0.27 of a
+            # unit output against onnx's reference evaluator, 16.8 instead of 25.5 dB; basic level and below
+            # match it exactly). So FP8 graphs run unfused at the basic level: what the graph says.
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options = options or provider_options(tuple(providers))
+        try:
+            if self.model is not None:  # external tensors stay where they are
+                if self.source_dir:
+                    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                  self.source_dir)
+                session = ort.InferenceSession(self.model, opts, providers=list(providers), provider_options=options)
+            else:
+                session = ort.InferenceSession(self.path, opts, providers=list(providers), provider_options=options)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+                ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"ONNX Runtime cannot load the model ({first}); check that it runs in "
+                            "onnxruntime as exported.") from None
+        # ONNX Runtime falls back to the CPU, with a logged error, when a GPU provider cannot start
+        missing = [p for p in providers if p in GPU_PROVIDERS and p not in session.get_providers()]
+        if missing:
+            raise UserError(f"--providers {missing[0]}: ONNX Runtime could not start it here (no usable GPU, or its "
+                            "CUDA/cuDNN/TensorRT libraries are missing); install them or drop it from --providers.")
+        return session
+
+
+def session_source(model: onnx.ModelProto, source_dir: str | None, tmp_dir: str | None = None) -> SessionSource:
+    """What `make_session` opens for `model`: small models go to ONNX Runtime as bytes; ones over protobuf's
+    limit are written to `tmp_dir` (a temporary directory the caller owns) with external data first."""
     shadow = has_bfloat16(model)
     if shadow:
         model = float32_shadow(model, source_dir)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = quiet_onnxruntime()
-    # ORT's CPU optimizer fuses an INT4 DequantizeLinear + MatMul into MatMulNBits, by default at accuracy level
-    # 4: it rounds the float activation to int8 as well (measured, ORT 1.31: a W4A16 fp32 MatMul off by 0.7% of
-    # its output). Level 1 computes in float32, what the graph says
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    if shadow:
-        # the shadow's Casts from (former) bfloat16 to float32 cast float32 to itself; ORT's basic-level
-        # cast elimination then drops ones whose output we fetch and refuses its own graph (measured on a
-        # TorchScript bfloat16 FLUX export): run the shadow as written
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if has_fp8_qdq(model) and not shadow:
-        # ORT's CPU optimizer fuses Q/DQ + Gemm/MatMul/Conv into its QGemm/QLinear* kernels, which accept
-        # 8-bit integers only: with FP8 the fused graph fails its type check. And its extended-level
-        # rewrites change what an FP8 graph computes (measured, ORT 1.31: a DualScale site off by 0.27 of a
-        # unit output against onnx's reference evaluator, 16.8 instead of 25.5 dB; basic level and below
-        # match it exactly). So FP8 graphs run unfused at the basic level: what the graph says.
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    try:
-        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:  # external tensors stay where they are
-            if source_dir:
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                              source_dir)
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-        if tmp_dir is None:
-            raise ValueError("a model whose inline tensors exceed 1.8 GB needs tmp_dir")
-        path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
-        save_model(model, path, source_dir=source_dir, external=True)
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot load the model ({first}); check that it runs in "
-                        "onnxruntime as exported.") from None
+    fp8 = has_fp8_qdq(model) and not shadow
+    if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+        return SessionSource(model.SerializeToString(), None, source_dir, shadow, fp8)
+    if tmp_dir is None:
+        raise ValueError("a model whose inline tensors exceed 1.8 GB needs tmp_dir")
+    path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
+    save_model(model, path, source_dir=source_dir, external=True)
+    return SessionSource(None, str(path), source_dir, shadow, fp8)
+
+
+def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
+                 tmp_dir: str | None = None) -> ort.InferenceSession:
+    """A session for `model`, whose external-data tensors (if any) live in `source_dir` (see session_source)."""
+    return session_source(model, source_dir, tmp_dir).open(providers)
 
 
 def temporary_directory() -> tempfile.TemporaryDirectory:

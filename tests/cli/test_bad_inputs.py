@@ -9,6 +9,7 @@ A new flag adds its bad values here in the same commit.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ class Workspace:
         self.calib = self.npz("calib.npz", X=calib_inputs("matmul", 4))
         self.existing = self.out / "old.onnx"
         self.existing.write_bytes(b"an earlier result")
+        self.hidden_modules: list[str] = []  # modules the case makes unimportable (an optional extra missing)
+
+    def without(self, module: str) -> "Workspace":
+        self.hidden_modules.append(module)
+        return self
 
     def npz(self, name: str, **arrays) -> Path:
         np.savez(self.inputs / name, **arrays)
@@ -64,6 +70,13 @@ def _model(nodes, inits) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def _gpu_provider_cannot_start(ws) -> bool:
+    """Make the CUDA provider look listed but unable to start (what onnxruntime-gpu does on a machine
+    without a GPU: the session falls back to the CPU), on any machine."""
+    ws.fake_gpu_fallback = True
+    return True
 
 
 def _q(ws, *extra):
@@ -173,6 +186,16 @@ CASES = [
     ("quantize: --smoothquant 2", lambda ws: _q(ws, "--smoothquant", "2"), ["--smoothquant"]),
     ("quantize: --max-fallback 101", lambda ws: _q(ws, "--max-fallback", "101"), ["--max-fallback"]),
     ("quantize: --dualscale nope", lambda ws: _q(ws, "--dualscale", "nope"), ["--dualscale", "--help"]),
+    ("quantize: --workers 0", lambda ws: _q(ws, "--workers", "0"), ["--workers", "at least 1"]),
+    ("quantize: --workers -1", lambda ws: _q(ws, "--workers", "-1"), ["--workers", "at least 1"]),
+    ("quantize: --workers x", lambda ws: _q(ws, "--workers", "x"), ["--workers", "not an integer"]),
+    ("quantize: --ray-address without ray", lambda ws: _q(ws.without("ray"), "--ray-address", "local"),
+     ["--ray-address", 'pip install "segquant-onnx[ray]"']),
+    ("quantize: --ray-address ''", lambda ws: _q(ws, "--ray-address", " "), ["--ray-address", "empty"]),
+    ("quantize: --providers CUDA that cannot start", lambda ws: _q(ws, "--providers", "CUDAExecutionProvider")
+     if _gpu_provider_cannot_start(ws) else [], ["--providers CUDAExecutionProvider", "could not start"]),
+    ("sensitivity: --workers 0", lambda ws: ["sensitivity", ws.model, "--calib", ws.calib, "--workers", "0"],
+     ["--workers"]),
     ("quantize: --seg-patterns bogus", lambda ws: _q(ws, "--seg-patterns", "bogus"), ["--seg-patterns", "bogus"]),
     ("quantize: unknown flag", lambda ws: _q(ws, "--frobnicate"), ["--frobnicate"]),
     ("quantize: --precision fp4", lambda ws: _q(ws, "--precision", "fp4"), ["--precision", "--help"]),
@@ -248,6 +271,18 @@ def _entries(root: Path) -> set[str]:
     return {str(p) for p in root.rglob("*")}
 
 
+def _fake_gpu_fallback(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def cpu_only(model, opts=None, providers=None, provider_options=None):
+        return real(model, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", cpu_only)
+
+
 def test_the_table_is_large_and_covers_every_subcommand():
     commands = {case[0].split(":")[0].split()[0] for case in CASES}
     assert commands == {"quantize", "inspect", "sensitivity", "compare", "check-trt", "build-trt", "demo"}
@@ -261,6 +296,10 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     argv = [str(a) for a in build(ws)]
     assert argv, "the case builder must return a command line"
     monkeypatch.chdir(ws.cwd)
+    for module in ws.hidden_modules:
+        monkeypatch.setitem(sys.modules, module, None)
+    if getattr(ws, "fake_gpu_fallback", False):
+        _fake_gpu_fallback(monkeypatch)
     before, listing = _digest(tmp_path), _entries(tmp_path)
     try:
         code = main(argv)
