@@ -262,5 +262,7 @@ def _check_block(shape: tuple, dims: tuple, a: dict) -> Iterator[tuple[str, str]
         yield "block", f"blocked axis {axis} of a rank-{rank} tensor; TensorRT blocks the last or second to last"
     size, n = shape[axis], dims[axis]
     bs = a.get("block_size")
-    if isinstance(size, int) and (size % max(n, 1) or (bs and (size % bs or n != size // bs))):
+    # TensorRT infers the block as size / n; ONNX reads blocks of block_size, the last one maybe short. They
+    # agree when the blocks are whole, or when one scale covers the whole axis (a block_size above it included)
+    if isinstance(size, int) and (size % max(n, 1) or (bs and n != 1 and size // n != bs)):
         yield "block", f"axis {axis} of size {size} is not cut into whole blocks by {n} scales (block_size {bs})"

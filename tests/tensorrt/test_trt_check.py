@@ -96,6 +96,7 @@ PASSING = {
     "fp8-opset19": lambda: _fp8(19),
     "int4-opset21": lambda: _weighted(21, dtype=TensorProto.INT4)[0].model("Y"),
     "int4-block": lambda: _block((8, 6), (2, 6), 0, 4),
+    "int4-one-short-block": lambda: _block((8, 6), (1, 6), 0, 16),  # block_size above K: one block, as TensorRT reads
     "int4-block-2d-int8-input": lambda: _block((8, 6), (2, 6), 0, 4, quantized_input=True, x_shape=(4, 8)),
     "matmul-axis-minus-1": lambda: _weighted(17, axis=-1)[0].model("Y"),
     "gemm-transB1-axis0": lambda: _gemm(1, 0),
