@@ -314,19 +314,19 @@ def render_section(state: BenchState, cases: list[ModelCase], infos: dict, share
     return "\n".join(parts)
 
 
-def replace_section(markdown: str, section: str) -> str:
-    """``markdown`` with its SECTION_TITLE section (up to the next ``## `` heading) replaced by ``section``,
+def replace_section(markdown: str, section: str, title: str = SECTION_TITLE) -> str:
+    """``markdown`` with its ``title`` section (up to the next ``## `` heading) replaced by ``section``,
     or ``section`` appended when there is none."""
-    pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     section = section.rstrip("\n") + "\n"
     if pattern.search(markdown):
         return pattern.sub(lambda _: section + "\n", markdown, count=1).rstrip("\n") + "\n"
     return markdown.rstrip("\n") + "\n\n" + section
 
 
-def kept_section(markdown: str) -> str | None:
-    """The SECTION_TITLE section of ``markdown`` (up to the next ``## `` heading), or None."""
-    match = re.search(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", markdown, re.S | re.M)
+def kept_section(markdown: str, title: str = SECTION_TITLE) -> str | None:
+    """The ``title`` section of ``markdown`` (up to the next ``## `` heading), or None."""
+    match = re.search(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", markdown, re.S | re.M)
     return match.group(0).rstrip("\n") + "\n" if match else None
 
 
