@@ -81,7 +81,8 @@ def make_session(path: Path):
 SESSION_NOTE = ("Every session, the reference's, ours and ModelOpt's alike, sets"
                 " `session.qdq_matmulnbits_accuracy_level = 1`, as segquant-onnx's own sessions do: ONNX Runtime's"
                 " CPU fuses an INT4 DequantizeLinear + MatMul into MatMulNBits, by default at accuracy level 4,"
-                " which also rounds the activations to int8; level 1 computes in float32, what the graph says (graphs without INT4 weights are unaffected)")
+                " which also rounds the activations to int8; level 1 computes in float32, what the graph says"
+                " (graphs without INT4 weights are unaffected)")
 # What the report says about FP8 sessions (make_session): why each option.
 FP8_SESSION = ("`session.disable_quant_qdq=1` (ONNX Runtime's CPU fuses Q/DQ + MatMul/Gemm into its QGemm /"
                " MatMulIntegerToFloat kernels, which take 8-bit integers only: an FP8 graph fails their type check)"
