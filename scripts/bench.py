@@ -27,6 +27,7 @@ Usage::
     python scripts/bench.py                       # everything (creates the ModelOpt venv on first use)
     python scripts/bench.py --quick               # bundled example only, segquant-onnx + ONNX Runtime, 1 run each
     python scripts/bench.py --skip-modelopt --models example,demo
+    python scripts/bench.py --suite int4          # W4A16 / W4A8 against ModelOpt int4 (BENCHMARKS.md's "INT4 weights")
 
 ModelOpt runs from its own virtualenv (``<work-dir>/venv-modelopt``) because it pins onnx and
 onnxruntime-gpu versions; if it cannot be installed or fails on a model, that row says why.
@@ -41,7 +42,8 @@ The code is the ``benchkit`` package beside this file:
 - ``sections.py``: per-layer SQNR, CPU latency, demo images;
 - ``provenance.py``: machine, versions, source and data fingerprints;
 - ``tables.py``, ``render.py``: the Markdown tables, BENCHMARKS.md and bench_results.json;
-- ``results.py``: the rows and notes a run collects; ``driver.py``: the run itself and its flags.
+- ``results.py``: the rows and notes a run collects; ``driver.py``: the run itself and its flags;
+- ``real.py``, ``int4.py``: the ``--suite real`` and ``--suite int4`` runs, each writing its own section.
 """
 
 from __future__ import annotations

@@ -6,9 +6,14 @@ classes) into a temporary directory, copies `demo_grid.png`, `demo_step_error.pn
 the metrics the demo returned, rounded as `segquant-onnx demo` prints them.
 tests/test_readme_numbers.py checks the table against a fresh run.
 
+With ``--precision w4a8`` it renders the W4A8 grid instead (naive W4A8 vs SegQuant's best W4A8 recipe,
+`segquant-onnx demo --precision w4a8`) into docs/demo/ as `demo_grid_w4a8.png`, `demo_step_error_w4a8.png`
+and `demo_metrics_w4a8.json`, prints the metrics and leaves the README as it is (its W4A8 paragraph quotes them).
+
 Usage::
 
-    python scripts/readme_demo.py            # needs the `demo` extra (Pillow, matplotlib)
+    python scripts/readme_demo.py                     # needs the `demo` extra (Pillow, matplotlib)
+    python scripts/readme_demo.py --precision w4a8
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segquant_onnx.diffusion.demo import format_metrics, run_demo
+from segquant_onnx.diffusion.demo import DEMO_PRECISIONS, format_metrics, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 README, DOCS = ROOT / "README.md", ROOT / "docs" / "demo"
@@ -66,22 +71,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the images go (default: docs/demo)")
+    parser.add_argument("--precision", choices=tuple(DEMO_PRECISIONS), default="int8",
+                        help="int8: the README's table and images (default); w4a8: the W4A8 grid, files suffixed "
+                             "_w4a8, the README left as it is")
     args = parser.parse_args(argv)
+    suffix = "" if args.precision == "int8" else f"_{args.precision}"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     with tempfile.TemporaryDirectory(prefix="segquant-readme-demo-") as tmp:
         out = Path(tmp) / "demo"
         started = time.perf_counter()
-        metrics = run_demo(out, steps=STEPS, seeds=SEEDS, classes=CLASSES, progress=False)
+        metrics = run_demo(out, steps=STEPS, seeds=SEEDS, classes=CLASSES, progress=False, precision=args.precision)
         seconds = time.perf_counter() - started
         print(format_metrics(metrics))
         args.docs.mkdir(parents=True, exist_ok=True)
+
+        def copy_name(name: str) -> str:
+            return f"{Path(name).stem}{suffix}{Path(name).suffix}"
+
         for name in IMAGES:
-            shutil.copyfile(out / name, args.docs / name)
+            shutil.copyfile(out / name, args.docs / copy_name(name))
         # the metrics file lists where the run wrote: the temporary folder; name the copies instead
-        metrics["files"] = [str((args.docs / Path(f).name).relative_to(ROOT)) if args.docs.is_relative_to(ROOT)
-                            else str(args.docs / Path(f).name) for f in metrics["files"]]
-        (args.docs / "demo_metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+        metrics["files"] = [str((args.docs / copy_name(Path(f).name)).relative_to(ROOT))
+                            if args.docs.is_relative_to(ROOT) else str(args.docs / copy_name(Path(f).name))
+                            for f in metrics["files"]]
+        (args.docs / copy_name("demo_metrics.json")).write_text(json.dumps(metrics, indent=1, default=float))
+    if args.precision != "int8":
+        print(f"demo ran in {seconds:.1f} s; wrote {', '.join(map(copy_name, IMAGES))} and "
+              f"{copy_name('demo_metrics.json')} to {args.docs}; README left as it is")
+        return 0
 
     text = rewrite_readme(args.readme.read_text(), metrics, seconds)
     tmp_readme = args.readme.with_name(args.readme.name + ".tmp")

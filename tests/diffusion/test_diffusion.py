@@ -11,6 +11,7 @@ from segquant_onnx.diffusion import sampling as diffusion
 from segquant_onnx.calib.data import model_inputs, open_calibration
 from segquant_onnx.examples import example_path
 from segquant_onnx.cli import main
+from segquant_onnx.errors import UserError
 from segquant_onnx.diffusion.sampling import (capture_calibration, capture_from_module, flow_times, initial_noise,
                                      onnx_transformer, rectified_flow_sample)
 from segquant_onnx.ir.graph_io import load_model
@@ -245,3 +246,45 @@ def test_diffusion_imports_without_torch():
     code = "import sys, segquant_onnx.diffusion.sampling, segquant_onnx.diffusion.demo; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert diffusion.TIMESTEP_SCALE == 1000.0
+
+
+def test_demo_w4a8_compares_naive_rounding_with_the_best_w4a8_recipe():
+    """`segquant-onnx demo --precision w4a8`: naive = INT4 weights rounded to nearest, INT8 activations, no
+    SegLinear / DualScale; SegQuant = --preset best at W4A8 (GPTQ) with the low-rank branch."""
+    from segquant_onnx import QuantConfig
+    from segquant_onnx.diffusion.demo import DEMO_PRECISIONS, METHODS, W4A8_METHODS, model_name
+
+    assert DEMO_PRECISIONS == {"int8": METHODS, "w4a8": W4A8_METHODS}
+    naive, seg = W4A8_METHODS["naive W4A8"], W4A8_METHODS["SegQuant W4A8"]
+    assert naive == QuantConfig(precision={"format": "w4a8", "weight_rounding": "rtn"},
+                                seglinear={"output": False, "input": False}, dualscale={"mode": "off"})
+    assert seg == QuantConfig.preset("best", precision={"format": "w4a8", "weight_rounding": "gptq", "low_rank": 16})
+    assert seg.smoothquant.mode.value == "auto" and seg.fallback.target_sqnr == 40.0
+    assert [model_name(n, "w4a8") for n in W4A8_METHODS] == ["demo_dit_naive_w4a8.onnx", "demo_dit_segquant_w4a8.onnx"]
+    assert [model_name(n, "int8") for n in METHODS] == ["demo_dit_naive_int8.onnx", "demo_dit_segquant_int8.onnx"]
+
+
+def test_demo_refuses_a_precision_it_does_not_run(tmp_path):
+    from segquant_onnx.diffusion.demo import run_demo
+
+    pytest.importorskip("PIL")
+    with pytest.raises(UserError, match="--precision w4a16"):
+        run_demo(tmp_path / "d", precision="w4a16")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_demo_command_at_w4a8(capsys, tmp_path):
+    pytest.importorskip("PIL")
+    out = tmp_path / "demo"
+    code = main(["demo", "-o", str(out), "--steps", "2", "--seeds", "0", "--classes", "3", "7", "--precision", "w4a8",
+                 "--save-models", "-q"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "naive W4A8" in stdout and "SegQuant W4A8" in stdout
+    metrics = json.loads((out / "demo_metrics.json").read_text())
+    assert metrics["precision"] == "w4a8" and list(metrics["methods"]) == ["naive W4A8", "SegQuant W4A8"]
+    seg = metrics["methods"]["SegQuant W4A8"]
+    assert seg["config"]["precision"]["low_rank"] == 16 and seg["config"]["precision"]["weight_rounding"] == "gptq"
+    assert seg["eval_output_sqnr_db"] > metrics["methods"]["naive W4A8"]["eval_output_sqnr_db"]
+    assert (out / "demo_dit_segquant_w4a8.onnx").is_file() and (out / "demo_dit_naive_w4a8.onnx").is_file()
