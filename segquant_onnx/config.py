@@ -344,7 +344,8 @@ class PrecisionConfig:
     """format: what the linear sites are quantized to (see Precision). high_precision: the dtype the rest
     of the graph is written in (an fp32 model's rest converted where calibrated ranges allow). block_size:
     INT4 weights' input channels per scale. weight_rounding: round to nearest or GPTQ (WeightRounding).
-    low_rank: the rank of the float branch each MatMul/Gemm weight keeps (SVDQuant; 0: none). weight_clip:
+    low_rank: the rank of the float branch each MatMul/Gemm weight keeps (SVDQuant; 0: none; auto: per site,
+    solve.fit.auto_rank). weight_clip:
     clip each weight block's scale where that lowers the layer output error on sampled rows (AWQ's clip search).
     quantize_attention: per-tensor Q/DQ on both inputs of the attention products (Q @ K^T, softmax @ V),
     the placement TensorRT's fused MHA kernels take (passes/quantize_attention.py)."""
@@ -354,7 +355,7 @@ class PrecisionConfig:
     quantize_attention: bool = False
     block_size: int = 128
     weight_rounding: WeightRounding = WeightRounding.RTN
-    low_rank: int = 0
+    low_rank: int | str = 0  # or "auto"
     weight_clip: bool = False
 
     def __post_init__(self):
@@ -365,8 +366,10 @@ class PrecisionConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
                 or self.block_size & (self.block_size - 1):
             raise UserError(f"--block-size {self.block_size} must be a power of two of at least 16 (e.g. 128).")
-        if isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int) or self.low_rank < 0:
-            raise UserError(f"--low-rank {self.low_rank} must be a rank: 0 (off) or a positive integer such as 32.")
+        if self.low_rank != "auto" and (isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int)
+                                        or self.low_rank < 0):
+            raise UserError(f"--low-rank {self.low_rank} must be a rank: 0 (off), a positive integer such as 32, "
+                            "or auto.")
         if self.format is Precision.W4A16 and self.quantize_attention:
             raise UserError("--quantize-attention quantizes activations, which --precision w4a16 keeps in float; "
                             "drop one of them (w4a8 quantizes activations).")

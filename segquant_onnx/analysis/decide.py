@@ -49,7 +49,8 @@ class SearchSpace:
     global outlier-channel caps; `sampled`: activations whose row samples the per-site choices score
     on; `output_checks`: whether the choices are checked on held-back feeds; `held_back_required`:
     whether the run cannot do without those feeds (sensitivity, fallback, per-site outliers); `hessian_rows`:
-    activations sampled only for GPTQ's X^T X and the weight clip search (they need no held-back feeds)."""
+    activations sampled only for GPTQ's X^T X, the weight clip search and --low-rank auto (they need no
+    held-back feeds)."""
 
     variants: tuple[Variant, ...]
     caps: tuple[int, ...]
@@ -93,7 +94,8 @@ def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:
         + [sites[d.site].activation for d in plan.dual if sites[d.site].channels_last]))
     required = config.fallback.ranks or outliers.mode is OutlierMode.AUTO
     checks = required or len(variants) > 1
-    gptq = config.precision.weight_rounding is not WeightRounding.RTN or config.precision.weight_clip
+    gptq = (config.precision.weight_rounding is not WeightRounding.RTN or config.precision.weight_clip
+            or config.precision.low_rank == "auto")
     hessian_rows = tuple(s.activation for s in plan.sites if s.channels_last) if gptq else ()
     return SearchSpace(tuple(variants), outliers.caps, sampled, checks, required, hessian_rows)
 

@@ -154,6 +154,40 @@ def gptq_pays(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray, 
     return err(gptq) < err(rtn) * (1 - 1e-6)  # a tie (GPTQ is rounding to nearest) is no win
 
 
+AUTO_RANKS = (16, 32, 64)  # what --low-rank auto tries per site
+AUTO_RANK_MAX_COST = 0.10  # at most this fraction of the site's FLOPs: 2 M r (K + N) <= 0.1 x 2 M K N
+AUTO_RANK_MIN_GAIN_DB = 1.0  # a branch must lower the layer's weight error by this much
+
+
+def auto_rank(site: LinearSite, w: np.ndarray, smooth: np.ndarray | None, rows: np.ndarray,
+              fmt: QuantFormat | Scheme) -> int:
+    """`--low-rank auto` for one site: of AUTO_RANKS, those costing at most AUTO_RANK_MAX_COST of the site's
+    FLOPs, the one with the lowest layer output error from the weight ||X (s W - L1 L2 - fq(R))||^2 on the
+    sampled rows (no fitting to them: the split is the SVD), if it gains at least AUTO_RANK_MIN_GAIN_DB over no
+    branch; else 0."""
+    k, n = site_kn(site)
+    ranks = [r for r in AUTO_RANKS if r * (k + n) <= AUTO_RANK_MAX_COST * k * n]
+    if not ranks:
+        return 0
+    x = (rows if smooth is None else rows / smooth).astype(np.float64)
+    w_s = scale_input_channels(w, site, smooth)
+    wf = scheme_of(fmt).weights
+
+    def error(rank: int) -> float:
+        if rank:
+            _, residual = split_low_rank(site, w, smooth, rank)
+            r_s = scale_input_channels(residual, site, smooth)
+            approx = w_s - r_s + wf.fake_quant(r_s, site_weight_scales(r_s, site.weight_axis, fmt), site.weight_axis)
+        else:
+            approx = wf.fake_quant(w_s, site_weight_scales(w_s, site.weight_axis, fmt), site.weight_axis)
+        return float(((x @ (as_kn(w_s, site) - as_kn(approx, site))) ** 2).sum())
+
+    base = error(0)
+    best = min(ranks, key=error)
+    gain = 10 * np.log10(base / max(error(best), 1e-300)) if base > 0 else 0.0
+    return best if gain >= AUTO_RANK_MIN_GAIN_DB else 0
+
+
 def site_kn(site: LinearSite) -> tuple[int, int]:
     """(K, N) of a MatMul/Gemm site."""
     k, n = site.weight_shape
@@ -184,14 +218,14 @@ def site_rows(site: LinearSite, samples: dict[str, np.ndarray], outliers) -> np.
 
 def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
         fmt: QuantFormat | Scheme = INT8, progress: bool = False, samples: dict[str, np.ndarray] | None = None,
-        rounding: str = "rtn", low_rank: int = 0, clip: bool = False) -> Quantization:
+        rounding: str = "rtn", low_rank: int | str = 0, clip: bool = False) -> Quantization:
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
     Sites kept in float get scales too (reported as float, never inserted). With `rounding` gptq, the
     weights of the sites with sampled rows (`samples`) are GPTQ-rounded (the others to nearest); with `auto`,
     those where GPTQ pays on held-out rows (gptq_pays). With
     `low_rank` r > 0, every MatMul/Gemm site with r < min(K, N) keeps a rank-r branch of s * W in float and is
-    fitted on the residual. With `clip`, the weight scales of sites with sampled rows are clipped per block and
+    fitted on the residual; `auto`: the rank auto_rank picks per site. With `clip`, the weight scales of sites with sampled rows are clipped per block and
     output channel where that lowers the layer output error on the rows (AWQ's clip search; before GPTQ).
     `progress`: a bar per site."""
     params, residuals = {}, {}
@@ -200,8 +234,13 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
         st, w = bulk(site, stats, weight, recipe.outliers)
         smooth = smoothing(st, w, site, choice.alpha)
         factors = None
-        if low_rank and site.channels_last and site.name not in recipe.floating and low_rank < min(site_kn(site)):
-            factors, w = split_low_rank(site, w, smooth, low_rank)
+        rank = low_rank
+        if rank == "auto" and site.channels_last and site.name not in recipe.floating:
+            rows = site_rows(site, samples or {}, recipe.outliers)
+            rank = 0 if rows is None else auto_rank(site, w, smooth, rows, fmt)
+        if rank and rank != "auto" and site.channels_last and site.name not in recipe.floating \
+                and rank < min(site_kn(site)):
+            factors, w = split_low_rank(site, w, smooth, rank)
             residuals[site.name] = w
         p = site_params(site, st, w, choice.method, smooth, choice.alpha, percentile,
                         masked=site.name in recipe.outliers, fmt=fmt)

@@ -210,7 +210,7 @@ CASES = [
     ("quantize: --weight-rounding adaround", lambda ws: _q(ws, "--weight-rounding", "adaround"),
      ["--weight-rounding", "--help"]),
     ("quantize: --low-rank -4", lambda ws: _q(ws, "--low-rank", "-4"), ["--low-rank -4", "rank"]),
-    ("quantize: --low-rank x", lambda ws: _q(ws, "--low-rank", "x"), ["--low-rank"]),
+    ("quantize: --low-rank x", lambda ws: _q(ws, "--low-rank", "x"), ["--low-rank", "auto"]),
     ("quantize: w4a16 with attention", lambda ws: _q(ws, "--precision", "w4a16", "--quantize-attention"),
      ["--quantize-attention", "w4a16"]),
     # inspect

@@ -83,3 +83,20 @@ def test_a_quantized_model_keeps_its_branches_in_float_and_reports_them(tmp_path
     without = quantize(str(src), str(tmp_path / "c.npz"), config.updated(precision={"low_rank": 0}),
                        progress=False)
     assert result.report["output_error"]["Y"]["sqnr_db"] > without.report["output_error"]["Y"]["sqnr_db"]
+
+
+def test_auto_rank_takes_a_branch_where_the_weight_is_low_rank_and_cheap_enough():
+    from segquant_onnx.formats import INT8, int4_scheme
+    from segquant_onnx.plan import LinearSite
+    from segquant_onnx.solve.fit import auto_rank
+
+    rng = np.random.default_rng(0)
+    wide = LinearSite("wide", "MatMul", "x", "w", (512, 512), 1, 2 * 512 * 512)
+    rows = rng.standard_normal((64, 512)).astype(np.float32)
+    structured = (rng.standard_normal((512, 8)) @ rng.standard_normal((8, 512)) * 3
+                  + 0.05 * rng.standard_normal((512, 512))).astype(np.float32)  # a few large directions
+    assert auto_rank(wide, structured, None, rows, int4_scheme(None)) == 16  # 32 costs 12.5% of the site: too much
+    noise = rng.standard_normal((512, 512)).astype(np.float32)  # no direction stands out: a branch buys little
+    assert auto_rank(wide, noise, None, rows, int4_scheme(None)) == 0
+    narrow = LinearSite("narrow", "MatMul", "x", "w", (64, 64), 1, 2 * 64 * 64)  # rank 16 would add 50%
+    assert auto_rank(narrow, structured[:64, :64], None, rows[:, :64], INT8) == 0
