@@ -225,7 +225,8 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
     weights of the sites with sampled rows (`samples`) are GPTQ-rounded (the others to nearest); with `auto`,
     those where GPTQ pays on held-out rows (gptq_pays). With
     `low_rank` r > 0, every MatMul/Gemm site with r < min(K, N) keeps a rank-r branch of s * W in float and is
-    fitted on the residual; `auto`: the rank auto_rank picks per site. With `clip`, the weight scales of sites with sampled rows are clipped per block and
+    fitted on the residual; `auto`: the rank auto_rank picks per site. With `clip`, the weight scales of sites
+    with sampled rows are clipped per block and
     output channel where that lowers the layer output error on the rows (AWQ's clip search; before GPTQ).
     `progress`: a bar per site."""
     params, residuals = {}, {}
