@@ -60,7 +60,7 @@ def test_each_row_is_the_quant_config_its_label_says(bench, rank):
         assert best == QuantConfig.preset("best", precision=p)  # --preset best at INT4: GPTQ on
         assert (best.smoothquant.mode.value, best.outliers.mode.value, best.fallback.target_sqnr,
                 best.fallback.max_fallback_pct, best.precision.weight_rounding.value,
-                best.precision.low_rank) == ("auto", "auto", 40.0, 5.0, "gptq", 0)
+                best.precision.weight_clip, best.precision.low_rank) == ("auto", "auto", 40.0, 5.0, "gptq", True, 0)
     for m in methods:
         assert m.precision == (configs[m.label].precision.format.value, "fp32")
         assert m.baseline is None or labels.index(m.baseline) < labels.index(m.label)

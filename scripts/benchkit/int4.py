@@ -30,7 +30,7 @@ from benchkit.real import linear_flops
 from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import ModeloptMethod, OursMethod, PlannedMethod, _with, run_modelopt, run_ours
 from benchkit.tables import fmt, short, trt_cell
-from segquant_onnx.config import PRESETS
+from segquant_onnx.config import PRESETS, QuantConfig
 
 log = logging.getLogger("bench")
 
@@ -43,10 +43,16 @@ RANK, NARROW_RANK, NARROW = 32, 16, 256
 _FP32_REST = {"precision": {"high_precision": "fp32"}}
 
 
+def _best_weights(precision: dict) -> dict:
+    """The precision fields `--preset best` resolves to at INT4 (GPTQ, the weight clip search)."""
+    resolved = QuantConfig.preset("best", precision=precision).precision
+    return {**precision, "weight_rounding": resolved.weight_rounding.value, "weight_clip": resolved.weight_clip}
+
+
 def int4_methods(rank: int) -> tuple[OursMethod, ...]:
     """Our rows in table order: INT8 default (context), then per format RTN, GPTQ, GPTQ + low-rank ``rank``
-    and the best preset (PRESETS["best"] with GPTQ, as ``QuantConfig.preset("best", ...)`` resolves it at
-    INT4). The unquantized rest is fp32 in every row, as in ModelOpt's rows."""
+    and the best preset (``QuantConfig.preset("best", ...)``: at INT4 GPTQ and the weight clip search too).
+    The unquantized rest is fp32 in every row, as in ModelOpt's rows."""
     rows = [OursMethod("INT8 default", "int8-default", _with(_FP32_REST), timed=True)]
     for fmt_value, name in FORMATS:
         p = {"format": fmt_value, "high_precision": "fp32"}
@@ -56,8 +62,8 @@ def int4_methods(rank: int) -> tuple[OursMethod, ...]:
                        f"{name} RTN", timed=True),
             OursMethod(f"{name} GPTQ + low-rank {rank}", f"{fmt_value}-gptq-lr{rank}",
                        {"precision": {**p, "weight_rounding": "gptq", "low_rank": rank}}, f"{name} GPTQ", timed=True),
-            OursMethod(f"{name} best preset", f"{fmt_value}-best",
-                       _with(PRESETS["best"], precision={**p, "weight_rounding": "gptq"}), f"{name} RTN", timed=True),
+            OursMethod(f"{name} best preset", f"{fmt_value}-best", _with(PRESETS["best"], precision=_best_weights(p)),
+                       f"{name} RTN", timed=True),
         ]
     return tuple(rows)
 
