@@ -183,20 +183,44 @@ def external_base(base_dir: BaseDir, tensor: onnx.TensorProto) -> str:
     return base_dir or ""
 
 
+def point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` refer to `length` bytes at `offset` of the external file `location` (what
+    onnx.external_data_helper.set_external_data writes, without putting the bytes into the message first:
+    protobuf keeps a message's bytes until the whole message is freed, even after ClearField)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
 def write_external(model: onnx.ModelProto, folder: Path, data_name: str, base_dir: BaseDir,
                    keep_external: bool = False) -> None:
     """Move every tensor of `model` of at least 1 kB, inline or external (read from `base_dir`; left where it
-    is with `keep_external`), into `folder/data_name`, one tensor at a time: what onnx.save_model writes for
-    external data (same order and offsets), without loading every weight into memory first."""
-    for tensor in ext._get_all_tensors(model):
-        if ext.uses_external_data(tensor):
-            if keep_external:
+    is with `keep_external`), into `folder/data_name`, one tensor at a time, appended in onnx.save_model's
+    order: the file onnx writes for external data, without holding every weight in memory."""
+    with open(folder / data_name, "ab") as f:
+        for tensor in ext._get_all_tensors(model):
+            if ext.uses_external_data(tensor):
+                if keep_external:
+                    continue
+                data = ext._read_external_data_bytes(tensor, external_base(base_dir, tensor))
+            elif tensor.HasField("raw_data"):
+                data = tensor.raw_data
+            else:
                 continue
-            ext.load_external_data_for_tensor(tensor, external_base(base_dir, tensor))
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-            ext.set_external_data(tensor, location=data_name)
-            ext.save_external_data(tensor, str(folder))
-            tensor.ClearField("raw_data")
+            if len(data) < 1024:
+                if ext.uses_external_data(tensor):  # onnx keeps small tensors inline
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    tensor.raw_data = data
+                continue
+            offset = f.tell()
+            f.write(data)
+            point_to_external(tensor, data_name, offset, len(data))
+    if not (folder / data_name).stat().st_size:
+        (folder / data_name).unlink()
 
 
 def save_model(
