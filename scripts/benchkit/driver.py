@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None):
                              "only its 'Real pretrained models' section is replaced)")
     parser.add_argument("--rss-limit-gib", type=float, default=12.0,
                         help="--suite large: stop a method whose processes pass this resident memory (default 12)")
+    parser.add_argument("--methods", default=None,
+                        help="--suite large: comma-separated parts of the method labels to run (default: all)")
     parser.add_argument("--trt", action="store_true",
                         help="--suite large: also parse and build each output with TensorRT-RTX (slow on 1 GB engines)")
     parser.add_argument("--suite", choices=("tiny", "real", "large"), default="tiny",

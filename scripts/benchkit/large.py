@@ -130,7 +130,9 @@ def run_large_suite(args, argv: list[str], ensure_modelopt_venv) -> int:
     out_dir = work_dir / "quantized" / case.name
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = {}
-    for m in METHODS:
+    chosen = [m for m in METHODS if not args.methods or any(w.strip() and w.strip() in m.label
+                                                            for w in args.methods.split(","))]
+    for m in chosen:
         if m.label == MODELOPT.label and args.modelopt_python is None:
             state.notes.append(SkipNote(m.label, "not run (--skip-modelopt or no venv)"))
             continue
@@ -154,13 +156,17 @@ def run_large_suite(args, argv: list[str], ensure_modelopt_venv) -> int:
         log.info("%s: %s: SQNR %s dB, %s s, %s MiB, %s", case.name, m.label, fmt(row.sqnr_db, ".2f"),
                  fmt(row.seconds, ".0f"), fmt(row.peak_rss_mib, ".0f"), row.error or "ok")
         state.rows.append(row)
-    loads.append(load_average())
+        done = len(configs) == len(chosen)  # the section is written after every row: a run cut short keeps its rows
+        if not done:
+            state.notes.append(SkipNote("this table", f"written after {m.label}; the run went on"))
+        section = render(state, case, info, configs, file_bytes, shlex.join(["python", "scripts/bench.py", *argv]),
+                         started, time.perf_counter() - t0, [*loads, load_average()], args, chosen)
+        if not done:
+            state.notes.pop()
+        md = args.markdown
+        md.write_text(replace_section(md.read_text() if md.is_file() else "", section))
     total_s = time.perf_counter() - t0
-    command = shlex.join(["python", "scripts/bench.py", *argv])
-    section = render(state, case, info, configs, file_bytes, command, started, total_s, loads, args)
     print(section)
-    md = args.markdown
-    md.write_text(replace_section(md.read_text() if md.is_file() else "", section))
     rows = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items() if k != "report"}
             for r in state.rows]
     (work_dir / "bench_results_large.json").write_text(json.dumps(
@@ -170,7 +176,7 @@ def run_large_suite(args, argv: list[str], ensure_modelopt_venv) -> int:
     return 0
 
 
-def render(state, case, info, configs, file_bytes, command, started, total_s, loads, args) -> str:
+def render(state, case, info, configs, file_bytes, command, started, total_s, loads, args, chosen) -> str:
     cfg = info["config"]
     per_feed = info.get("seconds_per_feed")
     parts = [
@@ -192,7 +198,7 @@ def render(state, case, info, configs, file_bytes, command, started, total_s, lo
         " text tokens."
         + (f" One ONNX Runtime run of the float model (default session) took {per_feed} s per feed when the data"
            " was made." if per_feed else ""), "",
-        "Methods: " + "; ".join(f"{m.label}: `{m.cli}`" for m in METHODS) + ". Ours run through the Python API"
+        "Methods: " + "; ".join(f"{m.label}: `{m.cli}`" for m in chosen) + ". Ours run through the Python API"
         " with the same settings (`QuantConfig`), each method in its own process, one run each.", "",
         f"- **peak RSS**: `ru_maxrss` of the quantizer's process; a method is stopped when its process group's"
         f" RSS passes {args.rss_limit_gib:g} GiB or after {args.timeout:.0f} s, and that is its result.",
