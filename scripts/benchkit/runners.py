@@ -171,9 +171,11 @@ def run_modelopt(case: ModelCase, method: ModeloptMethod, out_dir: Path, timeout
     out = out_dir / f"modelopt-{method.slug}.onnx"
     # ModelOpt 0.47's load_onnx_model runs onnx.shape_inference.infer_shapes_path(onnx_path), which rewrites
     # its *input* file in place (with value_info added): give it a copy, never the model the others read
-    # (the benchmark's models keep no external data, so the .onnx alone is the model).
+    # (the large model's external data files are copied beside it: it reads them by their names)
     source = out_dir / f"modelopt-{method.slug}-input.onnx"
     shutil.copyfile(case.onnx_path, source)
+    for data in external_files(case.onnx_path):  # its external data files, under their own names beside it
+        shutil.copyfile(data, out_dir / data.name)
     cmd = [str(venv_python), "-m", "modelopt.onnx.quantization", "--onnx_path", str(source),
            "--quantize_mode", method.mode, "--calibration_method", method.calibration,
            "--calibration_data_path", str(case.calib_path), "--calibration_eps", "cpu",
