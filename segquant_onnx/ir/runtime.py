@@ -14,7 +14,7 @@ import onnx.numpy_helper
 import onnxruntime as ort
 
 from segquant_onnx.errors import UserError
-from segquant_onnx.ir.graph_io import EXTERNAL_DATA_THRESHOLD, save_model, write_external
+from segquant_onnx.ir.graph_io import EXTERNAL_DATA_THRESHOLD, external_base, save_model, write_external
 from segquant_onnx.ir.weights import SPILL_PREFIX, WeightStore
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,12 @@ def check_providers(providers: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(providers)
 
 
-def _float_typed(t: onnx.TensorProto, base_dir: str | None) -> onnx.TensorProto:
-    values = onnx.numpy_helper.to_array(t, base_dir=base_dir or "").astype(np.float32)
+def _float_typed(t: onnx.TensorProto, base_dir) -> onnx.TensorProto:
+    values = onnx.numpy_helper.to_array(t, base_dir=external_base(base_dir, t)).astype(np.float32)
     return onnx.numpy_helper.from_array(values, t.name)
 
 
-def float32_shadow(model: onnx.ModelProto, base_dir: str | None = None) -> onnx.ModelProto:
+def float32_shadow(model: onnx.ModelProto, base_dir=None) -> onnx.ModelProto:  # graph_io.BaseDir
     """`model` with every bfloat16 tensor, value type, Cast target and Constant made float32: what ONNX
     Runtime's CPU (which has no bfloat16 MatMul, Conv or most other kernels) runs in place of a bfloat16
     graph. Exact for the stored values and the Q/DQ rounding; arithmetic between ops is float32 instead of
@@ -107,18 +107,21 @@ def half_weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
-                 tmp_dir: str | None = None) -> ort.InferenceSession:
+                 tmp_dir: str | None = None, shadowed: bool = False) -> ort.InferenceSession:
     """A session for `model`, whose external-data tensors (if any) live in `source_dir` (a folder, or the run's
-    weights.WeightStore).
+    weights.WeightStore). `shadowed`: `model` is already the float32 shadow of a bfloat16 model.
 
     Small models go to ONNX Runtime as bytes; ones over protobuf's limit are written to `tmp_dir`
     (a temporary directory the caller owns) with external data first.
     """
     if isinstance(source_dir, WeightStore):
+        shadowed = has_bfloat16(model)
+        if shadowed:  # read before the input's files are linked for the session: onnx refuses linked files
+            model = float32_shadow(model, source_dir.locate)
         with source_dir.session_folder() as folder:
-            return make_session(model, folder, providers, source_dir.tmp_dir)
-    shadow = has_bfloat16(model)
-    if shadow:
+            return make_session(model, folder, providers, source_dir.tmp_dir, shadowed)
+    shadow = shadowed or has_bfloat16(model)
+    if shadow and not shadowed:
         model = float32_shadow(model, source_dir)
     opts = ort.SessionOptions()
     opts.log_severity_level = quiet_onnxruntime()

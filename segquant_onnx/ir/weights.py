@@ -92,7 +92,7 @@ class WeightStore:
                 proto = onnx.TensorProto(name=tensor.name, dims=values.shape,
                                          data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
                 point_to_external(proto, name, written, values.nbytes)
-                f.write(values.data if values.nbytes else b"")
+                f.write(values.reshape(-1).view(np.uint8).data)  # bytes view: buffers refuse bfloat16
                 written += values.nbytes
                 tensor._values = _ExternalValues(proto, self.tmp_dir)
                 tensor.data_location = None

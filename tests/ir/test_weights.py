@@ -101,3 +101,38 @@ def test_float_and_quantized_evaluation_sessions_never_live_together():
         errors = compare_outputs(lambda: Session(1.0), lambda: Session(1.1), data, progress=False, total=total)
         assert max(most) == 1
         assert errors["Y"].sqnr == pytest.approx(20.0)  # noise is 10% of the signal in amplitude
+
+
+def test_bfloat16_model_with_spilled_and_input_weights_runs(tmp_path, monkeypatch):
+    """A bfloat16 graph (ONNX Runtime runs its float32 shadow) whose weights come from the input's external data
+    and from a spill: the shadow reads them before the input's file is linked for the session."""
+    import ml_dtypes
+    from onnx import TensorProto, helper
+
+    monkeypatch.setattr(weights, "SPILL_BYTES", 64)
+    w = (np.arange(16 * 8, dtype=np.float32).reshape(16, 8) / 64).astype(ml_dtypes.bfloat16)
+    w_proto = helper.make_tensor("W", TensorProto.BFLOAT16, w.shape, w.view(np.uint16).tobytes(), raw=True)
+    nodes = [helper.make_node("Cast", ["X"], ["xb"], to=TensorProto.BFLOAT16),
+             helper.make_node("MatMul", ["xb", "W"], ["yb"]),
+             helper.make_node("Cast", ["yb"], ["Y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "bf16", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 8])], initializer=[w_proto])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "in").mkdir()
+    loaded = load_model(save(model, tmp_path / "in" / "bf16.onnx", external=True))
+    g = loaded.graph
+    mm = next(n for n in g.nodes if n.op == "MatMul")
+    doubled = gs.Constant("W2", (np.asarray(constant_values(mm.inputs[1]), np.float32) * 2).astype(ml_dtypes.bfloat16))
+    y2 = gs.Variable("y2b", dtype=ml_dtypes.bfloat16)
+    g.nodes.append(gs.Node("MatMul", inputs=[mm.inputs[0], doubled], outputs=[y2]))
+    y2f = gs.Variable("Y2", dtype=np.float32, shape=[2, 8])
+    g.nodes.append(gs.Node("Cast", attrs={"to": TensorProto.FLOAT}, inputs=[y2], outputs=[y2f]))
+    g.outputs.append(y2f)
+    (tmp_path / "scratch").mkdir()
+    store = weights.WeightStore(str(loaded.path.parent), str(tmp_path / "scratch"), loaded.files[1:])
+    assert store.spill(g) > 0
+    x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
+    y, y2 = make_session(export_model(g), store).run(None, {"X": x})
+    np.testing.assert_allclose(y2, 2 * y, rtol=1e-2)
+    np.testing.assert_allclose(y, x.astype(ml_dtypes.bfloat16).astype(np.float32) @ w.astype(np.float32), rtol=1e-2)
