@@ -22,12 +22,13 @@ from segquant_onnx.config import DualScaleMode, QuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.canonicalize import HALF_OPSET, canonicalize
 from segquant_onnx.ir.finalize import finalize
-from segquant_onnx.ir.graph_io import (constant_values, export_model, gs_quiet, model_size, open_source, save_model,
-                                       weight_bytes)
+from segquant_onnx.ir.graph_io import (EXTERNAL_DATA_THRESHOLD, constant_values, export_model, gs_quiet, model_size,
+                                       open_source, save_model, weight_bytes)
 from segquant_onnx.ir.outputs import check_outputs, markdown_path, model_output, report_output
 from segquant_onnx.ir.rest_precision import (RestReport, convert_rest, float32_tensors, weights_float_type,
                                              why_rest_stays)
 from segquant_onnx.ir.runtime import check_providers, temporary_directory
+from segquant_onnx.ir.weights import WeightStore, load_spilled
 from segquant_onnx.params import Quantization, SiteParams
 from segquant_onnx.passes import detect_all
 from segquant_onnx.plan import QuantPlan
@@ -133,11 +134,13 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
     stages.done("load and plan")
 
     with temporary_directory() as tmp:
-        sessions = Sessions(src.source_dir, providers, tmp)
+        store = WeightStore(src.source_dir, tmp, src.files[1:] if src.uses_external_data else ())
+        store.spill(graph)  # SegLinear's segment weights: on disk, read by the sessions from there
+        sessions = Sessions(store, providers)
         cal, decision, q, rest = None, None, Quantization({}, {}, {}), None
         if not dry:
             space = search_space(plan, config)
-            cal = calibrate(graph, plan.observed_tensors, data, source_dir=src.source_dir, providers=providers,
+            cal = calibrate(graph, plan.observed_tensors, data, source_dir=store, providers=providers,
                             tmp_dir=tmp, progress=progress, workers=config.runtime.workers,
                             ray_address=config.runtime.ray_address, **space.calibration(plan, config.calibration))
             stages.done("calibrate")
@@ -149,34 +152,40 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
                     fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,
                     low_rank=config.precision.low_rank, clip=config.precision.weight_clip)
             apply_quantization(graph, plan, q)
+            store.spill(graph)  # the quantized weights
             stages.done("fit and rewrite")
             if rest_stays:
                 rest = RestReport(rest_dtype, 0, skipped=rest_stays)
             elif rest_dtype != "fp32":
                 ranges = {} if rest_dtype == "bf16" else observe_ranges(
-                    export_model(graph), float32_tensors(graph), rest_feeds(data, cal), source_dir=src.source_dir,
+                    export_model(graph), float32_tensors(graph), rest_feeds(data, cal), source_dir=store,
                     providers=providers, tmp_dir=tmp)
                 rest = convert_rest(graph, rest_dtype, ranges)
+                store.spill(graph)  # the rest's 16-bit weights
                 stages.done("high precision")
         quantized = finalize(graph, calibration_shapes=None if cal is None else cal.feed_shapes)
-        trt_violations = check_tensorrt(quantized, src.source_dir)
+        trt_violations = check_tensorrt(quantized, store.locate)
         stages.done("finalize and check")
         errors, layers = model_error(fp_model, quantized, evaluation, per_layer=config.runtime.per_layer,
-                                     source_dir=src.source_dir, providers=providers, tmp_dir=tmp, progress=progress)
+                                     source_dir=store, providers=providers, tmp_dir=tmp, progress=progress)
         if evaluation is not None:
             stages.done("evaluate")
 
-    floating = tuple(s.weight for s in plan.sites if s.name in q.floating or dry) + tuple(
-        f"{name}/low_rank_{part}_weight" for name, p in q.params.items() if p.low_rank is not None
-        for part in ("l1", "l2"))  # the float branches' factors (passes/add_low_rank_branch.py names them)
-    report = build_report(Outcome(
-        config, plan, q, data.description, src.size, model_size(quantized), round(time.perf_counter() - started, 2),
-        input=src.path, output=output, eval_data=None if evaluation is None else evaluation.description,
-        decision=decision, stats=None if cal is None else cal.stats, output_error=errors, layer_error=layers,
-        tensorrt_check=trt_violations, rest=rest, stage_seconds=stages.seconds,
-        weight_bytes=(weights_before, weight_bytes(quantized, floating))))
-    out_path = None if output is None else save_model(quantized, output, source_dir=src.source_dir,
-                                                      external=True if src.uses_external_data else None)
+        floating = tuple(s.weight for s in plan.sites if s.name in q.floating or dry) + tuple(
+            f"{name}/low_rank_{part}_weight" for name, p in q.params.items() if p.low_rank is not None
+            for part in ("l1", "l2"))  # the float branches' factors (passes/add_low_rank_branch.py names them)
+        report = build_report(Outcome(
+            config, plan, q, data.description, src.size, model_size(quantized),
+            round(time.perf_counter() - started, 2), input=src.path, output=output,
+            eval_data=None if evaluation is None else evaluation.description, decision=decision,
+            stats=None if cal is None else cal.stats, output_error=errors, layer_error=layers,
+            tensorrt_check=trt_violations, rest=rest, stage_seconds=stages.seconds,
+            weight_bytes=(weights_before, weight_bytes(quantized, floating))))
+        external = src.uses_external_data or model_size(quantized) > EXTERNAL_DATA_THRESHOLD
+        out_path = None if output is None else save_model(quantized, output, source_dir=store.locate,
+                                                          external=external)
+        if output is None:
+            load_spilled(quantized, store)  # the scratch folder goes now: the returned model keeps its weights
     if report_path is not None:
         write_json(report, report_path)
         write_markdown(report, markdown_path(report_path))

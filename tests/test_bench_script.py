@@ -151,7 +151,7 @@ def test_help_lists_the_flags():
     assert r.returncode == 0, r.stderr
     flags = set(re.findall(r"--[a-z-]+", r.stdout))
     assert flags == {"--help", "--work-dir", "--quick", "--skip-modelopt", "--skip-ort-entropy", "--models", "--repeat",
-                     "--timeout", "--markdown", "--suite"}
+                     "--timeout", "--markdown", "--suite", "--rss-limit-gib", "--methods", "--trt"}
 
 
 def test_demo_dynamo_is_the_trained_checkpoint_through_the_dynamo_exporter(tmp_path, monkeypatch):
@@ -193,3 +193,18 @@ def test_workers_section_is_replaced_and_keeps_its_analysis(tmp_path, monkeypatc
     assert "old table" not in text and "new table" in text
     assert text.index("new table") < text.index(NOTES_MARK) < text.index("the analysis") < text.index("## Real")
     assert text.count(SECTION_TITLE) == 1 and "## Results\n\nr" in text
+
+
+def test_a_method_over_the_memory_limit_is_stopped_and_says_so(tmp_path):
+    """launch.finish with rss_limit_gib: a process that grows past it is killed, and that is its error."""
+    sys.path.insert(0, str(SCRIPTS))
+    from benchkit.launch import finish
+
+    grow = [sys.executable, "-c", "import time; b = bytearray(600 << 20); b[::4096] = b'x' * len(b[::4096]); "
+            "time.sleep(30)"]
+    run = finish(grow, tmp_path / "never.onnx", tmp_path / "grow.log", timeout_s=60, rss_limit_gib=0.25)
+    assert run.error is not None and run.error.startswith("stopped at 0.25 GiB RSS"), run.error
+    assert run.seconds < 30
+    small = finish([sys.executable, "-c", f"open({str(tmp_path / 'ok.onnx')!r}, 'w').write('x')"],
+                   tmp_path / "ok.onnx", tmp_path / "ok.log", timeout_s=60, rss_limit_gib=0.25)
+    assert small.error is None and small.peak_rss_mib < 256

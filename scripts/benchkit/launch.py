@@ -71,11 +71,27 @@ sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 
 
-def run_measured(cmd: list[str], log_path: Path, timeout_s: float):
-    """Run ``cmd``; return (returncode or None on timeout, wall seconds, peak RSS MiB or None, log).
+def session_rss_mib(sid: int) -> float:
+    """Resident memory of every process in session ``sid`` (the launcher's: it and the quantizer), MiB."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat (after the name): the session id
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: resident pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 2**20
+
+
+def run_measured(cmd: list[str], log_path: Path, timeout_s: float, rss_limit_gib: float | None = None):
+    """Run ``cmd``; return (returncode, or None on timeout, or "rss" when it passed ``rss_limit_gib`` and was
+    stopped; wall seconds, peak RSS MiB or None, log).
 
     Peak RSS is the quantizer process's ``ru_maxrss`` (with any descendants it waited for), taken
-    by :data:`_LAUNCHER`; wall time includes the launcher's start-up (a few ms).
+    by :data:`_LAUNCHER`; wall time includes the launcher's start-up (a few ms). With ``rss_limit_gib`` the
+    process group's RSS is polled twice a second and the group killed once it passes the limit (a peer that
+    needs more memory than the machine can spare is a result, not a crashed machine).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     rss_file = log_path.with_suffix(".maxrss")
@@ -87,25 +103,33 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float):
         proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *cmd],
                                 stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the launcher and the quantizer share this new session
-            proc.wait()
-            rc = None
+        rc = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5 if rss_limit_gib else timeout_s)
+                break
+            except subprocess.TimeoutExpired:
+                over = rss_limit_gib is not None and session_rss_mib(proc.pid) > rss_limit_gib * 1024
+                if over or time.perf_counter() - start > timeout_s:
+                    os.killpg(proc.pid, 9)  # the launcher and the quantizer share this new session
+                    proc.wait()
+                    rc = "rss" if over else None
+                    break
         seconds = time.perf_counter() - start
     text = log_path.read_text(errors="replace")
     rss = int(rss_file.read_text()) / 1024.0 if rss_file.is_file() else None
     return rc, seconds, rss, text
 
 
-def finish(cmd: list[str], out: Path, log_path: Path, timeout_s: float) -> QuantRun:
+def finish(cmd: list[str], out: Path, log_path: Path, timeout_s: float, rss_limit_gib: float | None = None) -> QuantRun:
     """Run a quantizer command that should write ``out``; a failure is a QuantRun with its error."""
     if out.exists():
         out.unlink()
-    rc, seconds, rss, text = run_measured(cmd, log_path, timeout_s)
+    rc, seconds, rss, text = run_measured(cmd, log_path, timeout_s, rss_limit_gib)
     run = QuantRun(output=out, seconds=seconds, peak_rss_mib=rss, log_path=log_path)
-    if rc is None:
+    if rc == "rss":
+        run.error = f"stopped at {rss_limit_gib:g} GiB RSS after {seconds:.0f} s (the run's memory limit)"
+    elif rc is None:
         run.error = f"timed out after {timeout_s:.0f} s"
     elif rc != 0:
         run.error = f"exit {rc}: {last_error_line(text)}"

@@ -126,7 +126,8 @@ MODELOPT_METHODS = (
 )
 
 
-def run_ours(case: ModelCase, method: OursMethod, out_dir: Path, timeout_s: float) -> QuantRun:
+def run_ours(case: ModelCase, method: OursMethod, out_dir: Path, timeout_s: float,
+             rss_limit_gib: float | None = None) -> QuantRun:
     """segquant-onnx's Python API with ``QuantConfig(**method.fields)``, in this script's worker. The timed
     rows skip its own output-error measurement (as the peers do not measure); the others run it on the
     eval set, as a cross-check of the benchmark's SQNR."""
@@ -136,7 +137,7 @@ def run_ours(case: ModelCase, method: OursMethod, out_dir: Path, timeout_s: floa
     cmd = worker_command("ours", str(case.onnx_path), str(case.calib_path),
                          "-" if method.timed else str(case.eval_path), str(out), str(report),
                          json.dumps(method.fields))
-    run = finish(cmd, out, out_dir / f"ours-{method.slug}.log", timeout_s)
+    run = finish(cmd, out, out_dir / f"ours-{method.slug}.log", timeout_s, rss_limit_gib)
     if run.error is None and report.is_file():
         run.report = json.loads(report.read_text())
         errors = run.report.get("output_error", {})
@@ -146,19 +147,21 @@ def run_ours(case: ModelCase, method: OursMethod, out_dir: Path, timeout_s: floa
 
 
 def run_ort(case: ModelCase, method: str, op_types: tuple[str, ...] | None, out_dir: Path,
-            timeout_s: float) -> QuantRun:
+            timeout_s: float, external: bool = False, rss_limit_gib: float | None = None) -> QuantRun:
     """ONNX Runtime ``quantize_static`` (QDQ, per-channel, symmetric INT8), via this script's worker.
 
-    ``op_types`` None quantizes every op type ORT can (its default); otherwise only those.
+    ``op_types`` None quantizes every op type ORT can (its default); otherwise only those. ``external``: write
+    the output with external data (``use_external_data_format``: needed over 2 GB).
     """
     stem = f"ort-{method.lower()}" + ("" if op_types is None else "-linear")
     out = out_dir / f"{stem}.onnx"
-    cmd = worker_command("ort", str(case.onnx_path), str(case.calib_path), str(out), method, ",".join(op_types or ()))
-    return finish(cmd, out, out_dir / f"{stem}.log", timeout_s)
+    cmd = worker_command("ort", str(case.onnx_path), str(case.calib_path), str(out), method, ",".join(op_types or ()),
+                         *(["external"] if external else []))
+    return finish(cmd, out, out_dir / f"{stem}.log", timeout_s, rss_limit_gib)
 
 
 def run_modelopt(case: ModelCase, method: ModeloptMethod, out_dir: Path, timeout_s: float,
-                 venv_python: Path) -> QuantRun:
+                 venv_python: Path, rss_limit_gib: float | None = None) -> QuantRun:
     """NVIDIA ModelOpt ONNX PTQ (INT8 or FP8), calibrating on CPU, the rest in ``method.high_precision``.
 
     ModelOpt reads the calibration npz as one array per input with all samples stacked on axis 0 and
@@ -168,14 +171,23 @@ def run_modelopt(case: ModelCase, method: ModeloptMethod, out_dir: Path, timeout
     out = out_dir / f"modelopt-{method.slug}.onnx"
     # ModelOpt 0.47's load_onnx_model runs onnx.shape_inference.infer_shapes_path(onnx_path), which rewrites
     # its *input* file in place (with value_info added): give it a copy, never the model the others read
-    # (the benchmark's models keep no external data, so the .onnx alone is the model).
+    # (the large model's external data files are copied beside it: it reads them by their names)
     source = out_dir / f"modelopt-{method.slug}-input.onnx"
     shutil.copyfile(case.onnx_path, source)
+    for data in external_files(case.onnx_path):  # its external data files, under their own names beside it
+        shutil.copyfile(data, out_dir / data.name)
     cmd = [str(venv_python), "-m", "modelopt.onnx.quantization", "--onnx_path", str(source),
            "--quantize_mode", method.mode, "--calibration_method", method.calibration,
            "--calibration_data_path", str(case.calib_path), "--calibration_eps", "cpu",
            "--high_precision_dtype", method.high_precision, "--output_path", str(out)]
-    return finish(cmd, out, out_dir / f"modelopt-{method.slug}.log", timeout_s)
+    return finish(cmd, out, out_dir / f"modelopt-{method.slug}.log", timeout_s, rss_limit_gib)
+
+
+def external_files(path: Path) -> list[Path]:
+    """The external data files the model at ``path`` refers to (none for the tiny models)."""
+    from segquant_onnx.ir.graph_io import model_files
+
+    return list(model_files(path)[1:])
 
 
 def modelopt_command(method: ModeloptMethod) -> str:

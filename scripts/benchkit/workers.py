@@ -30,8 +30,9 @@ def ours_worker(model: str, calib: str, eval_data: str, out: str, report: str, f
     return 0
 
 
-def ort_worker(model: str, calib: str, out: str, method: str, op_types: str = "") -> int:
-    """ORT static QDQ quantization (per-channel, symmetric INT8), one batch-1 calibration sample at a time."""
+def ort_worker(model: str, calib: str, out: str, method: str, op_types: str = "", external: str = "") -> int:
+    """ORT static QDQ quantization (per-channel, symmetric INT8), one batch-1 calibration sample at a time;
+    ``external`` "external": the output with external data (over 2 GB)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
@@ -49,6 +50,7 @@ def ort_worker(model: str, calib: str, out: str, method: str, op_types: str = ""
         calibrate_method=getattr(CalibrationMethod, method),
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         op_types_to_quantize=op_types.split(",") if op_types else None,
+        use_external_data_format=external == "external",
     )
     return 0
 
@@ -63,7 +65,7 @@ def trt_worker(model: str) -> int:
 
 
 # argv[0] -> (worker, how many arguments it takes at most)
-WORKERS = {"_ours-worker": (ours_worker, 6), "_ort-worker": (ort_worker, 5), "_trt-worker": (trt_worker, 1)}
+WORKERS = {"_ours-worker": (ours_worker, 6), "_ort-worker": (ort_worker, 6), "_trt-worker": (trt_worker, 1)}
 
 
 def run_worker(argv: list[str]) -> int | None:

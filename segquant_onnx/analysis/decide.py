@@ -267,7 +267,7 @@ def _outliers_per_site(graph, plan, cand: _Candidates, held: HeldBack, caps, bes
     by_cap = {cap: cand.outliers(cap, max_flop_pct=100.0) for cap in caps}
     solve_for = lambda outliers: cand.fitted(cand.recipe(best.variant, outliers))
     search = per_site_outliers(graph, plan, config.outliers, held.feeds, held.reference, by_cap, solve_for,
-                               best.q.outliers, held.sessions.open, cand.progress)
+                               best.q.outliers, held.sessions.open_graph, cand.progress)
     if search is None:
         return best, None
     recipe = cand.recipe(best.variant, search.outliers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,12 +45,27 @@ class OutputError:
         return {"sqnr_db": round(self.sqnr, 3), "max_abs_error": self.max_abs, "cosine": round(self.cosine, 6)}
 
 
-def compare_outputs(reference: ort.InferenceSession, test: ort.InferenceSession, feeds,
+def compare_outputs(reference: Callable[[], ort.InferenceSession], test: Callable[[], ort.InferenceSession], feeds,
                     progress: bool = True, total: int | None = None) -> dict[str, OutputError]:
-    names = [o.name for o in reference.get_outputs()]
-    errors = {name: OutputError() for name in names}
-    with tqdm(feeds, total=total, desc="evaluating", unit="batch", disable=None if progress else True, leave=False) as bar:
+    """Output error of `test()`'s session against `reference()`'s on `feeds`. The two sessions are never alive
+    together (each can hold a whole model): the reference runs every feed first and its outputs are kept;
+    `feeds` is read twice, or kept as well when it cannot be (`total` None: a one-pass iterable)."""
+    session = reference()
+    names = [o.name for o in session.get_outputs()]
+    kept_feeds = [] if total is None else None
+    outputs = []
+    with tqdm(feeds, total=total, desc="evaluating (float)", unit="batch", disable=None if progress else True,
+              leave=False) as bar:
         for feed in bar:
-            for name, ref, got in zip(names, reference.run(names, feed), test.run(names, feed)):
-                errors[name].update(ref, got)
+            outputs.append(session.run(names, feed))
+            if kept_feeds is not None:
+                kept_feeds.append(feed)
+    del session
+    session = test()
+    errors = {name: OutputError() for name in names}
+    with tqdm(zip(feeds if kept_feeds is None else kept_feeds, outputs), total=len(outputs), desc="evaluating",
+              unit="batch", disable=None if progress else True, leave=False) as bar:
+        for feed, ref in bar:
+            for name, r, got in zip(names, ref, session.run(names, feed)):
+                errors[name].update(r, got)
     return errors

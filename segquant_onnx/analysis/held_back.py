@@ -19,6 +19,7 @@ from tqdm import tqdm
 from segquant_onnx.analysis.evaluate import OutputError
 from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.ir.runtime import make_session
+from segquant_onnx.ir.weights import WeightStore
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.rewrite import apply_quantization
@@ -31,19 +32,19 @@ def bar(items, desc: str, unit: str, progress: bool, total: int | None = None):
 
 @dataclass(frozen=True)
 class Sessions:
-    """Opens analysis sessions for graphs of one model: its external data in `source_dir`, the run's
-    providers, large graphs written under `tmp_dir`."""
+    """Opens analysis sessions for graphs of one model: its external weights in `store`, the run's providers."""
 
-    source_dir: str | None
+    store: WeightStore
     providers: tuple[str, ...]
-    tmp_dir: str | None
 
     def open(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return make_session(model, self.source_dir, self.providers, self.tmp_dir)
+        return make_session(model, self.store, self.providers, self.store.tmp_dir)
 
     def open_graph(self, graph: gs.Graph) -> ort.InferenceSession:
-        """A session for `graph` (cleaned up and sorted in place first)."""
-        return self.open(export_model(graph.cleanup().toposort()))
+        """A session for `graph` (cleaned up and sorted in place first; its large in-memory weights spilled
+        to the store, so the exported model stays small and ONNX Runtime reads them from disk)."""
+        self.store.spill(graph.cleanup().toposort())
+        return self.open(export_model(graph))
 
 
 class HeldBack:

@@ -77,7 +77,7 @@ def model_error(fp: onnx.ModelProto, q: onnx.ModelProto, feeds, *, per_layer: bo
     if feeds is None:
         return {}, {}
     where = dict(source_dir=source_dir, providers=providers, tmp_dir=tmp_dir)
-    errors = compare_outputs(make_session(fp, **where), make_session(q, **where), feeds, progress=progress,
-                             total=feeds.num_feeds)
+    errors = compare_outputs(lambda: make_session(fp, **where), lambda: make_session(q, **where), feeds,
+                             progress=progress, total=feeds.num_feeds)
     layers = per_layer_error(fp, q, feeds, **where, progress=progress, total=feeds.num_feeds) if per_layer else {}
     return errors, layers

@@ -30,7 +30,6 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from segquant_onnx.config import OutlierConfig
-from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.params import Quantization
@@ -175,7 +174,8 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: OutlierConfig, h
     then the global cap stays).
 
     `reference`: the float model's outputs on `held_back`; `by_cap`: cap -> outlier channels per site without a FLOP budget; `solve_for(outliers)` gives the
-    quantization (scales, DualScale) for an outlier assignment; `start`: the global-cap choice."""
+    quantization (scales, DualScale) for an outlier assignment; `start`: the global-cap choice;
+    `make_session(graph)`: a session for the level graph (Sessions.open_graph)."""
     levels = site_levels(plan, by_cap)
     if not levels:
         return None
@@ -190,7 +190,7 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: OutlierConfig, h
               for cap in tqdm(caps, desc="outlier levels", unit="level", disable=None if progress else True,
                               leave=False)}
     analysis = build_level_graph(graph, plan, levels, quants)
-    session = make_session(export_model(analysis.cleanup().toposort()))
+    session = make_session(analysis)
     model = GatedSession(session, held_back, [level_gate(n, l) for n, lv in levels.items()
                                               for l in range(1, len(lv.channels))], reference)
     budget = config.max_flop_pct / 100.0 * plan.total_flops

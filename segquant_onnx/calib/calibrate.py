@@ -20,7 +20,8 @@ from segquant_onnx.calib.data import CalibrationData
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.calib.observers import RowSample, Stats, TensorStats
-from segquant_onnx.ir.runtime import make_session, session_source
+from segquant_onnx.ir.runtime import float32_shadow, has_bfloat16, make_session, session_source
+from segquant_onnx.ir.weights import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,20 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     `workers > 1` (or a `ray_address`) runs the feeds in that many worker processes (calib.workers), with
     the same result."""
     model = with_outputs(graph, observed)
-    source = session_source(model, source_dir, tmp_dir)
+    if isinstance(source_dir, WeightStore):  # the run's store: its folder stays linked while the feeds run
+        shadowed = has_bfloat16(model)
+        if shadowed:  # read before the input's files are linked: onnx refuses linked files
+            model = float32_shadow(model, source_dir.locate)
+        with source_dir.session_folder() as folder:
+            return _calibrate(model, session_source(model, folder, source_dir.tmp_dir, shadowed), observed, data,
+                              providers, progress, sampled, sample_rows, holdout_every, keep_held_back,
+                              channel_axes, workers, ray_address)
+    return _calibrate(model, session_source(model, source_dir, tmp_dir), observed, data, providers, progress,
+                      sampled, sample_rows, holdout_every, keep_held_back, channel_axes, workers, ray_address)
+
+
+def _calibrate(model, source, observed, data, providers, progress, sampled, sample_rows, holdout_every,
+               keep_held_back, channel_axes, workers, ray_address) -> Calibration:
     output_names = {o.name for o in model.graph.output}
     fetch = [n for n in observed if n in output_names]
     shard = Shard(observed, sampled, sample_rows, holdout_every, channel_axes or {})

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,25 +212,76 @@ def model_size(model: onnx.ModelProto) -> int:
     return model.ByteSize() + external
 
 
+BaseDir = str | Callable[[str], str] | None  # a folder, or a function of the location to the folder it is in
+
+
+def external_base(base_dir: BaseDir, tensor: onnx.TensorProto) -> str:
+    """The folder `tensor`'s external data is read from: `base_dir`, or `base_dir(location)`."""
+    if callable(base_dir):
+        return base_dir(ext.ExternalDataInfo(tensor).location) if ext.uses_external_data(tensor) else ""
+    return base_dir or ""
+
+
+def point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` refer to `length` bytes at `offset` of the external file `location` (what
+    onnx.external_data_helper.set_external_data writes, without putting the bytes into the message first:
+    protobuf keeps a message's bytes until the whole message is freed, even after ClearField)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def write_external(model: onnx.ModelProto, folder: Path, data_name: str, base_dir: BaseDir,
+                   keep_external: bool = False) -> None:
+    """Move every tensor of `model` of at least 1 kB, inline or external (read from `base_dir`; left where it
+    is with `keep_external`), into `folder/data_name`, one tensor at a time, appended in onnx.save_model's
+    order: the file onnx writes for external data, without holding every weight in memory."""
+    with open(folder / data_name, "ab") as f:
+        for tensor in ext._get_all_tensors(model):
+            if ext.uses_external_data(tensor):
+                if keep_external:
+                    continue
+                data = ext._read_external_data_bytes(tensor, external_base(base_dir, tensor))
+            elif tensor.HasField("raw_data"):
+                data = tensor.raw_data
+            else:
+                continue
+            if len(data) < 1024:
+                if ext.uses_external_data(tensor):  # onnx keeps small tensors inline
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    tensor.raw_data = data
+                continue
+            offset = f.tell()
+            f.write(data)
+            point_to_external(tensor, data_name, offset, len(data))
+    if not (folder / data_name).stat().st_size:
+        (folder / data_name).unlink()
+
+
 def save_model(
     model: onnx.ModelProto,
     out_path: str | os.PathLike,
     *,
-    source_dir: str | None,
+    source_dir: BaseDir,
     external: bool | None = None,
 ) -> Path:
     """Write `model` to `out_path` atomically.
 
-    `source_dir` is where tensors still referring to the input's external data live. With
-    `external=None` the weights go to `<out>.data` when the input used external data or the model
-    is over ~1.8 GB.
+    `source_dir` is where tensors still referring to external data live. With `external=None` the weights
+    go to `<out>.data` when the model refers to external data or is over ~1.8 GB; with external data they
+    are copied one tensor at a time (a multi-GB model is never in memory at once).
     """
     out = Path(out_path)
     refers_outside = bool(external_tensors(model))
     if external is None:
         external = refers_outside or model_size(model) > EXTERNAL_DATA_THRESHOLD
-    if refers_outside:
-        ext.load_external_data_for_model(model, source_dir)
+    if refers_outside and not external:
+        for tensor in external_tensors(model):
+            ext.load_external_data_for_tensor(tensor, external_base(source_dir, tensor))
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
@@ -238,9 +290,7 @@ def save_model(
         if external:
             # what onnx's convert_model_to_external_data does, minus its check for `location` in the
             # *current* directory, which has nothing to do with where the file is written
-            for tensor in ext._get_all_tensors(model):
-                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-                    ext.set_external_data(tensor, location=data_name)
+            write_external(model, tmp_dir, data_name, source_dir)
             onnx.save_model(model, str(tmp_model))
             onnx.checker.check_model(str(tmp_model))  # by path: the weights are in the .data file now
             if (tmp_dir / data_name).exists():  # onnx writes none when every tensor is tiny

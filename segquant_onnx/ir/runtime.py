@@ -12,15 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.numpy_helper
 import onnxruntime as ort
 
 from segquant_onnx.errors import UserError
-from segquant_onnx.ir.graph_io import EXTERNAL_DATA_THRESHOLD, save_model
+from segquant_onnx.ir.graph_io import EXTERNAL_DATA_THRESHOLD, external_base, save_model, write_external
+from segquant_onnx.ir.weights import SPILL_PREFIX, WeightStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+# 16-bit float weights above this many bytes run at ONNX Runtime's basic optimization level (make_session)
+HALF_WEIGHTS_BASIC_BYTES = 256 << 20
 
 
 def third_party_verbose() -> bool:
@@ -75,12 +79,12 @@ def provider_options(providers: tuple[str, ...], worker: int = 0, gpus: int = 0)
     return [{"device_id": str(device)} if p in GPU_PROVIDERS else {} for p in providers]
 
 
-def _float_typed(t: onnx.TensorProto, base_dir: str | None) -> onnx.TensorProto:
-    values = onnx.numpy_helper.to_array(t, base_dir=base_dir or "").astype(np.float32)
+def _float_typed(t: onnx.TensorProto, base_dir) -> onnx.TensorProto:
+    values = onnx.numpy_helper.to_array(t, base_dir=external_base(base_dir, t)).astype(np.float32)
     return onnx.numpy_helper.from_array(values, t.name)
 
 
-def float32_shadow(model: onnx.ModelProto, base_dir: str | None = None) -> onnx.ModelProto:
+def float32_shadow(model: onnx.ModelProto, base_dir=None) -> onnx.ModelProto:  # graph_io.BaseDir
     """`model` with every bfloat16 tensor, value type, Cast target and Constant made float32: what ONNX
     Runtime's CPU (which has no bfloat16 MatMul, Conv or most other kernels) runs in place of a bfloat16
     graph. Exact for the stored values and the Q/DQ rounding; arithmetic between ops is float32 instead of
@@ -121,6 +125,17 @@ def has_fp8_qdq(model: onnx.ModelProto) -> bool:
                for n in model.graph.node)
 
 
+def half_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of float16/bfloat16 initializers of `model`'s main graph, inline or external."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            info = onnx.external_data_helper.ExternalDataInfo(t) if t.data_location == onnx.TensorProto.EXTERNAL \
+                else None
+            total += int(info.length or 0) if info else len(t.raw_data) or 2 * len(t.int32_data)
+    return total
+
+
 @dataclass(frozen=True)
 class SessionSource:
     """A model as ONNX Runtime loads it, with the options `make_session` picks for it; picklable, so a
@@ -132,6 +147,7 @@ class SessionSource:
     source_dir: str | None
     shadow: bool  # a bfloat16 graph's float32 shadow: run as written
     fp8: bool  # FP8 Q/DQ: unfused, basic optimizations
+    half_basic: bool = False  # over HALF_WEIGHTS_BASIC_BYTES of float16/bfloat16 weights: basic level
 
     def open(self, providers=DEFAULT_PROVIDERS, options: list[dict[str, str]] | None = None,
              threads: int = 0) -> ort.InferenceSession:
@@ -144,6 +160,16 @@ class SessionSource:
         # 4: it rounds the float activation to int8 as well (measured, ORT 1.31: a W4A16 fp32 MatMul off by 0.7% of
         # its output). Level 1 computes in float32, what the graph says
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        # memory: no arena (it keeps the largest intermediate buffers of every run for the session's lifetime) and
+        # no memory pattern (a plan allocated up front for the whole graph); the results are the same (measured on
+        # a 2 GiB float16 DiT: 5.4 -> 4.7 GiB peak RSS for one session and three runs)
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        if self.half_basic and not self.shadow:
+            # ORT's CPU has no float16 GEMM: it inserts Casts to float32, and from the extended level on folds
+            # those of constant weights into float32 copies, twice the weights' size (4.7 -> 3.4 GiB peak on that
+            # DiT, 19 s -> 0.4 s to create the session; each run casts the weights it needs instead)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if self.shadow:
             # the shadow's Casts from (former) bfloat16 to float32 cast float32 to itself; ORT's basic-level
             # cast elimination then drops ones whose output we fetch and refuses its own graph (measured on a
@@ -180,26 +206,42 @@ class SessionSource:
         return session
 
 
-def session_source(model: onnx.ModelProto, source_dir: str | None, tmp_dir: str | None = None) -> SessionSource:
-    """What `make_session` opens for `model`: small models go to ONNX Runtime as bytes; ones over protobuf's
-    limit are written to `tmp_dir` (a temporary directory the caller owns) with external data first."""
-    shadow = has_bfloat16(model)
-    if shadow:
+def session_source(model: onnx.ModelProto, source_dir: str | None, tmp_dir: str | None = None,
+                   shadowed: bool = False) -> SessionSource:
+    """What `make_session` opens for `model` (its external tensors in the folder `source_dir`; `shadowed`: `model`
+    is already the float32 shadow of a bfloat16 model): small models go to ONNX Runtime as bytes; ones over
+    protobuf's limit are written to `tmp_dir` (a temporary directory the caller owns) with external data first."""
+    shadow = shadowed or has_bfloat16(model)
+    if shadow and not shadowed:
         model = float32_shadow(model, source_dir)
     fp8 = has_fp8_qdq(model) and not shadow
+    half = half_weight_bytes(model) > HALF_WEIGHTS_BASIC_BYTES
     if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
-        return SessionSource(model.SerializeToString(), None, source_dir, shadow, fp8)
+        return SessionSource(model.SerializeToString(), None, source_dir, shadow, fp8, half)
     if tmp_dir is None:
         raise ValueError("a model whose inline tensors exceed 1.8 GB needs tmp_dir")
     path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
-    save_model(model, path, source_dir=source_dir, external=True)
-    return SessionSource(None, str(path), source_dir, shadow, fp8)
+    if source_dir is not None and Path(source_dir) == Path(tmp_dir):
+        # its external tensors are in tmp_dir already (weights.WeightStore): only the inline ones move out, into
+        # a file named as the store's spills are (the caller's model now refers to it, and the store reads it)
+        write_external(model, Path(tmp_dir), f"{SPILL_PREFIX}{path.stem}.data", None, keep_external=True)
+        onnx.save_model(model, str(path))
+    else:
+        save_model(model, path, source_dir=source_dir, external=True)
+    return SessionSource(None, str(path), source_dir, shadow, fp8, half)
 
 
-def make_session(model: onnx.ModelProto, source_dir: str | None, providers=DEFAULT_PROVIDERS,
-                 tmp_dir: str | None = None) -> ort.InferenceSession:
-    """A session for `model`, whose external-data tensors (if any) live in `source_dir` (see session_source)."""
-    return session_source(model, source_dir, tmp_dir).open(providers)
+def make_session(model: onnx.ModelProto, source_dir, providers=DEFAULT_PROVIDERS,
+                 tmp_dir: str | None = None, shadowed: bool = False) -> ort.InferenceSession:
+    """A session for `model`, whose external-data tensors (if any) live in `source_dir` (a folder, or the run's
+    weights.WeightStore; see session_source)."""
+    if isinstance(source_dir, WeightStore):
+        shadowed = has_bfloat16(model)
+        if shadowed:  # read before the input's files are linked for the session: onnx refuses linked files
+            model = float32_shadow(model, source_dir.locate)
+        with source_dir.session_folder() as folder:
+            return make_session(model, folder, providers, source_dir.tmp_dir, shadowed)
+    return session_source(model, source_dir, tmp_dir, shadowed).open(providers)
 
 
 def temporary_directory() -> tempfile.TemporaryDirectory:

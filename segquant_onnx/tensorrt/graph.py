@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from segquant_onnx.ir.graph_io import external_base
+
 GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Q/DQ commute with these (data movement, or max): TensorRT moves Q/DQ across them to fuse
@@ -42,7 +44,7 @@ def _constant_node_tensor(node: onnx.NodeProto) -> TensorProto | None:
 
 
 class GraphIndex:
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+    def __init__(self, model: onnx.ModelProto, base_dir=None):  # graph_io.BaseDir
         graph = model.graph
         self.base_dir = base_dir
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -98,7 +100,7 @@ class GraphIndex:
         return True
 
     def array(self, tensor: TensorProto) -> np.ndarray:
-        return numpy_helper.to_array(tensor, self.base_dir or "")
+        return numpy_helper.to_array(tensor, external_base(self.base_dir, tensor))
 
     def is_weight(self, name: str) -> bool:
         """A constant, or a QuantizeLinear of one (float weight -> Q -> DQ, as ModelOpt writes)."""

@@ -200,7 +200,7 @@ def test_the_per_site_search_is_kept_by_its_score_and_channel_count(monkeypatch,
                         lambda *args: SearchResult(chosen, 30.0 + delta, 30.0, []))
     cand = _Candidates(config, {0: {}, 2: start})
     held = _Held({(channels, "off", "plain"): 30.0 + delta})
-    held.feeds, held.reference, held.sessions = [], [], SimpleNamespace(open=None)
+    held.feeds, held.reference, held.sessions = [], [], SimpleNamespace(open_graph=None)
     variant = decide.search_space(PLAN, config).settings
     recipe = cand.recipe(variant, start)
     global_best = decide._Scored(30.0, recipe, cand.fitted(recipe), variant)
