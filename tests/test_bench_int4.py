@@ -71,7 +71,7 @@ def test_modelopt_rows_run_its_int4_modes(bench, monkeypatch, tmp_path):
     from benchkit.cases import ModelCase
 
     seen = []
-    monkeypatch.setattr(runners, "finish", lambda cmd, out, log, timeout: seen.append(cmd))
+    monkeypatch.setattr(runners, "finish", lambda cmd, out, log, timeout, rss_limit_gib=None: seen.append(cmd))
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
     case = ModelCase("m", model, tmp_path / "c.npz", tmp_path / "e.npz", "")
