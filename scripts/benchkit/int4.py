@@ -26,8 +26,8 @@ import numpy as np
 from benchkit.cases import ModelCase, iter_samples, prepare_models
 from benchkit.measure import LINEAR_OPS, PASSTHROUGH_OPS, SESSION_NOTE
 from benchkit.provenance import git_description, load_average, machine_info, versions
-from benchkit.real import linear_flops
-from benchkit.results import BenchState, ResultRow, SkipNote
+from benchkit.real import flop_share, linear_node_flops
+from benchkit.results import BenchState, ResultRow
 from benchkit.runners import ModeloptMethod, OursMethod, PlannedMethod, _with, run_modelopt, run_ours
 from benchkit.tables import fmt, short, trt_cell
 from segquant_onnx.config import PRESETS, QuantConfig
@@ -169,29 +169,10 @@ def int4_flop_share(path: Path, feed: dict[str, np.ndarray]) -> tuple[float | No
     shapes from one ONNX Runtime run on ``feed`` (unoptimized, every needed tensor added as an output). The
     low-rank branch's float GEMMs and DualScale's second GEMM count as linear nodes of their own."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(path))
-    linears = int4_linears(model.graph)
-    existing = {o.name for o in model.graph.output}
-    wanted = []
-    for node, x, w, shape, _q, _a in linears:
-        for name in (x, node.output[0], *([w] if shape is None else [])):
-            if name not in existing and name not in feed and name not in wanted:
-                wanted.append(name)
-    for name in wanted:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    shapes = {n: v.shape for n, v in zip(names, sess.run(names, feed))}
-    shapes.update({k: v.shape for k, v in feed.items()})
-    nodes = [(linear_flops(node.op_type, shapes[x], shapes[w] if shape is None else shape, shapes[node.output[0]],
-                           attrs), q) for node, x, w, shape, q, attrs in linears]
-    total = sum(f for f, _ in nodes)
-    return (None if total == 0 else sum(f for f, q in nodes if q) / total), sum(q for _, q in nodes), len(nodes)
+    nodes = linear_node_flops(model, int4_linears(model.graph), feed)
+    return flop_share(nodes), sum(q for _, q in nodes), len(nodes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,19 +270,9 @@ def render_section(state: BenchState, cases: list[ModelCase], ranks: dict, share
 # the run
 
 def run_int4_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> int:
-    from benchkit.real import replace_section
+    from benchkit.real import replace_section, start_suite
 
-    started = datetime.datetime.now().astimezone()
-    load_at_start = load_average()
-    t0 = time.perf_counter()
-    work_dir = args.work_dir.resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    state = BenchState()
-    modelopt_python = None
-    if args.skip_modelopt:
-        state.notes.append(SkipNote("NVIDIA ModelOpt", "not run (--skip-modelopt)"))
-    else:
-        modelopt_python = ensure_modelopt_venv(work_dir, state)
+    started, load_at_start, t0, work_dir, state, modelopt_python = start_suite(args, ensure_modelopt_venv)
     cases = prepare_models(args.model_list, work_dir)
     shares: dict = {}
     ranks: dict = {}

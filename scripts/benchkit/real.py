@@ -140,15 +140,13 @@ def _graph_linears(graph):
     return found
 
 
-def linear_flop_share(path: Path, feed: dict[str, np.ndarray]) -> tuple[float | None, int, int]:
-    """(share of linear FLOPs that run quantized, quantized linear nodes, linear nodes with a constant weight)
-    in the model at ``path``, the shapes taken from one ONNX Runtime run on ``feed`` (every linear node's
-    activation input and output added as graph outputs); the same count for every method's graph."""
+def linear_node_flops(model, linears: list[tuple], feed: dict[str, np.ndarray]) -> list[tuple[int, bool]]:
+    """[(FLOPs, flag)] of `linears` ([(node, activation, weight, weight shape or None, flag, attrs)] of `model`),
+    the shapes taken from one unoptimized ONNX Runtime run on ``feed`` with every tensor they need added as
+    a graph output (`model` gets those outputs)."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(path))
-    linears = _graph_linears(model.graph)
     existing = {o.name for o in model.graph.output}
     wanted = []
     for node, x, w, w_shape, _q, _a in linears:
@@ -164,10 +162,18 @@ def linear_flop_share(path: Path, feed: dict[str, np.ndarray]) -> tuple[float | 
     names = [o.name for o in sess.get_outputs()]
     shapes = {n: v.shape for n, v in zip(names, sess.run(names, feed))}
     shapes.update({k: v.shape for k, v in feed.items()})
-    nodes = []
-    for node, x, w, w_shape, quantized, attrs in linears:
-        w_shape = shapes[w] if w_shape is None else w_shape
-        nodes.append((linear_flops(node.op_type, shapes[x], w_shape, shapes[node.output[0]], attrs), quantized))
+    return [(linear_flops(node.op_type, shapes[x], shapes[w] if w_shape is None else w_shape,
+                          shapes[node.output[0]], attrs), flag) for node, x, w, w_shape, flag, attrs in linears]
+
+
+def linear_flop_share(path: Path, feed: dict[str, np.ndarray]) -> tuple[float | None, int, int]:
+    """(share of linear FLOPs that run quantized, quantized linear nodes, linear nodes with a constant weight)
+    in the model at ``path``, the shapes taken from one ONNX Runtime run on ``feed`` (every linear node's
+    activation input and output added as graph outputs); the same count for every method's graph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    nodes = linear_node_flops(model, _graph_linears(model.graph), feed)
     return flop_share(nodes), sum(q for _, q in nodes), len(nodes)
 
 
@@ -330,7 +336,9 @@ def kept_section(markdown: str, title: str = SECTION_TITLE) -> str | None:
     return match.group(0).rstrip("\n") + "\n" if match else None
 
 
-def run_real_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> int:
+def start_suite(args, ensure_modelopt_venv):
+    """What a suite's run starts with: (start time, load average, perf counter, work dir made, state, ModelOpt's
+    venv python or None with a note why)."""
     started = datetime.datetime.now().astimezone()
     load_at_start = load_average()
     t0 = time.perf_counter()
@@ -342,6 +350,11 @@ def run_real_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> 
         state.notes.append(SkipNote("NVIDIA ModelOpt", "not run (--skip-modelopt)"))
     else:
         modelopt_python = ensure_modelopt_venv(work_dir, state)
+    return started, load_at_start, t0, work_dir, state, modelopt_python
+
+
+def run_real_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> int:
+    started, load_at_start, t0, work_dir, state, modelopt_python = start_suite(args, ensure_modelopt_venv)
     cases, infos = prepare_real_cases(args.model_list, work_dir, state)
     plan = real_method_plan(args, modelopt_python)
     shares: dict = {}
