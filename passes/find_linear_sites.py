@@ -1,14 +1,16 @@
-"""Find the linear sites: every MatMul/Gemm/Conv with a constant weight and a float32 activation.
+"""Find the linear sites: every MatMul/Gemm/Conv/ConvTranspose with a constant weight and a float activation.
 
-    MatMul(X, W[K, N])           -> LinearSite(weight_axis=1)
-    Gemm(A, B, C, transB)        -> LinearSite(weight_axis=0 if transB else 1)
-    Conv(X, W[N, C, ...], b)     -> LinearSite(weight_axis=0)
-    anything else linear-looking -> DeclinedSite(reason)
+    MatMul(X, W[K, N])                 -> LinearSite(weight_axis=1)
+    Gemm(A, B, C, transB)              -> LinearSite(weight_axis=0 if transB else 1)
+    Conv(X, W[N, C, ...], b)           -> LinearSite(weight_axis=0)
+    ConvTranspose(X, W[C, N, ...], b)  -> LinearSite(weight_axis=0): TensorRT takes a deconvolution's weight
+                                          scales on axis 0 only, its input channels (TENSORRT.md)
+    anything else linear-looking       -> DeclinedSite(reason)
 
 Detect only (its rewrite is the identity): the sites are what the later passes act on and what
 QuantizeLinearInputs gives Q/DQ. Declined, each with its reason: activation x activation products
-(attention), a constant on the left, --exclude matches, non-float32 dtypes, depthwise Conv,
-ConvTranspose, and under INT4 weight blocks (`block_size`) Conv and K without a whole block.
+(attention), a constant on the left, --exclude matches, non-float dtypes, depthwise Conv, grouped
+ConvTranspose, and under INT4 weight blocks (`block_size`) Conv/ConvTranspose and K without a whole block.
 Preconditions: the graph is canonicalized (constants folded, so a Transpose of a
 weight is already a constant; shapes inferred) and SegLinear has split it (its segments are sites
 of their own). Runs right after SplitLinearBySegment and FlattenLinearsTo2D.
@@ -62,8 +64,6 @@ class FindLinearSites:
         """A LinearSite, a reason string when the node looks linear but is declined, or None."""
         if node.op not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
             return None
-        if node.op == "ConvTranspose":
-            return "ConvTranspose is not quantized yet"
         if len(node.inputs) < 2:
             return None
         x, w = node.inputs[0], node.inputs[1]
@@ -97,8 +97,14 @@ class FindLinearSites:
             return LinearSite(node.name, "Gemm", x.name, w.name, shape, 0 if nk else 1, rows,
                               channels_last=not trans_a)
         if self.block_size is not None:
-            return ("Conv is not quantized to INT4: block scales (w4a16, w4a8) are for the 2-D weights of "
+            return (f"{node.op} is not quantized to INT4: block scales (w4a16, w4a8) are for the 2-D weights of "
                     "MatMul/Gemm, as TensorRT's INT4 kernels take them")
+        if node.op == "ConvTranspose":
+            if int(node.attrs.get("group", 1)) != 1:
+                return "grouped ConvTranspose is not quantized (not tried with TensorRT's INT8 deconvolution)"
+            # each input element meets Cout x kernel weights
+            flops = 2 * _volume(x.shape) * _volume(shape[1:]) if x.shape else 2 * _volume(shape)
+            return LinearSite(node.name, "ConvTranspose", x.name, w.name, shape, 0, flops, channels_last=False)
         if int(node.attrs.get("group", 1)) == shape[0] and shape[1] == 1 and shape[0] > 1:
             return "depthwise Conv is not quantized (no INT8 speed-up)"
         out = node.outputs[0]

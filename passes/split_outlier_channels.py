@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import float_dtype, site_node
-from segquant_onnx.ir.linear import input_channels, weight_is_nk, zero_input_channels
+from segquant_onnx.ir.linear import input_channel_axis, input_channels, is_conv, weight_is_nk, zero_input_channels
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import OUTLIERS_SPLIT, QUANTIZE, SITES_FOUND
 from segquant_onnx.plan import LinearSite, QuantPlan
@@ -63,7 +63,7 @@ class SplitOutlierChannels:
             k = input_channels(site)
             mask = np.ones(k, float_dtype(x.dtype))
             mask[idx] = 0
-            if site.op == "Conv":  # channels on axis 1 of N, C, spatial...
+            if is_conv(site):  # channels on axis 1 of N, C, spatial...
                 mask = mask.reshape([1, k] + [1] * (w_full.ndim - 2))
             layer = f"{site.name}/outliers"
             x_m = gs.Variable(namer(site.name, "bulk_input"), dtype=x.dtype, shape=x.shape)
@@ -74,12 +74,12 @@ class SplitOutlierChannels:
                               np.ascontiguousarray(zero_input_channels(w_full, site, idx), float_dtype(w.dtype)))
             x_o = gs.Variable(namer(layer, "input"), dtype=x.dtype)
             y_o = gs.Variable(namer(layer, "output"), dtype=x.dtype)
-            graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": 1 if site.op == "Conv" else -1},
+            graph.nodes.append(gs.Node("Gather", namer(layer, "gather"), {"axis": 1 if is_conv(site) else -1},
                                        inputs=[x, gs.Constant(namer(layer, "channels"), idx.astype(np.int64))],
                                        outputs=[x_o]))
-            if site.op == "Conv":  # the same convolution over the outlier input channels, no bias
-                w_o = np.ascontiguousarray(w_full[:, idx], float_dtype(w.dtype))
-                graph.nodes.append(gs.Node("Conv", namer(layer, "Conv"), dict(node.attrs),
+            if is_conv(site):  # the same (transposed) convolution over the outlier input channels, no bias
+                w_o = np.ascontiguousarray(np.take(w_full, idx, axis=input_channel_axis(site)), float_dtype(w.dtype))
+                graph.nodes.append(gs.Node(site.op, namer(layer, site.op), dict(node.attrs),
                                            inputs=[x_o, gs.Constant(namer(layer, "weight"), w_o)], outputs=[y_o]))
             else:  # the outlier channels' rows of W as a [k, N] matrix
                 w_o = w_full[:, idx].T if weight_is_nk(site) else w_full[idx]

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 class LinearSite:
     """A weighted op whose activation and weight inputs get Q/DQ.
 
-    `weight_axis` is the output-channel axis of the weight as the op consumes it (MatMul [K, N] -> 1;
-    Gemm transB=1 -> 0, transB=0 -> 1; Conv -> 0). `flops` counts multiply-adds x 2 for the static
+    `weight_axis` is the axis of the weight's per-channel scales as the op consumes it: its output channels
+    for MatMul [K, N] -> 1, Gemm transB=1 -> 0, transB=0 -> 1, Conv -> 0; for ConvTranspose [Cin, Cout, ...]
+    -> 0, its input channels (TensorRT scales a deconvolution's weight on axis 0 only). `flops` counts multiply-adds x 2 for the static
     shapes known after shape inference (unknown dims count as 1).
     """
 
@@ -29,7 +30,7 @@ class LinearSite:
     flops: int
     activation_input_index: int = 0
     weight_input_index: int = 1
-    # whether the activation's last axis is the input-channel axis K (not for Conv, or Gemm transA=1):
+    # whether the activation's last axis is the input-channel axis K (not for Conv/ConvTranspose, or Gemm transA=1):
     # per-channel statistics, row samples, smoothing and outlier channels need it
     channels_last: bool = True
 
@@ -113,8 +114,8 @@ class QuantPlan:
 
     def nothing_to_quantize(self, model: str) -> str:
         """One sentence for a plan without sites: what was found, and what to do."""
-        reasons = Counter(d.reason for d in self.declined if d.op in ("MatMul", "Gemm", "Conv"))
-        found = ("no MatMul, Gemm or Conv with a constant weight" if not reasons else
+        reasons = Counter(d.reason for d in self.declined if d.op in ("MatMul", "Gemm", "Conv", "ConvTranspose"))
+        found = ("no MatMul, Gemm, Conv or ConvTranspose with a constant weight" if not reasons else
                  f"{sum(reasons.values())} linear node(s), none quantizable (most common reason: "
                  f"{reasons.most_common(1)[0][0]})")
         return (f"{model} has nothing to quantize: {found}; `segquant-onnx inspect --explain` lists every node, "

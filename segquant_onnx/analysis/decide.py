@@ -33,6 +33,7 @@ from segquant_onnx.config import (CalibrationConfig, DualScaleMode, OutlierMode,
                                   WeightRounding)
 from segquant_onnx.errors import UserError
 from segquant_onnx.params import Quantization
+from segquant_onnx.ir.linear import CONV_OPS
 from segquant_onnx.plan import QuantPlan
 from segquant_onnx.solve.choose import choose, choose_outliers
 from segquant_onnx.solve.fit import fit
@@ -72,11 +73,11 @@ class SearchSpace:
 
 
 def channel_axes(plan: QuantPlan) -> dict[str, int]:
-    """Axis 1 for tensors only Convs read (their input channels), the default last axis otherwise."""
+    """Axis 1 for tensors only Conv/ConvTranspose sites read (their input channels), the default last axis otherwise."""
     readers: dict[str, set[str]] = {}
     for site in plan.sites:
         readers.setdefault(site.activation, set()).add(site.op)
-    return {name: 1 for name, ops in readers.items() if ops == {"Conv"}}
+    return {name: 1 for name, ops in readers.items() if ops <= set(CONV_OPS)}
 
 
 def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from segquant_onnx.calib.calibrate import with_tensor_outputs
 from segquant_onnx.analysis.evaluate import OutputError, compare_outputs
+from segquant_onnx.ir.linear import CONV_OPS
 from segquant_onnx.ir.runtime import make_session
 
 _MAX_HOPS = 3
@@ -30,7 +31,7 @@ def _layer_tensors(fp: onnx.ModelProto, q: onnx.ModelProto) -> dict[str, list[st
             consumers.setdefault(i, []).append(n)
     layers = {}
     for node in fp.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in weights:
+        if node.op_type not in ("MatMul", "Gemm", *CONV_OPS) or len(node.input) < 2 or node.input[1] not in weights:
             continue
         frontier, found = [node.output[0]], []
         for _ in range(_MAX_HOPS):

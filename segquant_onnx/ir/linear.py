@@ -3,7 +3,8 @@
 Graph side (onnx-graphsurgeon nodes): a linear is a MatMul/Gemm with a constant 2-D weight and a
 variable input; Gemm with transB=1 (what PyTorch's Linear exports) stores W as [N, K], everything
 else as [K, N]. Site side (a plan's LinearSite and numpy weights): the same layout answered from
-`op` and `weight_axis` (the output-channel axis: MatMul 1, Gemm transB=1 0 / transB=0 1, Conv 0).
+`op` and `weight_axis` (the weight's per-channel scale axis: MatMul 1, Gemm transB=1 0 / transB=0 1, Conv 0,
+ConvTranspose 0, which is its input channels: TensorRT scales a deconvolution's weight on axis 0 only).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def k_in(node: gs.Node) -> int:
 
 
 # -- sites and their weights ---------------------------------------------------------------------
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+def is_conv(site: LinearSite) -> bool:
+    """A convolution site: input channels on axis 1 of its N, C, spatial... activation."""
+    return site.op in CONV_OPS
+
+
 def weight_is_nk(site: LinearSite) -> bool:
     """The site's weight is stored [N, K] (Gemm transB=1), not [K, N]."""
     return site.op == "Gemm" and site.weight_axis == 0
@@ -48,12 +57,14 @@ def as_kn(w: np.ndarray, site: LinearSite) -> np.ndarray:
 
 
 def input_channel_axis(site: LinearSite) -> int:
-    """The weight axis over input channels: MatMul [K, N] 0, Gemm transB=1 [N, K] 1, Conv [Cout, Cin, ...] 1."""
+    """The weight axis over input channels: MatMul [K, N] 0, Gemm transB=1 [N, K] 1, Conv [Cout, Cin, ...] 1,
+    ConvTranspose [Cin, Cout, ...] 0."""
     return 1 if site.op == "Conv" or weight_is_nk(site) else 0
 
 
 def input_channels(site: LinearSite) -> int:
-    """K: MatMul [K, N] rows, Gemm transB=1 [N, K] columns, Conv [Cout, Cin/group, ...] (group 1 only)."""
+    """K: MatMul [K, N] rows, Gemm transB=1 [N, K] columns, Conv [Cout, Cin, ...] and ConvTranspose [Cin, Cout, ...]
+    (group 1 only)."""
     return site.weight_shape[input_channel_axis(site)]
 
 

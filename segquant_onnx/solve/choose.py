@@ -16,7 +16,7 @@ from tqdm import tqdm
 from segquant_onnx.calib.observers import Stats, TensorStats
 from segquant_onnx.config import CalibMethod, DualScaleMode, QuantConfig, SmoothQuantMode
 from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of
-from segquant_onnx.ir.linear import as_kn, input_channel_axis, input_channels, scale_input_channels
+from segquant_onnx.ir.linear import as_kn, input_channel_axis, input_channels, is_conv, scale_input_channels
 from segquant_onnx.params import DualDecision, DualParams, SiteParams
 from segquant_onnx.plan import LinearSite, QuantPlan
 from segquant_onnx.solve.fit import Weights, bulk, site_dual_params, site_params, smoothing
@@ -87,7 +87,7 @@ def choose_outliers(plan: QuantPlan, stats: Stats, cap: int, ratio: float,
         amax = st.channel_amax
         if cap <= 0 or amax.size != input_channels(site):
             continue
-        if site.op == "Conv" and st.channel_axis != 1 or site.op != "Conv" and not site.channels_last:
+        if is_conv(site) and st.channel_axis != 1 or not is_conv(site) and not site.channels_last:
             continue
         order = np.argsort(-amax, kind="stable")[:cap]
         idx = np.sort(order[amax[order] > ratio * max(float(np.median(amax)), 1e-12)])

@@ -16,8 +16,8 @@ from segquant_onnx.plan import DeclinedSite, QuantPlan
 
 
 
-def detect(model: onnx.ModelProto, exclude=()):
-    plan = FindLinearSites(exclude).detect(canonicalize(gs.import_onnx(model)), QuantPlan(sites=()))
+def detect(model: onnx.ModelProto, exclude=(), block_size=None):
+    plan = FindLinearSites(exclude, block_size).detect(canonicalize(gs.import_onnx(model)), QuantPlan(sites=()))
     return list(plan.sites), list(plan.declined)
 
 
@@ -78,7 +78,7 @@ def test_exclude_regex_declines_matching_sites():
 
 @pytest.mark.parametrize("case, reason", [
     ("depthwise", "depthwise Conv"),
-    ("conv_transpose", "ConvTranspose"),
+    ("conv_transpose", "grouped ConvTranspose"),
     ("batched_weight", "rank 3"),
 ])
 def test_other_declines(case, reason):
@@ -86,11 +86,26 @@ def test_other_declines(case, reason):
         nodes = [helper.make_node("Conv", ["X", "W"], ["Y"], name="n", group=4, kernel_shape=[3, 3], pads=[1] * 4)]
         model = make_model(nodes, [fvi("X", [1, 4, 8, 8])], [fvi("Y", [1, 4, 8, 8])], {"W": rng_w(4, 1, 3, 3)})
     elif case == "conv_transpose":
-        nodes = [helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="n", kernel_shape=[2, 2], strides=[2, 2])]
-        model = make_model(nodes, [fvi("X", [1, 4, 8, 8])], [fvi("Y", [1, 2, 16, 16])], {"W": rng_w(4, 2, 2, 2)})
+        nodes = [helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="n", kernel_shape=[2, 2], strides=[2, 2],
+                                  group=2)]
+        model = make_model(nodes, [fvi("X", [1, 4, 8, 8])], [fvi("Y", [1, 4, 16, 16])], {"W": rng_w(4, 2, 2, 2)})
     else:
         nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="n")]
         model = make_model(nodes, [fvi("X", [2, 8, 16])], [fvi("Y", [2, 8, 32])], {"W": rng_w(2, 16, 32)})
     sites, declined = detect(model)
     assert not sites
     assert len(declined) == 1 and declined[0].name == "n" and reason in declined[0].reason
+
+
+def test_conv_transpose_is_a_site_scaled_on_axis_0():
+    """TensorRT takes a deconvolution's weight scales on axis 0, [Cin, Cout, kh, kw]'s input channels; each of
+    the 4 x 64 input elements meets 2 x 2 x 2 weights."""
+    nodes = [helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="up", kernel_shape=[2, 2], strides=[2, 2])]
+    model = make_model(nodes, [fvi("X", [1, 4, 8, 8])], [fvi("Y", [1, 2, 16, 16])], {"W": rng_w(4, 2, 2, 2)})
+    (site,), declined = detect(model)
+    assert not declined
+    assert (site.op, site.weight_axis, site.weight_shape, site.channels_last) == ("ConvTranspose", 0, (4, 2, 2, 2),
+                                                                                  False)
+    assert site.flops == 2 * 4 * 64 * 8
+    _, declined = detect(model, block_size=16)
+    assert "ConvTranspose is not quantized to INT4" in declined[0].reason

@@ -124,42 +124,52 @@ def test_outlier_result_builds_with_tensorrt_rtx(tmp_path):
     assert built.parsed and built.built, built.errors
 
 
-def _conv_model(scale_channels=(), seed=0):
+def _conv_model(scale_channels=(), seed=0, op="Conv"):
+    """A Conv 16 -> 8 (3x3, same size) or a ConvTranspose 16 -> 8 (2x2, stride 2) behind a per-channel Mul."""
     rng = np.random.default_rng(seed)
     c = np.ones((1, 16, 1, 1), np.float32)
     c[0, list(scale_channels)] = 50.0
-    nodes = [helper.make_node("Mul", ["X", "c"], ["Xc"], name="scale_channels"),
-             helper.make_node("Conv", ["Xc", "W", "b"], ["Y"], name="conv", pads=[1, 1, 1, 1])]
+    if op == "Conv":
+        conv = helper.make_node("Conv", ["Xc", "W", "b"], ["Y"], name="conv", pads=[1, 1, 1, 1])
+        w_shape, y_shape = (8, 16, 3, 3), [1, 8, 8, 8]
+    else:
+        conv = helper.make_node("ConvTranspose", ["Xc", "W", "b"], ["Y"], name="conv", kernel_shape=[2, 2],
+                                strides=[2, 2])
+        w_shape, y_shape = (16, 8, 2, 2), [1, 8, 16, 16]
+    nodes = [helper.make_node("Mul", ["X", "c"], ["Xc"], name="scale_channels"), conv]
     inits = [numpy_helper.from_array(c, "c"),
-             numpy_helper.from_array(rng.standard_normal((8, 16, 3, 3)).astype(np.float32) * 0.1, "W"),
+             numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32) * 0.1, "W"),
              numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 16, 8, 8])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @settings(max_examples=10, deadline=None)
-@given(channels=st.lists(st.integers(0, 15), min_size=1, max_size=5, unique=True))
-def test_conv_split_is_exact_in_float(channels):
-    model = _conv_model()
+@given(channels=st.lists(st.integers(0, 15), min_size=1, max_size=5, unique=True),
+       op=st.sampled_from(["Conv", "ConvTranspose"]))
+def test_conv_split_is_exact_in_float(channels, op):
+    model = _conv_model(op=op)
     graph = canonicalize(gs.import_onnx(model))
     (site,) = FindLinearSites().detect(graph, QuantPlan(sites=())).sites
     idx = np.array(sorted(channels), np.int64)
     (updated,) = SplitOutlierChannels().rewrite(graph, [site], Quantization({}, {}, {site.name: idx}))
     graph.cleanup().toposort()
-    assert [n.op for n in graph.nodes].count("Conv") == 2
-    assert not graph.tensors()[updated.weight].values[:, idx].any()
+    assert [n.op for n in graph.nodes].count(op) == 2
+    bulk = graph.tensors()[updated.weight].values
+    assert not (bulk[:, idx] if op == "Conv" else bulk[idx]).any()  # Conv [Cout, Cin, ...], ConvTranspose [Cin, ...]
     x = np.random.default_rng(1).standard_normal((1, 16, 8, 8)).astype(np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]  # noqa: E731
     want, got = run(model), run(export_model(graph))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.fixture(scope="module")
-def conv_runs(tmp_path_factory):
-    """(outliers off, outliers auto) on the Conv whose input channels 2 and 9 are x50; the second written."""
+@pytest.fixture(scope="module", params=["Conv", "ConvTranspose"])
+def conv_runs(tmp_path_factory, request):
+    """(outliers off, outliers auto) on the Conv (or ConvTranspose) whose input channels 2 and 9 are x50; the
+    second written."""
     d = tmp_path_factory.mktemp("conv_outliers")
-    onnx.save(_conv_model(scale_channels=(2, 9)), d / "conv.onnx")
+    onnx.save(_conv_model(scale_channels=(2, 9), op=request.param), d / "conv.onnx")
     rng = np.random.default_rng(3)
     np.savez(d / "c.npz", X=rng.standard_normal((16, 16, 8, 8)).astype(np.float32))
     np.savez(d / "e.npz", X=rng.standard_normal((8, 16, 8, 8)).astype(np.float32))
