@@ -125,15 +125,27 @@ def has_fp8_qdq(model: onnx.ModelProto) -> bool:
                for n in model.graph.node)
 
 
+def _stored_bytes(t: onnx.TensorProto) -> int:
+    """An initializer's bytes, inline or external (16-bit values stored as int32_data count 2 bytes each)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int(onnx.external_data_helper.ExternalDataInfo(t).length or 0)
+    return len(t.raw_data) or 2 * len(t.int32_data)
+
+
 def half_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of float16/bfloat16 initializers of `model`'s main graph, inline or external."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-            info = onnx.external_data_helper.ExternalDataInfo(t) if t.data_location == onnx.TensorProto.EXTERNAL \
-                else None
-            total += int(info.length or 0) if info else len(t.raw_data) or 2 * len(t.int32_data)
-    return total
+    return sum(_stored_bytes(t) for t in model.graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
+
+
+def half_dequantized_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the constant (quantized) inputs of `model`'s DequantizeLinears to float16/bfloat16 (by their
+    scale's type): the weights a 16-bit Q/DQ graph dequantizes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return sum(_stored_bytes(inits[n.input[0]]) for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and len(n.input) > 1 and n.input[0] in inits
+               and n.input[1] in inits and inits[n.input[1]].data_type in half)
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,8 @@ class SessionSource:
     shadow: bool  # a bfloat16 graph's float32 shadow: run as written
     fp8: bool  # FP8 Q/DQ: unfused, basic optimizations
     half_basic: bool = False  # over HALF_WEIGHTS_BASIC_BYTES of float16/bfloat16 weights: basic level
+    # over HALF_WEIGHTS_BASIC_BYTES of weights dequantized to float16/bfloat16: folded once, basic level
+    half_qdq: bool = False
 
     def open(self, providers=DEFAULT_PROVIDERS, options: list[dict[str, str]] | None = None,
              threads: int = 0) -> ort.InferenceSession:
@@ -175,6 +189,16 @@ class SessionSource:
             # cast elimination then drops ones whose output we fetch and refuses its own graph (measured on a
             # TorchScript bfloat16 FLUX export): run the shadow as written
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if self.half_qdq and not self.shadow:
+            # ORT's CPU has no 16-bit QDQ kernels: it runs each weight's DequantizeLinear on every run, then casts
+            # to float32 (a 2 GiB float16 DiT: 13 s per feed quantized against 3 s float). Without its QDQ
+            # transformers, constant folding dequantizes the constant weights once, at session creation, and
+            # each run computes what it did before (measured, ORT 1.31, 12 float16 INT8 MatMuls of 1536 x 1536:
+            # the same bytes out at the basic level, 4x faster at 96 tokens; at the extended level the folded
+            # graph's outputs differ, so: basic). Large models only: a small graph's runs cost little, and the
+            # basic level leaves ORT's fused float16 LayerNorm out (the demo DiT's SQNR moves by 0.1 dB)
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if self.fp8:
             # ORT's CPU optimizer fuses Q/DQ + Gemm/MatMul/Conv into its QGemm/QLinear* kernels, which accept
             # 8-bit integers only: with FP8 the fused graph fails its type check. And its extended-level
@@ -216,8 +240,9 @@ def session_source(model: onnx.ModelProto, source_dir: str | None, tmp_dir: str 
         model = float32_shadow(model, source_dir)
     fp8 = has_fp8_qdq(model) and not shadow
     half = half_weight_bytes(model) > HALF_WEIGHTS_BASIC_BYTES
+    half_qdq = half_dequantized_bytes(model) > HALF_WEIGHTS_BASIC_BYTES
     if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
-        return SessionSource(model.SerializeToString(), None, source_dir, shadow, fp8, half)
+        return SessionSource(model.SerializeToString(), None, source_dir, shadow, fp8, half, half_qdq)
     if tmp_dir is None:
         raise ValueError("a model whose inline tensors exceed 1.8 GB needs tmp_dir")
     path = Path(tmp_dir) / f"session_{len(os.listdir(tmp_dir))}.onnx"
@@ -228,7 +253,7 @@ def session_source(model: onnx.ModelProto, source_dir: str | None, tmp_dir: str 
         onnx.save_model(model, str(path))
     else:
         save_model(model, path, source_dir=source_dir, external=True)
-    return SessionSource(None, str(path), source_dir, shadow, fp8, half)
+    return SessionSource(None, str(path), source_dir, shadow, fp8, half, half_qdq)
 
 
 def make_session(model: onnx.ModelProto, source_dir, providers=DEFAULT_PROVIDERS,
