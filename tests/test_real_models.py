@@ -192,7 +192,13 @@ def test_bench_accepts_the_real_suite(monkeypatch):
     assert parse_args([]).suite == "tiny" and parse_args([]).repeat == 3
     with pytest.raises(SystemExit):
         parse_args(["--suite", "real", "--models", "example"])
-    best = QuantConfig(**REAL_OURS[1].fields)
+    # the rows are the three presets, each with a float32 rest like the peers'
+    fp32 = {"precision": {"high_precision": "fp32"}}
+    assert [m.label for m in REAL_OURS] == ["ours fast", "ours default", "ours best"]
+    for method, preset in zip(REAL_OURS, ("fast", "balanced", "best")):
+        assert QuantConfig(**method.fields) == QuantConfig.preset(preset, **fp32)
+    best = QuantConfig(**REAL_OURS[2].fields)
     assert (best.smoothquant.mode.value, best.outliers.mode.value, best.dualscale.mode.value,
             best.fallback.target_sqnr, best.fallback.max_fallback_pct) == ("auto", "auto", "auto", 40.0, 5.0)
-    assert QuantConfig(**REAL_OURS[0].fields) == QuantConfig(precision={"high_precision": "fp32"})
+    assert QuantConfig(**REAL_OURS[1].fields) == QuantConfig(**fp32)
+    assert QuantConfig(**REAL_OURS[0].fields).dualscale.mode.value == "off"

@@ -32,6 +32,7 @@ from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import (MODELOPT_METHODS, ORT_VARIANTS, OursMethod, PlannedMethod, _with, modelopt_command,
                               run_modelopt, run_ort, run_ours)
 from benchkit.tables import fmt, trt_cell
+from segquant_onnx.config import PRESETS
 
 log = logging.getLogger("bench")
 
@@ -39,20 +40,15 @@ REAL_SCRIPT = REPO_ROOT / "scripts" / "real_models.py"
 SECTION_TITLE = "## Real pretrained models"
 REAL_MODEL_NAMES = ("terrain", "minilm", "vit")
 # linear ops whose FLOPs the share counts: the tiny-model tables' MatMul/Gemm/Conv, and ConvTranspose (a decoder's
-# upsampling: a linear op none of the quantizers here quantize, so it counts as float)
+# upsampling), quantized or float as each tool left it
 FLOP_OPS = (*LINEAR_OPS, "ConvTranspose")
 
 _FP32_REST = {"precision": {"high_precision": "fp32"}}
-REAL_OURS = (
-    OursMethod("ours default", "default", _with(_FP32_REST), timed=True),
-    OursMethod("ours SQ+outliers+DS auto, target 40 dB, <=5% float", "best",
-               _with(_FP32_REST, smoothquant={"mode": "auto"}, outliers={"mode": "auto"}, dualscale={"mode": "auto"},
-                     fallback={"target_sqnr": 40.0, "max_fallback_pct": 5.0}), timed=True),
-)
-OURS_CLI = {"ours default": "segquant-onnx quantize IN --calib CALIB -o OUT --high-precision fp32 --no-eval",
-            "ours SQ+outliers+DS auto, target 40 dB, <=5% float":
-            "segquant-onnx quantize IN --calib CALIB -o OUT --high-precision fp32 --no-eval --smoothquant auto "
-            "--outlier-channels auto --dualscale auto --target-sqnr 40 --max-fallback 5"}
+# the three presets (config.PRESETS), each with a float32 rest like the peers' rows
+REAL_OURS = tuple(OursMethod(label, preset, _with(_FP32_REST, **PRESETS[preset]), timed=True)
+                  for label, preset in (("ours fast", "fast"), ("ours default", "balanced"), ("ours best", "best")))
+OURS_CLI = {m.label: "segquant-onnx quantize IN --calib CALIB -o OUT --high-precision fp32 --no-eval"
+            + ("" if m.slug == "balanced" else f" --preset {m.slug}") for m in REAL_OURS}
 REAL_MODELOPT = tuple(m for m in MODELOPT_METHODS if m.mode == "int8" and m.high_precision == "fp32")
 REAL_ORT = tuple(v for v in ORT_VARIANTS if v[1] == "MinMax")
 BASELINE = "ours default"
