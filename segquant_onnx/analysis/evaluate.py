@@ -32,6 +32,11 @@ class OutputError:
         self.test_power += float((test**2).sum())
         self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
 
+    def merged(self, other: OutputError) -> OutputError:
+        """The error over both sets of feeds."""
+        return OutputError(self.signal + other.signal, self.noise + other.noise, max(self.max_abs, other.max_abs),
+                           self.dot + other.dot, self.test_power + other.test_power)
+
     @property
     def sqnr(self) -> float:
         return sqnr_db(self.signal, self.noise)

@@ -27,6 +27,7 @@ from segquant_onnx.config import QuantConfig, SmoothQuantConfig
 from segquant_onnx.errors import UserError
 from segquant_onnx.pipeline import quantize
 from segquant_onnx.plan import LinearSite
+from segquant_onnx.analysis.evaluate import OutputError
 from segquant_onnx.analysis.sensitivity import GatedModel, SiteSensitivity, gate_name, greedy_fallback
 
 # float rounding (ORT reassociates, x + g (q - x) at g = 1 is q up to an ulp) is ~1e-7 relative; one INT8
@@ -290,6 +291,42 @@ def test_greedy_fallback_skips_a_site_over_the_flop_budget_and_takes_the_next():
     assert fb.sites == ("small",) and fb.reached and fb.output_sqnr_db == 30.0 and fb.start_sqnr_db == 10.0
     assert fb.int8_flop_fraction == pytest.approx(0.95)
     assert model.calls == [frozenset(), frozenset({"small"})]  # stops once the target is met
+
+
+class _ScriptedHalf(_Scripted):
+    """A stand-in for one half of the held-back feeds: output error from a table of which sites are in float
+    (signal 1 per feed over `feeds` feeds, so SQNR = -10 log10(noise per feed))."""
+
+    def __init__(self, flops, sqnr_by_float, feeds: int = 2):
+        super().__init__(flops, sqnr_by_float)
+        self.feeds = [{}] * feeds
+
+    def error(self, quantized: set[str]) -> OutputError:
+        db = self.sqnr(quantized)
+        return OutputError(signal=len(self.feeds), noise=len(self.feeds) * 10 ** (-db / 10))
+
+
+def test_the_fallback_keeps_the_prefix_that_scores_best_on_the_feeds_it_did_not_choose_on():
+    """Chosen on one half: a, b, c in float (greedy order). On the other half only a pays, b and c cost: a alone
+    is kept, and its SQNR is reported over both halves."""
+    flops = {"a": 10, "b": 10, "c": 10, "d": 70}
+    chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("a"): 20.0})
+    check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("a"): 16.0, frozenset("ab"): 14.0,
+                                  frozenset("abc"): 15.0})
+    proposed = sensitivity.Fallback(("a", "b", "c"), 30.0, 10.0, 0.7, False)
+    fb = sensitivity.validated(proposed, chose, check, target_db=40.0)
+    assert fb.sites == ("a",) and fb.proposed == 3 and not fb.reached
+    assert fb.int8_flop_fraction == pytest.approx(0.9)
+    assert fb.output_sqnr_db == pytest.approx(-10 * np.log10((10 ** -2.0 + 10 ** -1.6) / 2), abs=1e-3)  # 17.6 dB
+    assert fb.start_sqnr_db == pytest.approx(-10 * np.log10((10 ** -1.0 + 10 ** -1.2) / 2), abs=1e-3)
+
+
+def test_the_fallback_keeps_nothing_when_no_prefix_beats_all_quantized_on_the_other_half():
+    flops = {"a": 10, "b": 90}
+    chose = _ScriptedHalf(flops, {frozenset(): 10.0})
+    check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("a"): 12.0, frozenset("ab"): 11.0})
+    fb = sensitivity.validated(sensitivity.Fallback(("a", "b"), 30.0, 10.0, 0.0, True), chose, check, 40.0)
+    assert fb.sites == () and fb.int8_flop_fraction == 1.0 and not fb.reached  # a tie: the shorter prefix
 
 
 # -- calibration holdout -------------------------------------------------------------------------------
