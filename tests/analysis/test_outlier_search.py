@@ -191,3 +191,22 @@ def test_copies_bytes_counts_one_weight_per_extra_level():
     sites = (LinearSite("p", "MatMul", "p_x", "p_w", (K, N), 1, 1000), LinearSite("q", "MatMul", "q_x", "q_w", (K, 8), 1, 10))
     levels = {"p": _levels("p", (0, 2, 4)), "q": _levels("q", (0, 2))}
     assert copies_bytes(QuantPlan(sites=sites), levels) == 4 * K * N * 2 + 4 * K * 8
+
+
+def test_the_sweep_visits_at_most_max_sweep_sites_and_the_rest_keep_their_start(monkeypatch):
+    """Three sites, room for two: the two with the most candidate channels are searched; the third keeps the
+    level it started at (its channels from the global choice), without a run of its own."""
+    from segquant_onnx.analysis import outlier_search
+
+    monkeypatch.setattr(outlier_search, "MAX_SWEEP_SITES", 2)
+    levels = {"a": _levels("a", (0, 8)), "b": _levels("b", (0, 4)), "c": _levels("c", (0, 2))}
+    g = level_gate
+    start = {g("c", 1)}
+    table = {frozenset(start): 10.0, frozenset(start | {g("a", 1)}): 15.0,
+             frozenset(start | {g("a", 1), g("b", 1)}): 16.0}
+    scripted = _Scripted(table)
+    result = search_levels(scripted, levels, start={"c": np.arange(2)}, budget_flops=99.0, min_gain_db=0.05,
+                           progress=False)
+    assert {k: len(v) for k, v in result.outliers.items()} == {"a": 8, "b": 4, "c": 2}
+    assert [t["site"] for t in result.trials] == ["a", "b"]
+    assert all(g("c", 1) in call for call in scripted.calls)  # c never tried without its channels
