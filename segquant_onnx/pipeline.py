@@ -136,7 +136,7 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
     with temporary_directory() as tmp:
         store = WeightStore(src.source_dir, tmp, src.files[1:] if src.uses_external_data else ())
         store.spill(graph)  # SegLinear's segment weights: on disk, read by the sessions from there
-        sessions = Sessions(store, providers)
+        sessions = Sessions(store, providers, config.runtime.workers, config.runtime.ray_address)
         cal, decision, q, rest = None, None, Quantization({}, {}, {}), None
         if not dry:
             space = search_space(plan, config)
@@ -146,7 +146,10 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             stages.done("calibrate")
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: np.asarray(constant_values(weights[name]), np.float32)  # noqa: E731
-            decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
+            try:
+                decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
+            finally:
+                sessions.close()  # the searches' workers, if any
             stages.done("decide")
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,

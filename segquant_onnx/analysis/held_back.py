@@ -3,12 +3,17 @@ calibration feeds held back from the statistics (layer error on calibration data
 the model output, on data the scales were not fitted to).
 
 Every analysis session (held-back scoring, sensitivity and fallback, the per-site outlier search) is
-opened by `Sessions.open`, so a run that needs no held-back feeds provably opens none.
+opened by `Sessions.open`, so a run that needs no held-back feeds provably opens none. With `--workers N` (or
+`--ray-address`) those sessions are PooledSessions: each batch of runs (a candidate's held-back feeds, one
+gate setting's feeds) is cut into runs of consecutive feeds, one per worker, each worker holding its own
+session of the model; the outputs come back in feed order and every error is summed here in that order, so
+the decisions are those of one process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -18,7 +23,7 @@ from tqdm import tqdm
 
 from segquant_onnx.analysis.evaluate import OutputError
 from segquant_onnx.ir.graph_io import export_model
-from segquant_onnx.ir.runtime import make_session
+from segquant_onnx.ir.runtime import float32_shadow, has_bfloat16, make_session, run_all, session_source
 from segquant_onnx.ir.weights import WeightStore
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import QuantPlan
@@ -30,15 +35,70 @@ def bar(items, desc: str, unit: str, progress: bool, total: int | None = None):
     return tqdm(items, desc=desc, unit=unit, total=total, disable=None if progress else True, leave=False)
 
 
+def _run_outputs(session, names: list[str] | None, feeds: list[dict]) -> list[list[np.ndarray]]:
+    """A worker's part of a PooledSession batch."""
+    return [session.run(names, feed) for feed in feeds]
+
+
+@dataclass(frozen=True)
+class _Output:
+    name: str
+
+
+class PooledSession:
+    """A session of `model` whose runs go to the workers of `pool` (calib.workers), in batches (`run_many`). The
+    workers open their own sessions of it at their first task (the store's folder linked while a batch runs, as
+    for a session here); this process holds none."""
+
+    def __init__(self, pool, model: onnx.ModelProto, store: WeightStore):
+        shadowed = has_bfloat16(model)
+        if shadowed:
+            model = float32_shadow(model, store.locate)
+        with store.session_folder() as folder:
+            self.source = session_source(model, folder, store.tmp_dir, shadowed)
+        self.pool, self.store, self.key = pool, store, uuid.uuid4().hex
+        self._outputs = [_Output(o.name) for o in model.graph.output]
+
+    def get_outputs(self) -> list[_Output]:
+        return self._outputs
+
+    def run(self, names, feed: dict) -> list[np.ndarray]:
+        return self.run_many(names, [feed])[0]
+
+    def run_many(self, names, feeds: list[dict]) -> list[list[np.ndarray]]:
+        from segquant_onnx.calib.workers import run_tasks
+
+        per = -(-len(feeds) // self.pool.workers)
+        chunks = [(names, feeds[i:i + per]) for i in range(0, len(feeds), per)]
+        with self.store.session_folder():
+            parts = run_tasks(self.pool, self.key, self.source, _run_outputs, chunks, "analysis")
+        return [out for part in parts for out in part]
+
+
 @dataclass(frozen=True)
 class Sessions:
-    """Opens analysis sessions for graphs of one model: its external weights in `store`, the run's providers."""
+    """Opens analysis sessions for graphs of one model: its external weights in `store`, the run's providers;
+    with `workers` > 1 or a `ray_address`, sessions that spread their runs over workers (PooledSession), the
+    workers started at the first one (`close()` stops them)."""
 
     store: WeightStore
     providers: tuple[str, ...]
+    workers: int = 1
+    ray_address: str | None = None
+    _pool: list = field(default_factory=list, compare=False, repr=False)
 
-    def open(self, model: onnx.ModelProto) -> ort.InferenceSession:
+    def open(self, model: onnx.ModelProto) -> ort.InferenceSession | PooledSession:
+        if self.workers > 1 or self.ray_address is not None:
+            if not self._pool:
+                from segquant_onnx.calib.workers import open_pool
+
+                self._pool.append(open_pool(self.workers, self.providers, self.ray_address))
+            return PooledSession(self._pool[0], model, self.store)
         return make_session(model, self.store, self.providers, self.store.tmp_dir)
+
+    def close(self) -> None:
+        while self._pool:
+            self._pool.pop().close()
 
     def open_graph(self, graph: gs.Graph) -> ort.InferenceSession:
         """A session for `graph` (cleaned up and sorted in place first; its large in-memory weights spilled
@@ -55,7 +115,7 @@ class HeldBack:
                  progress: bool):
         self.feeds, self.sessions, self.progress = feeds, sessions, progress
         session = sessions.open(fp_model)
-        self.reference = [session.run(None, f) for f in bar(feeds, "held-back reference", "feed", progress)]
+        self.reference = run_all(session, None, feeds, lambda xs: bar(xs, "held-back reference", "feed", progress))
 
     def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> float:
         """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""
@@ -66,7 +126,9 @@ class HeldBack:
     def sqnr(self, graph: gs.Graph) -> float:
         session = self.sessions.open_graph(graph)
         err = OutputError()
-        for feed, ref in bar(list(zip(self.feeds, self.reference)), "scoring held-back feeds", "feed", self.progress):
-            for r, got in zip(ref, session.run(None, feed)):
-                err.update(r, got)
+        outputs = run_all(session, None, self.feeds,
+                          lambda xs: bar(xs, "scoring held-back feeds", "feed", self.progress))
+        for ref, got in zip(self.reference, outputs):
+            for r, g in zip(ref, got):
+                err.update(r, g)
         return err.sqnr

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from segquant_onnx.analysis.evaluate import OutputError
 from segquant_onnx.analysis.gates import gate_name, gated_graph
 from segquant_onnx.config import FallbackConfig
+from segquant_onnx.ir.runtime import run_all
 from segquant_onnx.params import Quantization
 from segquant_onnx.plan import LinearSite, QuantPlan
 
@@ -61,18 +62,18 @@ class GatedSession:
                  reference: list[list[np.ndarray]] | None = None):
         self.session, self.feeds, self.gates = session, feeds, gates
         self.outputs = [o.name for o in session.get_outputs()]
-        self.reference = reference if reference is not None else [self._run(feed, set()) for feed in feeds]
+        self.reference = reference if reference is not None else self._run_all(set())
 
-    def _run(self, feed, on: set[str]) -> list[np.ndarray]:
+    def _run_all(self, on: set[str]) -> list[list[np.ndarray]]:
         gates = {g: np.array(1.0 if g in on else 0.0, np.float32) for g in self.gates}
-        return self.session.run(self.outputs, {**feed, **gates})
+        return run_all(self.session, self.outputs, [{**feed, **gates} for feed in self.feeds])
 
     def error_on(self, on: set[str]) -> OutputError:
         """Output error over all outputs and held-back feeds with the gates `on` at 1."""
         err = OutputError()
-        for feed, ref in zip(self.feeds, self.reference):
-            for r, got in zip(ref, self._run(feed, on)):
-                err.update(r, got)
+        for ref, got in zip(self.reference, self._run_all(on)):
+            for r, g in zip(ref, got):
+                err.update(r, g)
         return err
 
     def sqnr_on(self, on: set[str]) -> float:

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TASK_FEEDS = 8  # feeds per task when the data's length is unknown (a Python iterable)
 # test hook, read in the worker: "exit:T:A" / "raise:T:A" makes task T's first A attempts call os._exit(3)
-# or raise (tests/calib/test_workers.py); unset in normal runs
+# or raise (tests/calib/test_workers.py), "...:T:A:FN" only tasks running the function FN; unset in normal runs
 FAULT_ENV = "SEGQUANT_TEST_WORKER_FAULT"
 
 
@@ -52,41 +52,49 @@ class WorkerError(RuntimeError):
 _WORKER: dict = {}  # in a Ray worker process: its session (opened once per run) and that run's key
 
 
-def _fault(task: int, attempt: int) -> None:
-    kind, t, attempts = (os.environ.get(FAULT_ENV) or "none:-1:0").split(":")
-    if int(t) == task and attempt < int(attempts):
+def _fault(task: int, attempt: int, fn) -> None:
+    kind, t, attempts, *only = (os.environ.get(FAULT_ENV) or "none:-1:0").split(":")
+    if int(t) == task and attempt < int(attempts) and (not only or only[0] == fn.__name__):
         if kind == "exit":
             os._exit(3)
         raise RuntimeError(f"injected fault in task {task}")
 
 
-def _local_worker(conn, source: SessionSource, providers: tuple[str, ...], options, threads: int) -> None:
-    """A local worker process: opens its session at the first task, then runs tasks until told to stop."""
-    session = None
+def _session_for(cache: dict, key: str, source: SessionSource | None, open_source) -> object:
+    """The worker's session of the model `key` names: the one it holds, or (the previous one dropped first, to
+    hold one model at a time) `open_source(source)`."""
+    if cache.get("key") != key:
+        cache.pop("session", None)
+        cache["session"], cache["key"] = open_source(source), key
+    return cache["session"]
+
+
+def _local_worker(conn, providers: tuple[str, ...], options, threads: int) -> None:
+    """A local worker process: runs tasks until told to stop. A task is `fn(session, *args)` on the session of
+    the model its key names, opened at the first task with that key (the pool sends the model only then)."""
+    cache: dict = {}
     while (message := conn.recv()) is not None:
-        task, attempt, fetch, empty, feeds = message
+        task, attempt, key, source, fn, args = message
         try:
-            session = session or source.open(providers, options, threads=threads)
-            _fault(task, attempt)
-            conn.send(("ok", run_feeds(session, fetch, empty, feeds)))
+            session = _session_for(cache, key, source, lambda src: src.open(providers, options, threads=threads))
+            _fault(task, attempt, fn)
+            conn.send(("ok", fn(session, *args)))
         except UserError as exc:
             conn.send(("user", str(exc)))
         except Exception as exc:  # noqa: BLE001 - sent to the parent, which retries the task once
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _run_ray_task(source: SessionSource, run_id: str, providers: tuple[str, ...], task: int, attempt: int,
-                  fetch: list[str], empty: Shard, feeds: list) -> Shard:
-    # Ray reuses worker processes: open the session once per process and run; Ray sets
+def _run_ray_task(source: SessionSource, key: str, providers: tuple[str, ...], task: int, attempt: int, fn,
+                  args: tuple):
+    # Ray reuses worker processes: open the session once per process and model and run; Ray sets
     # CUDA_VISIBLE_DEVICES to the task's GPU, so device 0 is that GPU
-    key = (run_id, providers)
     try:
-        if _WORKER.get("key") != key:
-            _WORKER["session"], _WORKER["key"] = source.open(providers), key
+        session = _session_for(_WORKER, f"{key}/{providers}", source, lambda src: src.open(providers))
     except UserError as exc:  # returned, not raised: Ray would wrap it in its own traceback text
         return _UserFailure(str(exc))
-    _fault(task, attempt)
-    return run_feeds(_WORKER["session"], fetch, empty, feeds)
+    _fault(task, attempt, fn)
+    return fn(session, *args)
 
 
 @dataclass(frozen=True)
@@ -102,29 +110,34 @@ class _LocalPool:
     """`workers` processes, one task each at a time; a thread per task sends it and waits for the answer, so
     a worker that dies is seen at once (its pipe closes: EOFError) and replaced by a fresh process."""
 
-    def __init__(self, workers: int, source: SessionSource, providers: tuple[str, ...]):
+    def __init__(self, workers: int, providers: tuple[str, ...]):
         gpus = gpu_count() if any(p in GPU_PROVIDERS for p in providers) else 0
         threads = 0 if gpus else max(1, (os.cpu_count() or 1) // workers)  # CPU: split the cores, no oversubscribing
-        self._ctx, self._source, self._providers, self._gpus, self._threads = (
-            multiprocessing.get_context("spawn"), source, providers, gpus, threads)
+        self.workers = workers
+        self._ctx, self._providers, self._gpus, self._threads = (
+            multiprocessing.get_context("spawn"), providers, gpus, threads)
         self._lock, self._closed = threading.Lock(), False
         self._procs = [self._start(i) for i in range(workers)]
+        self._keys: list[str | None] = [None] * workers  # the model each worker holds a session of
         self._free = list(range(workers))
 
     def _start(self, index: int):
         ours, theirs = self._ctx.Pipe()
         options = provider_options(self._providers, index, self._gpus)  # worker i: GPU i mod the GPU count
         proc = self._ctx.Process(target=_local_worker, daemon=True,
-                                 args=(theirs, self._source, self._providers, options, self._threads))
+                                 args=(theirs, self._providers, options, self._threads))
         proc.start()
         theirs.close()  # only the child holds its end: the pipe closes when the child dies
         return proc, ours
 
-    def submit(self, *args) -> Future:
+    def submit(self, task: int, attempt: int, key: str, source: SessionSource, fn, args: tuple) -> Future:
+        """Run `fn(session, *args)` on a free worker, `session` being its session of `source` (named `key`)."""
         future: Future = Future()
         with self._lock:
             index = self._free.pop()
-        threading.Thread(target=self._run, args=(index, args, future), daemon=True).start()
+        message = (task, attempt, key, None if self._keys[index] == key else source, fn, args)
+        self._keys[index] = key
+        threading.Thread(target=self._run, args=(index, message, future), daemon=True).start()
         return future
 
     def _run(self, index: int, args, future: Future) -> None:
@@ -140,6 +153,7 @@ class _LocalPool:
             with self._lock:
                 if not self._closed:
                     self._procs[index] = self._start(index)
+                    self._keys[index] = None
                 self._free.append(index)
             future.set_exception(_WorkerDied(f"its process exited with code {proc.exitcode}"))
             return
@@ -170,7 +184,7 @@ class _LocalPool:
 
 
 class _RayPool:
-    def __init__(self, address: str, source: SessionSource, providers: tuple[str, ...]):
+    def __init__(self, address: str, providers: tuple[str, ...], workers: int = 1):
         try:
             import ray
         except ImportError:
@@ -190,10 +204,13 @@ class _RayPool:
             raise UserError(f"--providers {providers[0]} with --ray-address {address}: the Ray cluster has no GPU; "
                             "add GPU nodes or use CPUExecutionProvider.")
         self.remote = ray.remote(_run_ray_task).options(num_cpus=1, num_gpus=gpus, max_retries=0)
-        self.source, self.run_id, self.providers = ray.put(source), uuid.uuid4().hex, providers
+        self.workers, self.providers, self._refs = workers, providers, {}
 
-    def submit(self, *args) -> Future:
-        return self.remote.remote(self.source, self.run_id, self.providers, *args).future()
+    def submit(self, task: int, attempt: int, key: str, source: SessionSource, fn, args: tuple) -> Future:
+        """Run `fn(session, *args)` in a Ray task, `session` being its worker's session of `source` (`key`)."""
+        if key not in self._refs:  # the model goes to the object store once
+            self._refs = {key: self.ray.put(source)}
+        return self.remote.remote(self._refs[key], key, self.providers, task, attempt, fn, args).future()
 
     def recover(self, future: Future, exc: BaseException) -> None:
         pass  # Ray replaces a dead worker process itself
@@ -201,6 +218,12 @@ class _RayPool:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def open_pool(workers: int, providers, ray_address: str | None):
+    """Local worker processes, or Ray tasks on the cluster at `ray_address`; `close()` when done."""
+    providers = tuple(providers)
+    return _RayPool(ray_address, providers, workers) if ray_address else _LocalPool(workers, providers)
 
 
 def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard, indexed_feeds, *, workers: int,
@@ -212,7 +235,8 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
     if num_feeds is not None:
         workers = min(workers, math.ceil(num_feeds / per_task))  # no process without a task
     log.info("calibrating on %d %s workers, %d feeds per task", workers, "Ray" if ray_address else "local", per_task)
-    pool = _RayPool(ray_address, source, providers) if ray_address else _LocalPool(workers, source, providers)
+    pool = open_pool(workers, providers, ray_address)
+    key = uuid.uuid4().hex  # this run's model
     empty = Shard(shard.observed, tuple(shard.samples), _sample_rows(shard), shard.holdout_every,
                   {n: st.channel_axis for n, st in shard.stats.items()})
     tasks, done, running = {}, {}, {}  # task -> its feeds; finished shards; future -> (task, attempt)
@@ -224,7 +248,7 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
             while (len(running) < workers and next_task - merged < 4 * workers
                    and (chunk := list(islice(feeds, per_task)))):
                 tasks[next_task] = chunk
-                running[pool.submit(next_task, 0, fetch, empty, chunk)] = (next_task, 0)
+                running[pool.submit(next_task, 0, key, source, run_feeds, (fetch, empty, chunk))] = (next_task, 0)
                 next_task += 1
             if not running:
                 break
@@ -245,7 +269,8 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
                                           f"worker ({_describe(exc)}); rerun with fewer --workers or without "
                                           "them.") from None
                     log.warning("calibration task %d failed (%s); running it again", task, _describe(exc))
-                    running[pool.submit(task, attempt + 1, fetch, empty, tasks[task])] = (task, attempt + 1)
+                    running[pool.submit(task, attempt + 1, key, source, run_feeds, (fetch, empty, tasks[task]))] = (
+                        task, attempt + 1)
             while merged in done:  # in feed order
                 shard.merge(done.pop(merged))
                 del tasks[merged]
@@ -253,6 +278,35 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
     finally:  # tasks still running finish or are killed by close(); nothing of theirs is used
         pool.close()
     return shard
+
+
+def run_tasks(pool, key: str, source: SessionSource, fn, arg_list: list[tuple], what: str) -> list:
+    """`fn(session, *args)` for each `args` of `arg_list` on the pool's workers (at most one task per worker at a
+    time), each on its worker's session of `source` (`key` names it); the results in the order of `arg_list`. A
+    task that fails is run once more; a second failure is a WorkerError naming `what`."""
+    results, running, next_task = {}, {}, 0
+    while next_task < len(arg_list) or running:
+        while len(running) < pool.workers and next_task < len(arg_list):
+            running[pool.submit(next_task, 0, key, source, fn, arg_list[next_task])] = (next_task, 0)
+            next_task += 1
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            task, attempt = running.pop(future)
+            try:
+                value = future.result()
+                if isinstance(value, _UserFailure):
+                    raise UserError(value.message)
+                results[task] = value
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of the worker is retried once
+                pool.recover(future, exc)
+                if attempt >= 1:
+                    raise WorkerError(f"{what} task {task} failed twice on its worker ({_describe(exc)}); rerun "
+                                      "with fewer --workers or without them.") from None
+                log.warning("%s task %d failed (%s); running it again", what, task, _describe(exc))
+                running[pool.submit(task, attempt + 1, key, source, fn, arg_list[task])] = (task, attempt + 1)
+    return [results[i] for i in range(len(arg_list))]
 
 
 def _sample_rows(shard: Shard) -> int:

@@ -269,5 +269,17 @@ def make_session(model: onnx.ModelProto, source_dir, providers=DEFAULT_PROVIDERS
     return session_source(model, source_dir, tmp_dir, shadowed).open(providers)
 
 
+def run_all(session, names: list[str] | None, feeds: list[dict], wrap=None) -> list[list[np.ndarray]]:
+    """`session.run(names, feed)` for every feed, in order: one feed at a time through `wrap(feeds)` (a progress
+    bar), or all at once where the session spreads them over workers (analysis.held_back.PooledSession)."""
+    if hasattr(session, "run_many"):
+        outputs = session.run_many(names, feeds)
+        if wrap is not None:
+            for _ in wrap(outputs):
+                pass
+        return outputs
+    return [session.run(names, feed) for feed in (feeds if wrap is None else wrap(feeds))]
+
+
 def temporary_directory() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="segquant-")

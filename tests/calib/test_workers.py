@@ -170,6 +170,31 @@ def test_cli_workers_2_writes_the_bytes_of_workers_1_and_a_dead_worker_leaves_no
     assert not list(tmp_path.glob("dead*")) and not list(tmp_path.glob(".dead*"))
 
 
+def test_searches_over_workers_give_the_single_process_bytes_and_a_dead_worker_is_one_sentence(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """--preset best (held-back trials, per-site outlier search, sensitivity, the checked fallback) with the
+    analysis runs spread over 2 workers: the bytes of one process, also when an analysis task fails once; an
+    analysis task whose worker dies twice stops the run with one sentence and no file."""
+    monkeypatch.chdir(tmp_path)
+    save(build_linear_model("matmul"), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", X=calib_inputs("matmul", 30))
+    args = ["quantize", "m.onnx", "--calib", "c.npz", "--preset", "best", "--target-sqnr", "60", "-q"]
+    assert main([*args, "-o", "one.onnx", "--report", "one.json"]) == 0
+    monkeypatch.setenv(FAULT_ENV, "raise:0:1:_run_outputs")  # each batch's first analysis task fails once
+    assert main([*args, "-o", "two.onnx", "--workers", "2"]) == 0
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "two.onnx").read_bytes()
+    report = json.loads((tmp_path / "one.json").read_text())
+    assert report["fallback"] is not None and len(report["heldback_trials"]) > 1  # the searches ran
+    capsys.readouterr()
+    monkeypatch.setenv(FAULT_ENV, "exit:0:2:_run_outputs")  # the first analysis task's process exits twice
+    assert main([*args, "-o", "dead.onnx", "--workers", "2"]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "running it again" not in line]
+    assert len(err) == 1, err
+    assert re.match(r"segquant-onnx: error: analysis task 0 failed twice on its worker \(its process exited with "
+                    r"code 3\); rerun with fewer --workers", err[0]), err[0]
+    assert not list(tmp_path.glob("dead*")) and not list(tmp_path.glob(".dead*"))
+
+
 def test_example_calibration_is_split_into_several_tasks():
     """The CLI test above compares real shards: 80 feeds over 2 workers are 10 tasks of 8."""
     assert open_calibration(example_path(EXAMPLE_CALIB), model_inputs(
