@@ -229,8 +229,9 @@ def _add_workers(group, d: QuantConfig) -> None:
     """--workers / --ray-address: where calibration runs (quantize, sensitivity)."""
     group.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="calibrate in N worker processes, each with its own ONNX Runtime session, the feeds "
-                            "split between them and their statistics merged: the same output bytes as one "
-                            f"process (default: {d.runtime.workers}, in this process)")
+                            "split between them and their statistics merged; the searches' held-back runs are "
+                            "split the same way: the same output bytes as one process (default: "
+                            f"{d.runtime.workers}, in this process)")
     group.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="run the --workers on a Ray cluster: 'local' starts one on this machine, 'auto' or "
                             "HOST:PORT joins a running one (needs: pip install \"segquant-onnx[ray]\")")
