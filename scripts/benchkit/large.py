@@ -46,9 +46,9 @@ class LargeMethod:
     run: object  # (case, out_dir, args) -> QuantRun
 
 
-def _ours(label: str, slug: str, fields: dict, evaluate: bool, cli: str) -> LargeMethod:
+def _ours(label: str, slug: str, fields: dict, evaluate: bool, cli: str, config: str = "1 process") -> LargeMethod:
     method = OursMethod(label, slug, fields, timed=not evaluate)
-    return LargeMethod(label, "1 process", cli, lambda case, out, args: run_ours(case, method, out, args.timeout,
+    return LargeMethod(label, config, cli, lambda case, out, args: run_ours(case, method, out, args.timeout,
                                                                                args.rss_limit_gib))
 
 
@@ -59,6 +59,9 @@ METHODS = (
     _ours(BASELINE, "default-no-eval", {}, False, "segquant-onnx quantize IN --calib CALIB -o OUT --no-eval"),
     _ours("ours --preset fast --no-eval", "fast-no-eval", {"dualscale": {"mode": "off"}}, False,
           "segquant-onnx quantize IN --calib CALIB -o OUT --preset fast --no-eval"),
+    # the same run with its calibration and held-back scoring over 2 local workers (peak RSS: the largest process)
+    _ours("ours --no-eval --workers 2", "default-no-eval-w2", {"runtime": {"workers": 2}}, False,
+          "segquant-onnx quantize IN --calib CALIB -o OUT --no-eval --workers 2", "2 local workers"),
     LargeMethod("ORT MinMax, MatMul/Gemm/Conv", "1 process", "quantize_static(QDQ, per-channel, symmetric INT8, "
                 "op_types_to_quantize=MatMul/Gemm/Conv, use_external_data_format=True)",
                 lambda case, out, args: run_ort(case, "MinMax", ("MatMul", "Gemm", "Conv"), out, args.timeout,
@@ -200,7 +203,8 @@ def render(state, case, info, configs, file_bytes, command, started, total_s, lo
            " was made." if per_feed else ""), "",
         "Methods: " + "; ".join(f"{m.label}: `{m.cli}`" for m in chosen) + ". Ours run through the Python API"
         " with the same settings (`QuantConfig`), each method in its own process, one run each.", "",
-        f"- **peak RSS**: `ru_maxrss` of the quantizer's process; a method is stopped when its process group's"
+        f"- **peak RSS**: `ru_maxrss` of the quantizer's process, or of its largest worker process where that is"
+        f" larger (with workers); a method is stopped when its process group's"
         f" RSS passes {args.rss_limit_gib:g} GiB or after {args.timeout:.0f} s, and that is its result.",
         "- **output SQNR dB**: against the fp16 model on the eval feeds, ONNX Runtime CPU, the benchmark's own code"
         " for every method (measure.py).",
