@@ -306,19 +306,32 @@ class _ScriptedHalf(_Scripted):
         return OutputError(signal=len(self.feeds), noise=len(self.feeds) * 10 ** (-db / 10))
 
 
-def test_the_fallback_keeps_the_prefix_that_scores_best_on_the_feeds_it_did_not_choose_on():
-    """Chosen on one half: a, b, c in float (greedy order). On the other half only a pays, b and c cost: a alone
-    is kept, and its SQNR is reported over both halves."""
+def test_the_whole_fallback_stays_when_it_pays_on_the_feeds_it_did_not_choose_on():
+    """Chosen on one half: a, b, c in float. On the other half the whole set beats everything quantized (15 vs
+    12 dB): all three stay (a alone would score more there, but only a failed check trims), and the SQNR is
+    reported over both halves."""
+    flops = {"a": 10, "b": 10, "c": 10, "d": 70}
+    chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("abc"): 30.0})
+    check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("abc"): 15.0, frozenset("a"): 16.0})
+    fb = sensitivity.validated(sensitivity.Fallback(("a", "b", "c"), 30.0, 10.0, 0.7, False), chose, check, 40.0)
+    assert fb.sites == ("a", "b", "c") and fb.proposed == 3 and not fb.reached
+    assert fb.int8_flop_fraction == pytest.approx(0.7)
+    assert fb.output_sqnr_db == pytest.approx(-10 * np.log10((10 ** -3.0 + 10 ** -1.5) / 2), abs=1e-3)
+    assert fb.start_sqnr_db == pytest.approx(-10 * np.log10((10 ** -1.0 + 10 ** -1.2) / 2), abs=1e-3)
+    assert frozenset("a") not in check.calls  # no prefix is scored when the whole passes
+
+
+def test_a_fallback_that_fails_the_check_is_trimmed_to_its_best_prefix_there():
+    """The whole set scores below everything quantized on the other half (11 vs 12 dB); a alone scores 16: a
+    is kept."""
     flops = {"a": 10, "b": 10, "c": 10, "d": 70}
     chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("a"): 20.0})
     check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("a"): 16.0, frozenset("ab"): 14.0,
-                                  frozenset("abc"): 15.0})
-    proposed = sensitivity.Fallback(("a", "b", "c"), 30.0, 10.0, 0.7, False)
-    fb = sensitivity.validated(proposed, chose, check, target_db=40.0)
-    assert fb.sites == ("a",) and fb.proposed == 3 and not fb.reached
+                                  frozenset("abc"): 11.0})
+    fb = sensitivity.validated(sensitivity.Fallback(("a", "b", "c"), 30.0, 10.0, 0.7, False), chose, check, 40.0)
+    assert fb.sites == ("a",) and fb.proposed == 3
     assert fb.int8_flop_fraction == pytest.approx(0.9)
     assert fb.output_sqnr_db == pytest.approx(-10 * np.log10((10 ** -2.0 + 10 ** -1.6) / 2), abs=1e-3)  # 17.6 dB
-    assert fb.start_sqnr_db == pytest.approx(-10 * np.log10((10 ** -1.0 + 10 ** -1.2) / 2), abs=1e-3)
 
 
 def test_the_fallback_keeps_nothing_when_no_prefix_beats_all_quantized_on_the_other_half():
