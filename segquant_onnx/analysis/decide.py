@@ -204,14 +204,11 @@ def _with_fallback(graph, plan, cand: _Candidates, cal: Calibration, config: Qua
                    trials: list, progress: bool):
     """Sensitivity and the fallback (analysis.sensitivity) of each (recipe, variant) (the global choice
     first); the one whose fallback reaches the highest held-back output SQNR, with the fallback's sites in
-    float. With more than one, each fallback's result is a row of `trials`. The later recipes' fallbacks
-    follow the first one's sensitivity ranking: ranking costs a pass per site and feed (the terrain UNet's
-    256 sites), the greedy search a pass per site it tries."""
-    best, first = None, None
+    float. With more than one, each fallback's result is a row of `trials`."""
+    best = None
     for recipe, variant in recipes:
         ranking, fallback = analyse(graph, plan, cand.fitted(recipe), cal.held_back, config.fallback, sessions,
-                                    progress, ranking=first)
-        first = first or ranking
+                                    progress)
         if len(recipes) > 1:
             trials.append({"outlier_cap": "after fallback", "outlier_channels": _channels(recipe.outliers),
                            "smoothquant": variant.smoothquant_flag, "dualscale": variant.dualscale.value,

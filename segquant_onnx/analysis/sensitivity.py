@@ -158,17 +158,15 @@ MIN_SPLIT_FEEDS = 6
 
 
 def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[dict[str, np.ndarray]],
-            config: FallbackConfig, sessions, progress: bool = True,
-            ranking: list[SiteSensitivity] | None = None) -> tuple[list[SiteSensitivity], Fallback | None]:
+            config: FallbackConfig, sessions, progress: bool = True) -> tuple[list[SiteSensitivity], Fallback | None]:
     """Sensitivity ranking and (with `config.target_sqnr`) the fallback set, at the model output on the
     `held_back` feeds, in one analysis session (`sessions.open_graph`) of `graph` (left as it is)
     quantized as `q` says with a gate per site. With a target and MIN_SPLIT_FEEDS feeds or more, the ranking
-    and the greedy search use half of them and the other half checks its sites (`validated`). A `ranking`
-    given (another recipe's, of the same sites) is used as it is: ranking costs a pass per site and feed."""
+    and the greedy search use half of them and the other half checks its sites (`validated`)."""
     session = sessions.open_graph(gated_graph(graph, plan, q))
     split = config.target_sqnr is not None and len(held_back) >= MIN_SPLIT_FEEDS
     model = GatedModel(session, held_back[0::2] if split else held_back, list(plan.sites))
-    ranking = rank_sensitivity(model, progress) if ranking is None else ranking
+    ranking = rank_sensitivity(model, progress)
     fallback = None
     if config.target_sqnr is not None:
         fallback = greedy_fallback(model, ranking, config.target_sqnr, config.max_fallback_pct)
