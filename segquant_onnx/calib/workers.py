@@ -158,6 +158,8 @@ class _LocalPool:
             future.set_exception(_WorkerDied(f"its process exited with code {proc.exitcode}"))
             return
         with self._lock:
+            if status != "ok":  # its session may not have opened: the next task sends the model again
+                self._keys[index] = None
             self._free.append(index)
         if status == "ok":
             future.set_result(value)
