@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from benchkit.cases import ModelCase, iter_samples, prepare_models
-from benchkit.measure import LINEAR_OPS, PASSTHROUGH_OPS, SESSION_NOTE
+from benchkit.measure import LINEAR_OPS, SESSION_NOTE, dequantize_source, producers_and_constants
 from benchkit.provenance import git_description, load_average, machine_info, versions
-from benchkit.real import flop_share, linear_node_flops
+from benchkit.real import flop_share, linear_node_flops, notes_block
 from benchkit.results import BenchState, ResultRow
 from benchkit.runners import ModeloptMethod, OursMethod, PlannedMethod, _with, run_modelopt, run_ours
 from benchkit.tables import fmt, short, trt_cell
@@ -129,25 +129,12 @@ def int4_linears(graph) -> list[tuple]:
 
     inits = {t.name: t for t in graph.initializer}
     four_bit = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-    constant = set(inits)
-    producer = {}
-    for node in graph.node:
-        for out in node.output:
-            producer[out] = node
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant" or (inputs and all(i in constant for i in inputs)):
-            constant.update(node.output)
+    producer, constant = producers_and_constants(graph)
 
     def int4_source(name: str) -> bool:
-        while name in producer:
-            node = producer[name]
-            if node.op_type == "DequantizeLinear":
-                q = inits.get(node.input[0])
-                return q is not None and q.data_type in four_bit
-            if node.op_type not in PASSTHROUGH_OPS:
-                return False
-            name = node.input[0]
-        return False
+        dq = dequantize_source(name, producer)
+        q = None if dq is None else inits.get(dq.input[0])
+        return q is not None and q.data_type in four_bit
 
     found = []
     for node in graph.node:
@@ -252,18 +239,7 @@ def render_section(state: BenchState, cases: list[ModelCase], ranks: dict, share
         "- **check-trt**: segquant-onnx's static TensorRT explicit-quantization rule check;"
         " **TensorRT-RTX**: NVIDIA's parser and a strongly typed engine build (no GPU needed).", "",
         int4_table(state.rows, shares), ""]
-    notes = [f"- {n.what}: {n.why}" for n in state.notes]
-    notes += [f"- {r.model} / {r.method}: {r.error}" for r in state.rows if r.error is not None]
-    for r in state.rows:
-        if r.trt_rules:
-            notes.append(f"- {r.model} / {r.method}: check-trt rules: "
-                         + ", ".join(f"{k} {v}" for k, v in r.trt_rules.items()))
-        if r.trt not in ("built", "-"):
-            detail = "; ".join(x for x in (r.trt_error, r.trt_cause) if x)
-            notes.append(f"- {r.model} / {r.method}: TensorRT-RTX {r.trt}" + (f": {detail}" if detail else ""))
-    if notes:
-        parts += ["Notes:", "", *notes, ""]
-    return "\n".join(parts)
+    return "\n".join(parts + notes_block(state))
 
 
 # ---------------------------------------------------------------------------------------------------------

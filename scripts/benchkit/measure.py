@@ -126,6 +126,31 @@ def model_size(path: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
+def producers_and_constants(graph) -> tuple[dict, set]:
+    """(tensor -> the node that writes it, constant tensors) of an ONNX graph: a tensor is constant when it is an
+    initializer, a Constant's output, or written by a node whose every input is constant."""
+    constant, producer = {t.name for t in graph.initializer}, {}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        for out in node.output:
+            producer[out] = node
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Constant" or (inputs and all(i in constant for i in inputs)):
+            constant.update(node.output)
+    return producer, constant
+
+
+def dequantize_source(name: str, producer: dict):
+    """The DequantizeLinear that `name` comes out of, through data-movement ops (PASSTHROUGH_OPS); else None."""
+    while name in producer:
+        node = producer[name]
+        if node.op_type == "DequantizeLinear":
+            return node
+        if node.op_type not in PASSTHROUGH_OPS:
+            return None
+        name = node.input[0]
+    return None
+
+
 def graph_stats(path: Path) -> tuple[int, int, int, int]:
     """(Q/DQ node count, linear nodes whose constant weight goes through a DQ, linear nodes with a
     constant weight, QuantizeLinear nodes reading a float initializer) for the main graph.
@@ -137,26 +162,10 @@ def graph_stats(path: Path) -> tuple[int, int, int, int]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    constant = {t.name for t in graph.initializer}
     float_inits = {t.name for t in graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
-    producer = {}
-    for node in graph.node:  # ONNX graphs are topologically sorted
-        for out in node.output:
-            producer[out] = node
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant" or (inputs and all(i in constant for i in inputs)):
-            constant.update(node.output)
-
-    def through_dq(name: str) -> bool:
-        while name in producer:
-            node = producer[name]
-            if node.op_type == "DequantizeLinear":
-                return True
-            if node.op_type not in PASSTHROUGH_OPS:
-                return False
-            name = node.input[0]
-        return False
+    producer, constant = producers_and_constants(graph)
+    through_dq = lambda name: dequantize_source(name, producer) is not None  # noqa: E731
 
     qdq = sum(node.op_type in QDQ_OPS for node in graph.node)
     float_q = sum(node.op_type == "QuantizeLinear" and node.input[0] in float_inits for node in graph.node)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchkit.cases import REPO_ROOT, ModelCase, iter_samples
-from benchkit.measure import LINEAR_OPS, PASSTHROUGH_OPS
+from benchkit.measure import LINEAR_OPS, dequantize_source, producers_and_constants
 from benchkit.provenance import git_description, load_average, machine_info, versions
 from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import (MODELOPT_METHODS, ORT_VARIANTS, OursMethod, PlannedMethod, _with, modelopt_command,
@@ -89,25 +89,7 @@ def _graph_linears(graph):
     import onnx
 
     inits = {t.name: t for t in graph.initializer}
-    constant = set(inits)
-    producer = {}
-    for node in graph.node:
-        for out in node.output:
-            producer[out] = node
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant" or (inputs and all(i in constant for i in inputs)):
-            constant.update(node.output)
-
-    def source(name: str):
-        """(the DequantizeLinear behind ``name`` or None, the constant tensor's origin name)."""
-        while name in producer:
-            node = producer[name]
-            if node.op_type == "DequantizeLinear":
-                return node, node.input[0]
-            if node.op_type not in PASSTHROUGH_OPS:
-                return None, name
-            name = node.input[0]
-        return None, name
+    producer, constant = producers_and_constants(graph)
 
     def const_shape(name: str):
         """The weight's shape where it is an initializer or a Constant; None where ops compute it (a DQ, a
@@ -131,7 +113,7 @@ def _graph_linears(graph):
         if w not in constant or x in constant:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        quantized = source(w)[0] is not None and source(x)[0] is not None
+        quantized = dequantize_source(w, producer) is not None and dequantize_source(x, producer) is not None
         found.append((node, x, w, const_shape(w), quantized, attrs))
     return found
 
@@ -302,6 +284,11 @@ def render_section(state: BenchState, cases: list[ModelCase], infos: dict, share
               "- **check-trt**: segquant-onnx's static TensorRT explicit-quantization rule check;"
               " **TensorRT-RTX**: NVIDIA's parser and a strongly typed engine build (no GPU needed).", "",
               real_table(state.rows, shares), ""]
+    return "\n".join(parts + notes_block(state))
+
+
+def notes_block(state: BenchState) -> list[str]:
+    """The section's "Notes:" lines: skipped methods, failures, check-trt rules and TensorRT-RTX results per row."""
     notes = [f"- {n.what}: {n.why}" for n in state.notes]
     notes += [f"- {r.model} / {r.method}: {r.error}" for r in state.rows if r.error is not None]
     for r in state.rows:
@@ -311,9 +298,7 @@ def render_section(state: BenchState, cases: list[ModelCase], infos: dict, share
         if r.trt not in ("built", "-"):
             detail = "; ".join(x for x in (r.trt_error, r.trt_cause) if x)
             notes.append(f"- {r.model} / {r.method}: TensorRT-RTX {r.trt}" + (f": {detail}" if detail else ""))
-    if notes:
-        parts += ["Notes:", "", *notes, ""]
-    return "\n".join(parts)
+    return ["Notes:", "", *notes, ""] if notes else []
 
 
 def replace_section(markdown: str, section: str, title: str = SECTION_TITLE) -> str:
