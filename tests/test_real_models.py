@@ -300,3 +300,37 @@ def test_ocr_resize_is_half_pixel_bilinear(real_models):
     np.testing.assert_array_equal(real_models.resize_bilinear(two, 1, 4)[0, :, 0], [0, 25, 75, 100])
     img = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     np.testing.assert_array_equal(real_models.resize_bilinear(img, 37, 53), img)
+
+def test_the_real_suite_in_fp8(monkeypatch, real):
+    """--precision fp8: our three presets in FP8 against ModelOpt's FP8, in their own section, divided by the FP8
+    default; refused outside the real suite."""
+    from benchkit.driver import parse_args
+    from benchkit.results import ResultRow
+
+    from segquant_onnx import QuantConfig
+
+    assert parse_args(["--suite", "real", "--precision", "fp8", "--models", "terrain"]).precision == "fp8"
+    with pytest.raises(SystemExit):
+        parse_args(["--suite", "large", "--precision", "fp8"])
+    fp8 = real.REAL_VARIANTS["fp8"]
+    assert fp8.title != real.SECTION_TITLE and fp8.title.startswith(real.SECTION_TITLE)
+    assert [m.label for m in fp8.ours] == ["ours fast FP8", "ours default FP8", "ours best FP8"]
+    for method, preset in zip(fp8.ours, ("fast", "balanced", "best")):
+        assert QuantConfig(**method.fields) == QuantConfig.preset(
+            preset, precision={"format": "fp8", "high_precision": "fp32"})
+    assert [m.mode for m in fp8.modelopt] == ["fp8"] and fp8.ort == ()
+    assert fp8.cli["ours best FP8"].endswith("--precision fp8 --preset best")
+    assert "--preset" not in fp8.cli["ours default FP8"]
+    rows = [ResultRow("m", "ours default FP8", "ours", sqnr_db=18.0, seconds=4.0, peak_rss_mib=100.0, size_bytes=1,
+                      trt="built"),
+            ResultRow("m", "ModelOpt FP8 max", "modelopt", sqnr_db=9.0, seconds=8.0, peak_rss_mib=50.0, size_bytes=1,
+                      trt="built")]
+    table = real.real_table(rows, {}, fp8.baseline, "FP8").splitlines()
+    assert "FP8 linear FLOPs %" in table[0] and "time / ours default FP8" in table[0]
+    peer = [c.strip() for c in table[-1].strip("|").split("|")]
+    assert peer[7:9] == ["2.00", "0.50"]
+    # the INT8 section and the FP8 one replace only themselves
+    doc = real.replace_section(real.replace_section("# B\n", real.SECTION_TITLE + "\n\nint8\n"),
+                               fp8.title + "\n\nfp8\n", fp8.title)
+    doc = real.replace_section(doc, fp8.title + "\n\nfp8 v2\n", fp8.title)
+    assert "int8" in doc and "fp8 v2" in doc and "\nfp8\n" not in doc

