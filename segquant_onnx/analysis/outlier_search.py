@@ -17,8 +17,10 @@ is one sweep of coordinate descent from the configuration the global-cap trials 
 turn (the sites with the most candidate channels first) takes, with the others fixed, the fewest
 channels whose output SQNR is within `outlier_min_gain_db` of its best level's, within the FLOP budget
 of the float branches. The sweep visits at most MAX_SWEEP_SITES sites (the others keep their starting
-level): each visit costs a run per level and held-back feed, and on a real conv UNet with 256 sites an
-unbounded sweep did not end within 25 minutes.
+level), and stops before a site whose runs would take it past SWEEP_BUDGET calibration passes: each visit costs
+a run of the level graph (the model plus a copy of each site per extra level) per level and held-back feed,
+and on a real conv UNet with 256 sites an unbounded sweep did not end within 25 minutes (capped at 48 sites,
+it still ran past 10 minutes: the level graph there is several times the model).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 
 COPY_BUDGET_BYTES = 1 << 30  # level copies may always take this much, or as much as the linear weights
 MAX_SWEEP_SITES = 48  # sites the sweep visits, most candidate channels first
+# the sweep's runs, in runs of the float model on one feed, at most this many calibration passes (each level
+# graph run counted by its linear FLOPs over the model's): the real ViT's sweep (4 sites, 10 runs of 6 feeds,
+# the graph 1.1x the model) took 1.6 of its passes
+SWEEP_BUDGET = 4.0
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,10 @@ class SearchResult:
 
 
 def search_levels(model: GatedSession, levels: dict[str, SiteLevels], start: dict[str, np.ndarray],
-                  budget_flops: float, min_gain_db: float, progress: bool = True) -> SearchResult:
-    """One coordinate-descent sweep over the sites (see the module docstring)."""
+                  budget_flops: float, min_gain_db: float, progress: bool = True,
+                  max_runs: int | None = None) -> SearchResult:
+    """One coordinate-descent sweep over the sites (see the module docstring); it stops before a site whose
+    levels would take its runs of `model` past `max_runs` (the first run, of the start, included)."""
     current = {}
     for name, lv in levels.items():  # the starting level: the one whose channels `start` holds
         idx = start.get(name, lv.channels[0])
@@ -151,14 +159,20 @@ def search_levels(model: GatedSession, levels: dict[str, SiteLevels], start: dic
         log.info("per-site outlier search: %d of %d sites visited (most candidate channels first)",
                  MAX_SWEEP_SITES, len(order))
         order = order[:MAX_SWEEP_SITES]
-    trials = []
+    trials, runs = [], 1
     for name in tqdm(order, desc="outlier channels per site", unit="site", disable=None if progress else True,
                      leave=False):
+        if max_runs is not None and runs + len(levels[name].channels) - 1 > max_runs:
+            log.info("per-site outlier search: stopped after %d of %d sites, at its budget of %d runs",
+                     len(trials), len(order), max_runs)
+            break
         scores = {}
         for level in range(len(levels[name].channels)):
             trial = {**current, name: level}
             if level != current[name] and cost(trial) > budget_flops:
                 continue
+            if level != current[name]:
+                runs += 1
             scores[level] = score if level == current[name] else model.sqnr_on(on(trial))
         best = max(scores.values())
         pick = min(l for l, s in scores.items() if s >= best - min_gain_db)  # fewest channels near the best
@@ -167,6 +181,8 @@ def search_levels(model: GatedSession, levels: dict[str, SiteLevels], start: dic
                        "levels": [{"channels": len(levels[name].channels[l]), "heldback_sqnr_db": round(s, 3)}
                                   for l, s in sorted(scores.items())]})
         log.info("outliers %s: %d channels -> %.2f dB", name, len(levels[name].channels[pick]), score)
+    log.info("per-site outlier search: %d runs of the level graph over the held-back feeds (budget %s)", runs,
+             max_runs)
     chosen = {n: levels[n].channels[l] for n, l in current.items() if l}
     return SearchResult(chosen, score, start_sqnr_db=start_score, trials=trials)
 
@@ -174,7 +190,7 @@ def search_levels(model: GatedSession, levels: dict[str, SiteLevels], start: dic
 def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: OutlierConfig, held_back: list,
                       reference: list, by_cap: dict[int, dict[str, np.ndarray]],
                       solve_for: Callable[[dict], Quantization], start: dict[str, np.ndarray],
-                      make_session: Callable, progress: bool = True
+                      make_session: Callable, progress: bool = True, calibration_runs: int | None = None
                       ) -> SearchResult | None:
     """Choose each site's outlier channels at the model output (None: no site has a choice, or the
     level copies would hold more weight bytes than the model's linear weights and COPY_BUDGET_BYTES:
@@ -201,4 +217,9 @@ def per_site_outliers(graph: gs.Graph, plan: QuantPlan, config: OutlierConfig, h
     model = GatedSession(session, held_back, [level_gate(n, l) for n, lv in levels.items()
                                               for l in range(1, len(lv.channels))], reference)
     budget = config.max_flop_pct / 100.0 * plan.total_flops
-    return search_levels(model, levels, start, budget, config.min_gain_db, progress)
+    max_runs = None
+    if calibration_runs:  # SWEEP_BUDGET passes, in runs of the level graph on every held-back feed
+        flops = {s.name: s.flops for s in plan.sites}
+        ratio = 1.0 + sum((len(lv.channels) - 1) * flops[n] for n, lv in levels.items()) / (plan.total_flops or 1)
+        max_runs = int(SWEEP_BUDGET * calibration_runs / (ratio * max(len(held_back), 1)))
+    return search_levels(model, levels, start, budget, config.min_gain_db, progress, max_runs)

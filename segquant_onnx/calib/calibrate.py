@@ -38,6 +38,7 @@ class Calibration:
     held_back: list[dict[str, np.ndarray]]
     fit_stats: Stats
     feed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    batches: int = 0  # batches run, the held-back ones included: one calibration pass costs that many model runs
 
 
 def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -217,6 +218,6 @@ def _calibrate(model, source, observed, data, providers, progress, sampled, samp
     log.info("calibrated %d tensors on %d batches", len(observed), shard.feeds)
     rows = {name: s.rows for name, s in shard.samples.items() if s.rows is not None}
     if holdout_every == 0:
-        return Calibration(shard.stats, rows, held.feeds, shard.stats, feed_shapes)
+        return Calibration(shard.stats, rows, held.feeds, shard.stats, feed_shapes, shard.feeds)
     everything = {name: copy.deepcopy(st).merge(shard.held[name]) for name, st in shard.stats.items()}
-    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes)
+    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes, shard.feeds)

@@ -42,6 +42,7 @@ class _Candidates:
 
     def __init__(self, config: QuantConfig, by_cap: dict[int, dict], dual_applies=True):
         self.config, self.by_cap, self.dual_applies, self.progress = config, by_cap, dual_applies, False
+        self.cal = SimpleNamespace(batches=8)  # calibration's batches: the per-site search's budget
 
     def outliers(self, cap, max_flop_pct=None):
         return self.by_cap[cap]
@@ -144,12 +145,14 @@ def test_a_cap_after_a_repeated_one_is_still_scored():
 
 
 def test_the_progress_bar_counts_every_trial_repeats_and_skips_included(monkeypatch):
-    """caps x variants steps: a repeated cap's variants and a DualScale-off variant not scored again count."""
-    steps, totals = [], []
+    """Every variant at the first cap, then the best variant of each smoothing setting at the others: a repeated
+    cap's variants and a DualScale-off variant not scored again count; the bar's total is what it counts."""
+    steps, bars = [], []
 
     class _Bar:
         def __init__(self, *args, total=None, **kwargs):
-            totals.append(total)
+            self.total = total
+            bars.append(self)
 
         def __enter__(self):
             return self
@@ -160,12 +163,35 @@ def test_the_progress_bar_counts_every_trial_repeats_and_skips_included(monkeypa
         def update(self, n=1):
             steps.append(n)
 
+        def refresh(self):
+            pass
+
     monkeypatch.setattr(decide, "bar", _Bar)
     config = QuantConfig(smoothquant={"mode": "auto"}, outliers={"mode": "auto", "candidates": (0, 2, 4)})
     by_cap = {0: {}, 2: {"lin": np.array([1, 5])}, 4: {"lin": np.array([1, 5])}}
     table = {(c, sq, "plain"): 30.0 + c for c in (0, 2) for sq in ("auto", "off")}
-    _trials(config, table, by_cap, dual_applies=False)
-    assert totals == [3 * 4] and steps == [1] * 8 + [4] and sum(steps) == totals[0]
+    _, held, _ = _trials(config, table, by_cap, dual_applies=False)
+    # cap 0: 4 variants (2 scored, the 2 DualScale-off repeats skipped); cap 2: the 2 kept; cap 4 repeats cap 2
+    assert len(bars) == 1 and bars[0].total == 4 + 2 * 2
+    assert steps == [1] * 6 + [2] and sum(steps) == bars[0].total
+    assert held.scored == [(0, "auto", "plain"), (0, "off", "plain"), (2, "auto", "plain"), (2, "off", "plain")]
+
+@pytest.mark.parametrize("dual_gain, kept_auto", [(1.0, "dual"), (0.125, "plain")])
+def test_further_caps_score_only_the_best_variant_of_each_smoothing_setting(dual_gain, kept_auto):
+    """Four variants at cap 0; at cap 2 only the best of each SmoothQuant setting, its DualScale decided at cap 0
+    by the minimum output gain (0.25 dB): with SmoothQuant, DualScale 1 dB over plain is kept, 0.125 dB is not;
+    without, plain wins outright. The best over every trial wins."""
+    config = QuantConfig(smoothquant={"mode": "auto"}, dualscale={"mode": "auto", "min_output_gain_db": MIN_OUT},
+                         outliers={"mode": "auto", "candidates": (0, 2)})
+    by_cap = {0: {}, 2: {"lin": np.array([1, 5])}}
+    table = {(0, "auto", "dual"): 30.0 + dual_gain, (0, "auto", "plain"): 30.0,
+             (0, "off", "dual"): 28.0, (0, "off", "plain"): 29.0,
+             (2, "auto", kept_auto): 33.0, (2, "off", "plain"): 32.0}
+    best, held, rows = _trials(config, table, by_cap)
+    assert held.scored[:4] == [(0, "auto", "dual"), (0, "off", "dual"), (0, "auto", "plain"), (0, "off", "plain")]
+    assert held.scored[4:] == [(2, "auto", kept_auto), (2, "off", "plain")]  # not the whole grid
+    assert best.score == 33.0 and best.q.key == (2, "auto", kept_auto)
+
 
 @pytest.mark.parametrize("scores, cap", [({0: 30.0, 2: 31.0, 4: 30.5}, 2), ({0: 30.0, 2: 29.0, 4: 29.5}, 0)])
 def test_the_outlier_cap_with_the_best_held_back_score_wins_and_a_repeated_set_is_not_scored(scores, cap):

@@ -25,6 +25,16 @@ K, N, ROWS = 64, 48, 16
 BASE = dict(smoothquant={"mode": "off"}, dualscale={"mode": "off"})
 
 
+@pytest.fixture(autouse=True)
+def _unbounded_sweep(monkeypatch):
+    """The two-site model's level graph is 5x the model (both sites, 4 extra levels each) and 4 of its 16 feeds are
+    held back: SWEEP_BUDGET's 4 calibration passes allow 3 runs, not one site's 4 levels. These tests check what
+    the sweep chooses; test_the_sweep_stops_before_a_site_whose_levels_pass_its_run_budget checks the budget."""
+    from segquant_onnx.analysis import outlier_search
+
+    monkeypatch.setattr(outlier_search, "SWEEP_BUDGET", 1e6)
+
+
 def _two_site_model(tmp_path, silu: bool = False):
     """(path, calib, eval, fc_a's outlier channels). With `silu`, both linears read SiLU(X * c) (DualScale
     candidates) instead of X * c."""
@@ -210,3 +220,20 @@ def test_the_sweep_visits_at_most_max_sweep_sites_and_the_rest_keep_their_start(
     assert {k: len(v) for k, v in result.outliers.items()} == {"a": 8, "b": 4, "c": 2}
     assert [t["site"] for t in result.trials] == ["a", "b"]
     assert all(g("c", 1) in call for call in scripted.calls)  # c never tried without its channels
+
+
+def test_the_sweep_stops_before_a_site_whose_levels_pass_its_run_budget():
+    """A budget of 4 runs: the start (1) and a's two extra levels (3) fit, b's two more would not: b keeps its start
+    without a run; without a budget b is searched too."""
+    levels = {"a": _levels("a", (0, 4, 8)), "b": _levels("b", (0, 2, 3))}
+    g = level_gate
+    table = {frozenset(): 10.0, frozenset({g("a", 1)}): 14.0, frozenset({g("a", 2)}): 15.0,
+             frozenset({g("a", 2), g("b", 1)}): 16.0, frozenset({g("a", 2), g("b", 2)}): 16.5}
+    scripted = _Scripted(table)
+    result = search_levels(scripted, levels, start={}, budget_flops=99.0, min_gain_db=0.05, progress=False,
+                           max_runs=4)
+    assert [t["site"] for t in result.trials] == ["a"] and len(scripted.calls) == 3
+    assert {k: len(v) for k, v in result.outliers.items()} == {"a": 8} and result.heldback_sqnr_db == 15.0
+    unbounded = search_levels(_Scripted(table), levels, start={}, budget_flops=99.0, min_gain_db=0.05,
+                              progress=False, max_runs=5)
+    assert {k: len(v) for k, v in unbounded.outliers.items()} == {"a": 8, "b": 3}

@@ -236,6 +236,26 @@ def test_a_target_already_met_keeps_nothing_in_float(sensitive):
                       QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
                                   fallback={"target_sqnr": 1.0}), progress=False)
     assert result.report["fallback"]["sites"] == () and result.report["fallback"]["reached"] is True
+    # the ranking only serves the fallback there: no site is ranked, unless --sensitivity asks for the ranking
+    assert result.report["sensitivity"] == []
+    ranked = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
+                      QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
+                                  fallback={"target_sqnr": 1.0, "sensitivity": True}), progress=False)
+    assert sorted(r["site"] for r in ranked.report["sensitivity"]) == ["fc1", "fc2", "fc3"]
+    assert ranked.report["fallback"] == result.report["fallback"]
+
+
+def test_a_site_over_the_fallback_budget_is_not_ranked_and_the_fallback_is_the_same(sensitive):
+    """fc1, fc2, fc3 hold 9.1%, 72.7% and 18.2% of the FLOPs: with a 20% budget fc2 can never go to float, so
+    only fc1 and fc3 are ranked; the fallback is the one the whole ranking gives."""
+    config = QuantConfig(calibration={"method": "max"}, dualscale={"mode": "off"},
+                         fallback={"target_sqnr": TARGET, "max_fallback_pct": 20.0})
+    result = quantize(sensitive / "model.onnx", sensitive / "calib.npz", config, progress=False, evaluate=False)
+    assert [r["site"] for r in result.report["sensitivity"]] == ["fc1", "fc3"]
+    whole = quantize(sensitive / "model.onnx", sensitive / "calib.npz",
+                     config.updated(fallback={"sensitivity": True}), progress=False, evaluate=False)
+    assert sorted(r["site"] for r in whole.report["sensitivity"]) == ["fc1", "fc2", "fc3"]
+    assert result.report["fallback"] == whole.report["fallback"] and result.report["fallback"]["sites"] == ("fc1",)
 
 
 @pytest.mark.parametrize("max_fallback, expected", [
