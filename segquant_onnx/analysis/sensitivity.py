@@ -20,6 +20,7 @@ whole first: a fallback that holds up on the other half is not trimmed to that h
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 class SiteSensitivity:
     site: str
     flops: int
-    output_sqnr_db: float  # model output SQNR with only this site quantized
+    output_sqnr_db: float  # model output SQNR with only this site quantized (with `group` > 1: only its group)
+    group: int = 1  # sites quantized together in the run that gave output_sqnr_db (grouped ranking's tail)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,60 @@ class GatedModel(GatedSession):
         return self.error_on({gate_name(name) for name in quantized})
 
 
-def rank_sensitivity(model: GatedModel, progress: bool = True,
-                     sites: list[LinearSite] | None = None) -> list[SiteSensitivity]:
-    """Each of `sites` (default: all of the model's) quantized alone; most sensitive (lowest output SQNR) first."""
+def rank_sensitivity(model: GatedModel, progress: bool = True, sites: list[LinearSite] | None = None,
+                     refine_flops: float | None = None) -> list[SiteSensitivity]:
+    """Each of `sites` (default: all of the model's) quantized alone; most sensitive (lowest output SQNR) first.
+    With `refine_flops` and more than GROUPED_MIN_SITES sites: grouped (`_grouped`), exact until the sites ranked
+    alone hold that many FLOPs."""
+    sites = model.sites if sites is None else sites
+    if refine_flops is not None and len(sites) > GROUPED_MIN_SITES:
+        return _grouped(model, sites, refine_flops, progress)
     ranked = [SiteSensitivity(s.name, s.flops, round(model.sqnr({s.name}), 3))
-              for s in tqdm(model.sites if sites is None else sites, desc="sensitivity", unit="site", disable=None if progress else True,
-                            leave=False)]
+              for s in tqdm(sites, desc="sensitivity", unit="site", disable=None if progress else True, leave=False)]
     return sorted(ranked, key=lambda r: r.output_sqnr_db)
+
+
+# below this many sites the grouped ranking saves too few runs to be worth its approximation
+GROUPED_MIN_SITES = 16
+
+
+def _grouped(model: GatedModel, sites: list[LinearSite], refine_flops: float, progress: bool) -> list[SiteSensitivity]:
+    """Group testing: output noise power adds up over sites quantized together (to first order), so a group's noise
+    bounds each of its sites'. Contiguous groups of about sqrt(N) sites are run first; the noisiest group is split
+    in halves, each run, until the noisiest is a single site: that site is the next most sensitive (no other site
+    can be noisier than the group that holds it), and is ranked with its own SQNR. That repeats until the sites
+    ranked alone hold `refine_flops`; the rest follow group by group, each site with its group's SQNR (`group`).
+    The fallback only reads the head of the ranking: measured on the real terrain UNet (256 sites), one run per
+    site took about 0.45 s x 256 per ranking (two per `best` run)."""
+    import heapq
+    from itertools import count
+
+    order = count()  # ties broken by the order groups were run: deterministic
+    heap: list = []
+    bar = tqdm(desc="sensitivity (grouped)", unit="run", disable=None if progress else True, leave=False)
+
+    def run(group: tuple[LinearSite, ...]) -> None:
+        err = model.error({s.name for s in group})
+        heapq.heappush(heap, (-err.noise, next(order), group, err))
+        bar.update()
+
+    size = max(1, round(math.sqrt(len(sites))))
+    for i in range(0, len(sites), size):
+        run(tuple(sites[i:i + size]))
+    ranked, alone = [], 0.0
+    while heap and alone < refine_flops:
+        _, _, group, err = heapq.heappop(heap)
+        if len(group) == 1:
+            ranked.append(SiteSensitivity(group[0].name, group[0].flops, round(err.sqnr, 3)))
+            alone += group[0].flops
+            continue
+        half = len(group) // 2
+        run(group[:half])
+        run(group[half:])
+    bar.close()
+    for _, _, group, err in sorted(heap, key=lambda item: item[:2]):
+        ranked += [SiteSensitivity(s.name, s.flops, round(err.sqnr, 3), len(group)) for s in group]
+    return ranked
 
 
 def greedy_fallback(model: GatedModel, ranking: list[SiteSensitivity], target_db: float | None,
@@ -181,7 +230,10 @@ def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[d
         total = sum(s.flops for s in plan.sites) or 1
         reached = model.sqnr({s.name for s in plan.sites}) >= config.target_sqnr
         candidates = [] if reached else [s for s in plan.sites if 100.0 * s.flops / total <= config.max_fallback_pct]
-    ranking = rank_sensitivity(model, progress, candidates)
+    # without --sensitivity only the ranking's head matters: grouped, exact for sites holding twice the budget's
+    # FLOPs (the greedy search skips sites that no longer fit, so it may read past the budget's worth)
+    refine = None if config.sensitivity else 2.0 * config.max_fallback_pct / 100.0 * sum(s.flops for s in plan.sites)
+    ranking = rank_sensitivity(model, progress, candidates, refine)
     fallback = None
     if config.target_sqnr is not None:
         fallback = greedy_fallback(model, ranking, config.target_sqnr, config.max_fallback_pct)

@@ -499,3 +499,41 @@ def test_the_fallback_stops_at_a_target_just_under_what_one_site_in_float_reache
     reads_dq = {n.name: producers.get(n.input[0]) == "DequantizeLinear" for n in r.model.graph.node
                 if n.op_type == "MatMul"}
     assert reads_dq == {name: name not in fb["sites"] for name in ("fc1", "fc2", "fc3")}
+
+
+class _Additive:
+    """A GatedModel stand-in whose output noise power is the sum of its quantized sites' (signal 1)."""
+
+    def __init__(self, noise: dict[str, float], flops: dict[str, int] | None = None):
+        flops = flops or {n: 1 for n in noise}
+        self.sites = [LinearSite(n, "MatMul", f"{n}_x", f"{n}_w", (1, 1), 1, flops[n]) for n in noise]
+        self.noise, self.runs = noise, []
+
+    def error(self, quantized: set[str]) -> OutputError:
+        self.runs.append(frozenset(quantized))
+        return OutputError(signal=1.0, noise=sum(self.noise[n] for n in quantized))
+
+    def sqnr(self, quantized: set[str]) -> float:
+        return self.error(quantized).sqnr
+
+
+def test_the_grouped_ranking_finds_the_most_sensitive_sites_in_fewer_runs():
+    """64 sites, three of them far noisier: grouped, the head is exact (those three first, each with its own SQNR)
+    in fewer runs than one per site; the tail carries its groups' SQNR; every site is ranked once."""
+    rng = np.random.default_rng(0)
+    noise = {f"s{i}": float(x) for i, x in enumerate(rng.uniform(1e-6, 1e-5, 64))}
+    noise |= {"s7": 1e-2, "s40": 3e-3, "s41": 1e-3}
+    model = _Additive(noise)
+    grouped = sensitivity.rank_sensitivity(model, progress=False, refine_flops=3)
+    exact = sensitivity.rank_sensitivity(_Additive(noise), progress=False)
+    assert [r.site for r in grouped[:3]] == [r.site for r in exact[:3]] == ["s7", "s40", "s41"]
+    assert [r.output_sqnr_db for r in grouped[:3]] == [r.output_sqnr_db for r in exact[:3]]
+    # the tail: sites split off alone on the way (their own SQNR) and whole groups (the group's)
+    assert all(r.group == 1 for r in grouped[:3]) and sum(r.group > 1 for r in grouped[3:]) > 48
+    assert sorted(r.site for r in grouped) == sorted(noise) and len(model.runs) < 64 / 2
+    sqnrs = [r.output_sqnr_db for r in grouped]
+    assert sqnrs == sorted(sqnrs)  # a group's noise bounds each of its sites': the order holds across head and tail
+    # few sites: one run per site, as without refine_flops
+    few = {f"t{i}": float(i + 1) * 1e-4 for i in range(sensitivity.GROUPED_MIN_SITES)}
+    assert sensitivity.rank_sensitivity(_Additive(few), progress=False, refine_flops=1) == \
+        sensitivity.rank_sensitivity(_Additive(few), progress=False)
