@@ -154,8 +154,8 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,
                     low_rank=config.precision.low_rank, clip=config.precision.weight_clip)
-            apply_quantization(graph, plan, q)
-            store.spill(graph)  # the quantized weights
+            apply_quantization(graph, plan, q, store.stored)
+            store.spill(graph)  # the quantized weights (those the scored candidates stored already are reused)
             stages.done("fit and rewrite")
             if rest_stays:
                 rest = RestReport(rest_dtype, 0, skipped=rest_stays)
