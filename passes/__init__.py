@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from segquant_onnx.ir.weights import StoredWeights
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.add_low_rank_branch import AddLowRankBranch
 from segquant_onnx.passes.base import PLAN, QUANTIZE, Pass, PreconditionError, QuantizedSite, run_order
@@ -37,9 +38,11 @@ __all__ = ["AddLowRankBranch", "DualScaleActivations", "FindLinearSites", "Flatt
 
 def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool = False,
            exclude: tuple[str, ...] = (), dualscale: bool = True, attention: bool = False,
-           block_size: int | None = None, flatten: bool = False) -> tuple[Pass, ...]:
+           block_size: int | None = None, flatten: bool = False,
+           stored: StoredWeights | None = None) -> tuple[Pass, ...]:
     """The run order, for detection and for rewriting alike (a new pass is one line here). `block_size`: the
-    weights get INT4 block scales (Conv sites are declined); `flatten`: W4A8's 2-D MatMul layout."""
+    weights get INT4 block scales (Conv sites are declined); `flatten`: W4A8's 2-D MatMul layout; `stored`: the
+    run's quantized weights, reused by the rewrites that store weights (ir/weights.py StoredWeights)."""
     return run_order((
         SplitLinearBySegment(seg_output, seg_input, seg_heads),
         FlattenLinearsTo2D(flatten),
@@ -47,8 +50,8 @@ def passes(*, seg_output: bool = True, seg_input: bool = True, seg_heads: bool =
         SplitOutlierChannels(),
         SmoothActivations(),
         AddLowRankBranch(),
-        DualScaleActivations(dualscale),
-        QuantizeLinearInputs(),
+        DualScaleActivations(dualscale, stored),
+        QuantizeLinearInputs(stored),
         QuantizeAttention(attention),
     ))
 
@@ -68,11 +71,13 @@ def detect_all(graph: gs.Graph, *, seg_output: bool = True, seg_input: bool = Tr
     return plan
 
 
-def rewrite_all(graph: gs.Graph, plan: QuantPlan, q: Quantization) -> list[QuantizedSite]:
+def rewrite_all(graph: gs.Graph, plan: QuantPlan, q: Quantization,
+                stored: StoredWeights | None = None) -> list[QuantizedSite]:
     """Quantize `graph` (the one `plan` was detected on) as `q` says: every site not left in float, by
-    the quantize-stage passes in run order. Returns the sites as quantized, each with its Q/DQ inputs."""
+    the quantize-stage passes in run order. Returns the sites as quantized, each with its Q/DQ inputs.
+    `stored`: quantized weights to reuse (the graph is spilled to their store next)."""
     sites = [s for s in plan.sites if s.name not in q.floating]
-    for p in passes():
+    for p in passes(stored=stored):
         if p.stage == QUANTIZE:
             sites = p.rewrite(graph, sites, q)
     return sites

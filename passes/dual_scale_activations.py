@@ -36,8 +36,8 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.formats import Scheme, scheme_of
 from segquant_onnx.ir.graph_io import constant_values
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import (QuantizedInput, float_dtype, dequantized_weight_input, quantize_activation_input,
-                                  quantized_weight, site_node)
+from segquant_onnx.ir.qdq import QuantizedInput, float_dtype, quantize_activation_input, site_node, stored_weight_input
+from segquant_onnx.ir.weights import StoredWeights
 from segquant_onnx.params import DualParams, Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, SITES_FOUND, SMOOTHED, QuantizedSite
 from segquant_onnx.plan import DeclinedSite, DualSite, LinearSite, QuantPlan
@@ -212,8 +212,8 @@ class DualScaleActivations:
     requires = (SITES_FOUND, SMOOTHED)
     ensures = (DUAL_QUANTIZED,)
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, stored: StoredWeights | None = None):
+        self.enabled, self.stored = enabled, stored  # stored: the run's quantized weights to reuse (rewrite only)
 
     # -- match + check -------------------------------------------------------------------------
     def check(self, node: gs.Node, site: LinearSite) -> DualSite | str | None:
@@ -256,13 +256,13 @@ class DualScaleActivations:
                 continue
             node, _, _ = site_node(nodes, site, self.name)
             updated.append(QuantizedSite.of(site, self._split(graph, namer, node, site, params.dual[site.name],
-                                                              scheme_of(params.format))))
+                                                              scheme_of(params.format), self.stored)))
         graph.cleanup().toposort()
         return updated
 
     @staticmethod
     def _split(graph: gs.Graph, namer: Namer, node: gs.Node, site: LinearSite,
-               p: DualParams, scheme: Scheme) -> tuple[QuantizedInput, ...]:
+               p: DualParams, scheme: Scheme, stored: StoredWeights | None = None) -> tuple[QuantizedInput, ...]:
         ia, iw, axis = site.activation_input_index, site.weight_input_index, site.weight_axis
         pos, neg = f"{site.name}/pos", f"{site.name}/neg"
         a, w, y = node.inputs[ia], node.inputs[iw], node.outputs[0]
@@ -283,8 +283,8 @@ class DualScaleActivations:
 
         pos_a = quantize_activation_input(graph, namer, pos, node, ia, p.pos_scale, fmt=scheme.activations)
         neg_a = quantize_activation_input(graph, namer, neg, neg_node, ia, p.neg_scale, fmt=scheme.activations)
-        wq, ws = quantized_weight(w, p.weight_scale, axis, scheme.weights, p.rounded)
-        pos_w = dequantized_weight_input(graph, namer, pos, node, iw, wq, ws, axis, fmt=scheme.weights)
+        pos_w = stored_weight_input(graph, namer, pos, node, iw, p.weight_scale, axis, scheme.weights, p.rounded,
+                                    stored=stored)
         # one DequantizeLinear per consumer, both reading the same quantized initializer and scales
         neg_dq = gs.Variable(namer(neg, "weight_dequantized"), pos_w.dequantized.dtype, pos_w.dequantized.shape)
         pos_dq = pos_w.dequantized.inputs[0]

@@ -18,7 +18,8 @@ import onnx_graphsurgeon as gs
 
 from segquant_onnx.formats import scheme_of
 from segquant_onnx.ir.naming import Namer
-from segquant_onnx.ir.qdq import dequantized_weight_input, quantize_activation_input, quantized_weight, site_node
+from segquant_onnx.ir.qdq import quantize_activation_input, site_node, stored_weight_input
+from segquant_onnx.ir.weights import StoredWeights
 from segquant_onnx.params import Quantization
 from segquant_onnx.passes.base import DUAL_QUANTIZED, QUANTIZE, QUANTIZED, SITES_FOUND, QuantizedSite
 from segquant_onnx.plan import LinearSite, QuantPlan
@@ -29,6 +30,9 @@ class QuantizeLinearInputs:
     stage = QUANTIZE
     requires = (SITES_FOUND, DUAL_QUANTIZED)
     ensures = (QUANTIZED,)
+
+    def __init__(self, stored: StoredWeights | None = None):
+        self.stored = stored  # the run's quantized weights to reuse (ir/weights.py StoredWeights)
 
     def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
         return plan
@@ -42,14 +46,13 @@ class QuantizeLinearInputs:
             if site.name in params.dual:
                 updated.append(site)
                 continue
-            node, _, w = site_node(nodes, site, self.name)
+            node, _, _ = site_node(nodes, site, self.name)
             p = params.params[site.name]
             scheme = scheme_of(params.format)
             act = () if scheme.activations is None else (quantize_activation_input(
                 graph, namer, site.name, node, site.activation_input_index, p.act_scale, fmt=scheme.activations),)
-            wq, ws = quantized_weight(w, p.weight_scale, site.weight_axis, scheme.weights, p.rounded)
-            weight = dequantized_weight_input(graph, namer, site.name, node, site.weight_input_index, wq, ws,
-                                              site.weight_axis, fmt=scheme.weights)
+            weight = stored_weight_input(graph, namer, site.name, node, site.weight_input_index, p.weight_scale,
+                                         site.weight_axis, scheme.weights, p.rounded, stored=self.stored)
             updated.append(QuantizedSite.of(site, (*act, weight)))
         graph.cleanup()
         return updated

@@ -146,16 +146,17 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
             stages.done("calibrate")
             weights = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
             weight = lambda name: np.asarray(constant_values(weights[name]), np.float32)  # noqa: E731
+            weight_scales: dict = {}  # fit's memo: each weight's scales computed once a run (solve.fit)
             try:
-                decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress)
+                decision = decide(graph, fp_model, plan, cal, weight, config, space, sessions, progress, weight_scales)
             finally:
                 sessions.close()  # the searches' workers, if any
             stages.done("decide")
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
                     fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,
-                    low_rank=config.precision.low_rank, clip=config.precision.weight_clip)
-            apply_quantization(graph, plan, q)
-            store.spill(graph)  # the quantized weights
+                    low_rank=config.precision.low_rank, clip=config.precision.weight_clip, weight_scales=weight_scales)
+            apply_quantization(graph, plan, q, store.stored)
+            store.spill(graph)  # the quantized weights (those the scored candidates stored already are reused)
             stages.done("fit and rewrite")
             if rest_stays:
                 rest = RestReport(rest_dtype, 0, skipped=rest_stays)

@@ -134,6 +134,7 @@ class _Candidates:
     # per-site choices already scored (solve.choose): the searches ask for the same site, smoothing and outliers
     # again and again (measured: 11 recipes for --preset best on the demo DiT, 2368 layer scores)
     cache: dict = field(default_factory=dict)
+    weight_scales: dict = field(default_factory=dict)  # solve.fit's memo, shared with the run's final fit
 
     def outliers(self, cap: int, max_flop_pct: float | None = None) -> dict[str, np.ndarray]:
         budget = self.config.outliers.max_flop_pct if max_flop_pct is None else max_flop_pct
@@ -145,7 +146,7 @@ class _Candidates:
 
     def fitted(self, recipe: Recipe) -> Quantization:
         return fit(self.plan, recipe, self.cal.fit_stats, self.weight, percentile=self.config.calibration.percentile,
-                   fmt=self.config.precision.quant_format)
+                   fmt=self.config.precision.quant_format, weight_scales=self.weight_scales)
 
 
 def _with_held_back(space: SearchSpace, cal: Calibration, config: CalibrationConfig) -> SearchSpace:
@@ -165,12 +166,14 @@ def _with_held_back(space: SearchSpace, cal: Calibration, config: CalibrationCon
 
 def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Calibration,
            weight: Callable[[str], np.ndarray], config: QuantConfig, space: SearchSpace, sessions: Sessions,
-           progress: bool = True) -> Decision:
+           progress: bool = True, weight_scales: dict | None = None) -> Decision:
     """The recipe for `graph` (canonical, not yet quantized; left as it is): the per-site choices
     (solve.choose) of the best global trial, refined per site and with the fallback's float sites.
-    Opens analysis sessions only where held-back feeds are scored."""
+    Opens analysis sessions only where held-back feeds are scored. `weight_scales`: solve.fit's memo of the run's
+    weight scales (filled here, reused by the final fit)."""
     space = _with_held_back(space, cal, config.calibration)
-    cand = _Candidates(plan, cal, weight, config, progress)
+    cand = _Candidates(plan, cal, weight, config, progress,
+                       weight_scales={} if weight_scales is None else weight_scales)
     trials, search, others = [], None, []
     if not space.output_checks or (len(space.caps) == 1 and len(space.variants) == 1):
         recipe, variant = cand.recipe(space.settings, cand.outliers(space.caps[0])), space.settings

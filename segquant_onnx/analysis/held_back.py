@@ -120,7 +120,7 @@ class HeldBack:
     def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> float:
         """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""
         candidate = graph.copy()
-        apply_quantization(candidate, plan, q)
+        apply_quantization(candidate, plan, q, self.sessions.store.stored)  # sqnr spills it
         return self.sqnr(candidate)
 
     def sqnr(self, graph: gs.Graph) -> float:

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from segquant_onnx.formats import INT8, QuantFormat
 from segquant_onnx.ir.graph_io import constant_values, packed_constant
 from segquant_onnx.ir.naming import Namer
+from segquant_onnx.ir.weights import StoredWeights
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +40,9 @@ class QuantizedInput:
     index: int
     original: gs.Tensor
     dequantized: gs.Variable
+
+
+BYTE_FORMATS = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))  # stored a value a byte (INT4: packed)
 
 
 def site_node(nodes: dict[str, gs.Node], site, pass_name: str) -> tuple[gs.Node, gs.Tensor, gs.Tensor]:
@@ -112,19 +116,23 @@ def quantized_weight(w: gs.Constant, scale: np.ndarray, axis: int, fmt: QuantFor
 def weight_dq_attrs(weight_q: np.ndarray, scale: np.ndarray, axis: int, fmt: QuantFormat) -> dict:
     """The weight DequantizeLinear's attributes: the output-channel `axis`, or for block scales (the weight's
     rank) the blocked input axis of the 2-D weight and the block size (ONNX blocked quantization, opset 21)."""
-    if fmt.block_size is not None and np.ndim(scale) == np.ndim(weight_q) == 2:
+    if fmt.block_size is not None and np.ndim(scale) == len(weight_q.shape) == 2:
         k_axis = 1 - axis
         return {"axis": k_axis, "block_size": weight_q.shape[k_axis] // np.shape(scale)[k_axis]}
     return {"axis": axis}
 
 
 def dequantized_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node, index: int,
-                             weight_q: np.ndarray, scale: np.ndarray, axis: int,
+                             weight_q: np.ndarray | gs.ir.tensor.LazyValues, scale: np.ndarray, axis: int,
                              part: str = "weight", fmt: QuantFormat = INT8) -> QuantizedInput:
     """consumer.inputs[index] = DQ(weight_q, scale, axis): stored in the format's type, per output channel
-    (or per block: weight_dq_attrs); the DQ outputs the scale's float type (quantized_weight gives both)."""
+    (or per block: weight_dq_attrs); the DQ outputs the scale's float type (quantized_weight gives both).
+    `weight_q` may be lazy values already in the format's type (a stored weight reused: stored_weight_input)."""
     w = consumer.inputs[index]
-    if fmt.dtype in (np.int8, ml_dtypes.float8_e4m3fn):
+    if isinstance(weight_q, gs.ir.tensor.LazyValues):  # already stored (StoredWeights)
+        wq = gs.Constant(namer(layer, f"{part}_quantized"), weight_q)
+        zp = _const(namer, layer, f"{part}_zero_point", fmt.zero(scale.shape))
+    elif fmt.dtype in BYTE_FORMATS:
         wq = _const(namer, layer, f"{part}_quantized", weight_q.astype(fmt.dtype))
         zp = _const(namer, layer, f"{part}_zero_point", fmt.zero(scale.shape))
     else:  # sub-byte: packed
@@ -136,3 +144,25 @@ def dequantized_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer
                                weight_dq_attrs(weight_q, scale, axis, fmt), inputs=[wq, s, zp], outputs=[out]))
     consumer.inputs[index] = out
     return QuantizedInput(layer, part, consumer, index, w, out)
+
+
+def stored_weight_input(graph: gs.Graph, namer: Namer, layer: str, consumer: gs.Node, index: int, scale: np.ndarray,
+                        axis: int, fmt: QuantFormat = INT8, rounded: np.ndarray | None = None, part: str = "weight",
+                        stored: StoredWeights | None = None) -> QuantizedInput:
+    """consumer.inputs[index] (a weight constant) = DQ(quantized weight, scale, axis): quantized_weight, then
+    dequantized_weight_input. With `stored` (the run's WeightStore.stored), a weight this run already quantized
+    with the same scale and spilled is read from the store instead of quantized again (INT8 and FP8: sub-byte
+    weights are packed in memory, never spilled; GPTQ-`rounded` weights are never reused)."""
+    w = consumer.inputs[index]
+    key = None
+    if stored is not None and rounded is None and fmt.dtype in BYTE_FORMATS:
+        s = scale_values(scale, w.dtype)
+        key = stored.key(w, s, axis, fmt)
+        found = stored.find(key)
+        if found is not None:
+            return dequantized_weight_input(graph, namer, layer, consumer, index, found, s, axis, part, fmt)
+    wq, ws = quantized_weight(w, scale, axis, fmt, rounded)
+    quantized = dequantized_weight_input(graph, namer, layer, consumer, index, wq, ws, axis, part, fmt)
+    if key is not None:
+        stored.keep(key, quantized.dequantized.inputs[0].inputs[0])  # the DequantizeLinear's stored weight
+    return quantized

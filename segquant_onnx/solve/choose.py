@@ -137,21 +137,25 @@ def _choose_site(site, st, rows, w, config: QuantConfig, variant: Variant,
     return SiteChoice(p.method, p.alpha, None if score is None else round(score, 3)), p
 
 
-def _choose_dual(site: LinearSite, kind: str, st, rows, w, single: SiteParams, config: QuantConfig,
-                 variant: Variant) -> DualDecision:
-    """DualScale on the (smoothed) bulk: `all` wherever there is a negative part, `auto` where the gain
-    on the row sample (estimated from the polarity statistics without one) reaches the minimum."""
+def _dual_gain(site: LinearSite, st, rows, w, single: SiteParams, config: QuantConfig) -> tuple[float, bool, bool]:
+    """(gain in dB, whether measured on the row sample, whether the bulk has a negative part) of DualScale on the
+    (smoothed) bulk: measured on the row sample, estimated from the polarity statistics without one."""
     fmt = config.precision.quant_format
     dual = site_dual_params(site, st, w, single.smooth, fmt)
     w = scale_input_channels(w, site, single.smooth)
     if rows is not None and len(rows):
         rows = rows if single.smooth is None else rows / single.smooth
-        gain, measured = measured_dual_gain(rows, w, site, single, dual, fmt), True
-    else:
-        gain, measured = estimated_dual_gain(st, single, dual), False
-    apply = st.neg_amax > 0 and variant.dualscale is not DualScaleMode.OFF and (
-        variant.dualscale is DualScaleMode.ALL or gain >= config.dualscale.min_gain_db)
-    return DualDecision(site.name, kind, apply, round(gain, 3), measured, site.flops)
+        return measured_dual_gain(rows, w, site, single, dual, fmt), True, st.neg_amax > 0
+    return estimated_dual_gain(st, single, dual), False, st.neg_amax > 0
+
+
+def _dual_decision(site: LinearSite, kind: str, gain: tuple[float, bool, bool], config: QuantConfig,
+                   variant: Variant) -> DualDecision:
+    """DualScale on the bulk: `all` wherever there is a negative part, `auto` where the gain reaches the minimum."""
+    gain_db, measured, negative = gain
+    apply = negative and variant.dualscale is not DualScaleMode.OFF and (
+        variant.dualscale is DualScaleMode.ALL or gain_db >= config.dualscale.min_gain_db)
+    return DualDecision(site.name, kind, apply, round(gain_db, 3), measured, site.flops)
 
 
 def _key(site: LinearSite, outliers, variant: Variant, *extra) -> tuple:
@@ -180,10 +184,12 @@ def choose(plan: QuantPlan, stats: Stats, samples: dict[str, np.ndarray], weight
     by_name, dual = {s.name: s for s in plan.sites}, []
     for cand in tqdm(plan.dual, desc="DualScale gains", unit="site", disable=None if progress else True, leave=False):
         site = by_name[cand.site]
-        key = _key(site, outliers, variant, "dual", cand.kind, variant.dualscale)
+        # the gain does not depend on the DualScale mode (only whether it applies does): the variants that differ
+        # in it alone (`--dualscale auto` scores auto and off) measure it once
+        key = _key(site, outliers, variant, "dual gain")
         if key not in cache:
             st, w = bulk(site, stats, weight, outliers)
             rows = _rows(site, samples, outliers, config.calibration.search_rows)
-            cache[key] = _choose_dual(site, cand.kind, st, rows, w, single[site.name], config, variant)
-        dual.append(cache[key])
+            cache[key] = _dual_gain(site, st, rows, w, single[site.name], config)
+        dual.append(_dual_decision(site, cand.kind, cache[key], config, variant))
     return Recipe(sites, tuple(dual), outliers)

@@ -51,6 +51,12 @@ def masked_stats(st: TensorStats, idx: np.ndarray) -> TensorStats:
                    channel_neg_amax=ch(st.channel_neg_amax))
 
 
+def bulk_stats(site: LinearSite, stats: Stats, outliers) -> TensorStats:
+    """The statistics of the site's INT8 part (bulk's, without reading the weight)."""
+    idx = outliers.get(site.name)
+    return stats[site.activation] if idx is None else masked_stats(stats[site.activation], idx)
+
+
 def bulk(site: LinearSite, stats: Stats, weight: Weights, outliers) -> tuple[TensorStats, np.ndarray]:
     """(statistics, weight) of the site's INT8 part: the bulk when it has outlier channels."""
     st, w = stats[site.activation], weight(site.weight)
@@ -77,24 +83,26 @@ def site_weight_scales(w: np.ndarray, axis: int, fmt: QuantFormat | Scheme = INT
     return weight_scales(w, axis, wf.qmax, block)
 
 
-def site_params(site: LinearSite, st: TensorStats, w: np.ndarray, method: str, smooth: np.ndarray | None,
+def site_params(site: LinearSite, st: TensorStats, w: np.ndarray | None, method: str, smooth: np.ndarray | None,
                 alpha: float | None, percentile: float, masked: bool = False,
-                fmt: QuantFormat | Scheme = INT8) -> SiteParams:
-    """Scales of X / s (`smooth`; None: X) and of s * W, with the activation clipped by `method`."""
+                fmt: QuantFormat | Scheme = INT8, weight_scale: np.ndarray | None = None) -> SiteParams:
+    """Scales of X / s (`smooth`; None: X) and of s * W, with the activation clipped by `method`; `weight_scale`:
+    s * W's, known already (then `w` is not read)."""
     act = activation_format(fmt)
     if smooth is None and not masked:
         amax = activation_amax(st, method, percentile, act)
     else:
         method = "max"  # see the module docstring
         amax = float((st.channel_amax / (1 if smooth is None else smooth)).max(initial=0))
-    return SiteParams(amax, float(scale_from_amax(amax, act.qmax)),
-                      site_weight_scales(scale_input_channels(w, site, smooth), site.weight_axis, fmt), method, smooth,
-                      alpha)
+    if weight_scale is None:
+        weight_scale = site_weight_scales(scale_input_channels(w, site, smooth), site.weight_axis, fmt)
+    return SiteParams(amax, float(scale_from_amax(amax, act.qmax)), weight_scale, method, smooth, alpha)
 
 
-def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int,
-                fmt: QuantFormat | Scheme = INT8) -> DualParams:
-    """s_pos = max(x) / 127 on [0, 127]; s_neg = |min(x)| / 128 on [-128, 0]; weight per channel (FP8: / 448).
+def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray | None, axis: int,
+                fmt: QuantFormat | Scheme = INT8, weight_scale: np.ndarray | None = None) -> DualParams:
+    """s_pos = max(x) / 127 on [0, 127]; s_neg = |min(x)| / 128 on [-128, 0]; weight per channel (FP8: / 448),
+    or `weight_scale` as given (then `weight` is not read).
 
     `pos_amax` and `neg_amax` are magnitudes (`neg_amax = -min(x)`; its sign is ignored). Dead
     polarities get the smallest positive scale (scale_from_amax's floor).
@@ -103,16 +111,18 @@ def dual_params(pos_amax: float, neg_amax: float, weight: np.ndarray, axis: int,
     return DualParams(
         pos_scale=float(scale_from_amax(pos_amax, act.qmax)),
         neg_scale=float(scale_from_amax(abs(neg_amax), act.neg_levels)),
-        weight_scale=site_weight_scales(weight, axis, fmt),
+        weight_scale=site_weight_scales(weight, axis, fmt) if weight_scale is None else weight_scale,
     )
 
 
-def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray, smooth: np.ndarray | None,
-                     fmt: QuantFormat | Scheme = INT8) -> DualParams:
-    """DualScale parameters of the (bulk) site from its polarity statistics, after smoothing."""
+def site_dual_params(site: LinearSite, st: TensorStats, w: np.ndarray | None, smooth: np.ndarray | None,
+                     fmt: QuantFormat | Scheme = INT8, weight_scale: np.ndarray | None = None) -> DualParams:
+    """DualScale parameters of the (bulk) site from its polarity statistics, after smoothing (`weight_scale`: the
+    weight's, known already: `w` is not read)."""
     pos, neg = ((st.pos_amax, st.neg_amax) if smooth is None else
                 (float((st.channel_pos_amax / smooth).max()), float((st.channel_neg_amax / smooth).max())))
-    return dual_params(pos, neg, scale_input_channels(w, site, smooth), site.weight_axis, fmt)
+    w_s = None if weight_scale is not None else scale_input_channels(w, site, smooth)
+    return dual_params(pos, neg, w_s, site.weight_axis, fmt, weight_scale)
 
 
 def gptq_weight(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray,
@@ -218,7 +228,8 @@ def site_rows(site: LinearSite, samples: dict[str, np.ndarray], outliers) -> np.
 
 def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, percentile: float,
         fmt: QuantFormat | Scheme = INT8, progress: bool = False, samples: dict[str, np.ndarray] | None = None,
-        rounding: str = "rtn", low_rank: int | str = 0, clip: bool = False) -> Quantization:
+        rounding: str = "rtn", low_rank: int | str = 0, clip: bool = False,
+        weight_scales: dict | None = None) -> Quantization:
     """The parameters of every site as `recipe` says, from `stats`: scales (of the bulk where the site
     has outlier channels), smoothing vectors, and DualScale scales where the recipe applies it.
     Sites kept in float get scales too (reported as float, never inserted). With `rounding` gptq, the
@@ -228,10 +239,24 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
     fitted on the residual; `auto`: the rank auto_rank picks per site. With `clip`, the weight scales of sites
     with sampled rows are clipped per block and
     output channel where that lowers the layer output error on the rows (AWQ's clip search; before GPTQ).
-    `progress`: a bar per site."""
-    params, residuals = {}, {}
+    `weight_scales`: a memo of the weight scales of sites whose weight enters only through them (no smoothing, no
+    low-rank branch, no GPTQ or clip search), by site, outlier channels and format, for the fits of one run's
+    weights (each candidate's and the output's): those weights are then read and converted to float32 once a run,
+    not once a fit (a 2 GiB float16 model: 2.2 GB read and 4.4 GB written per fit). `progress`: a bar per site."""
+    params = {}
+    # the weight enters the parameters only through its scales, which depend on nothing the fits differ in
+    plain = rounding == "rtn" and not clip and not low_rank
     for site in tqdm(plan.sites, desc="fitting scales", unit="site", disable=None if progress else True, leave=False):
         choice = recipe.sites[site.name]
+        idx = recipe.outliers.get(site.name)
+        memo = None
+        if plain and choice.alpha is None and weight_scales is not None:
+            memo = ("weight scales", site.name, site.weight, None if idx is None else idx.tobytes(), fmt)
+            if memo in weight_scales:
+                p = site_params(site, bulk_stats(site, stats, recipe.outliers), None, choice.method, None, None,
+                                percentile, masked=idx is not None, fmt=fmt, weight_scale=weight_scales[memo])
+                params[site.name] = replace(p, layer_sqnr_db=choice.layer_sqnr_db, rounded=None, low_rank=None)
+                continue
         st, w = bulk(site, stats, weight, recipe.outliers)
         smooth = smoothing(st, w, site, choice.alpha)
         factors = None
@@ -242,7 +267,6 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
         if rank and rank != "auto" and site.channels_last and site.name not in recipe.floating \
                 and rank < min(site_kn(site)):
             factors, w = split_low_rank(site, w, smooth, rank)
-            residuals[site.name] = w
         p = site_params(site, st, w, choice.method, smooth, choice.alpha, percentile,
                         masked=site.name in recipe.outliers, fmt=fmt)
         rows = site_rows(site, samples or {}, recipe.outliers) if rounding != "rtn" or clip else None
@@ -253,11 +277,13 @@ def fit(plan: QuantPlan, recipe: Recipe, stats: Stats, weight: Weights, *, perce
                 rounding == "gptq" or gptq_pays(site, w, p, rows, fmt)):
             rounded = gptq_weight(site, w, p, rows, fmt)
         params[site.name] = replace(p, layer_sqnr_db=choice.layer_sqnr_db, rounded=rounded, low_rank=factors)
+        if memo is not None:
+            weight_scales[memo] = p.weight_scale
     sites, dual = {s.name: s for s in plan.sites}, {}
-    for name in recipe.dual_sites:
-        st, w = bulk(sites[name], stats, weight, recipe.outliers)
-        dual[name] = replace(site_dual_params(sites[name], st, residuals.get(name, w), params[name].smooth, fmt),
-                             rounded=params[name].rounded, weight_scale=params[name].weight_scale)
+    for name in recipe.dual_sites:  # both branches read the site's weight, with its scales
+        st = bulk_stats(sites[name], stats, recipe.outliers)
+        dual[name] = replace(site_dual_params(sites[name], st, None, params[name].smooth, fmt,
+                                              weight_scale=params[name].weight_scale), rounded=params[name].rounded)
     act = activation_format(fmt)
     attention = {a.name: tuple(float(scale_from_amax(stats[t].amax, act.qmax)) for t in a.inputs)
                  for a in plan.attention}  # abs-max: the softmax output is bounded, Q/K/V are searched by no one

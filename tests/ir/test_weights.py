@@ -136,3 +136,53 @@ def test_bfloat16_model_with_spilled_and_input_weights_runs(tmp_path, monkeypatc
     y, y2 = make_session(export_model(g), store).run(None, {"X": x})
     np.testing.assert_allclose(y2, 2 * y, rtol=1e-2)
     np.testing.assert_allclose(y, x.astype(ml_dtypes.bfloat16).astype(np.float32) @ w.astype(np.float32), rtol=1e-2)
+
+
+def test_stored_weights_are_reused_only_for_the_same_weight_and_scale(tmp_path, monkeypatch):
+    """StoredWeights (what the held-back candidates and the output share): a weight quantized with a scale before
+    and spilled is read back, never another weight's bytes (two sites with same-shaped weights) or the same
+    weight's bytes under another scale; every reuse gets its own tensor name when exported."""
+    from segquant_onnx.formats import INT8
+    from segquant_onnx.ir.naming import Namer
+    from segquant_onnx.ir.qdq import stored_weight_input
+
+    monkeypatch.setattr(weights, "SPILL_BYTES", 64)
+    rng = np.random.default_rng(0)
+    w1, w2 = (gs.Constant(n, rng.standard_normal((16, 8)).astype(np.float32)) for n in ("W1", "W2"))
+    x = gs.Variable("X", np.float32, (4, 16))
+    nodes = [gs.Node("MatMul", f"mm{i}", inputs=[x, w], outputs=[gs.Variable(f"Y{i}", np.float32, (4, 8))])
+             for i, w in enumerate((w1, w2, w1))]  # mm2 reads W1 as mm0 does (tied weights)
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[n.outputs[0] for n in nodes], opset=13)
+    store = weights.WeightStore(None, str(tmp_path))
+    store.spill(graph)  # the sources on disk, as a large model's are
+    source = {"W1": np.asarray(constant_values(w1)), "W2": np.asarray(constant_values(w2))}
+    s1, s2 = np.full(8, 0.02, np.float32), np.linspace(0.01, 0.03, 8, dtype=np.float32)
+
+    def candidate(*sites):  # a copy of the graph with (node index, scale) quantized, then spilled
+        g = graph.copy()
+        namer = Namer(g)
+        made = [stored_weight_input(g, namer, g.nodes[i].name, g.nodes[i], 1, s, 1, INT8, stored=store.stored)
+                for i, s in sites]
+        store.spill(g)
+        return g, [q.dequantized.inputs[0].inputs[0] for q in made]
+
+    def check(stored_constant, weight, scale):
+        np.testing.assert_array_equal(constant_values(stored_constant), INT8.quantize(source[weight], scale, 1))
+
+    _, (a,) = candidate((0, s1))
+    check(a, "W1", s1)
+    _, (b,) = candidate((1, s1))  # another weight, the same scale and shape
+    check(b, "W2", s1)
+    _, (c,) = candidate((0, s2))  # the same weight, another scale
+    check(c, "W1", s2)
+    assert store.stored.hits == 0
+    g, (d, e) = candidate((0, s1), (2, s1))  # both read W1 with s1: its stored bytes, twice
+    assert store.stored.hits == 2
+    check(d, "W1", s1)
+    check(e, "W1", s1)
+    inits = {t.name: t for t in export_model(g).graph.initializer}
+    assert d.name != e.name and {d.name, e.name} <= set(inits)
+    assert all(inits[n].data_location == onnx.TensorProto.EXTERNAL for n in (d.name, e.name))
+    _, (f,) = candidate((1, s2))  # W2 with s2 never made: quantized, not W1's s2 bytes
+    check(f, "W2", s2)
+    assert store.stored.hits == 2

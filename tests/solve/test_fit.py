@@ -175,3 +175,35 @@ def test_a_recipe_is_frozen():
         SiteChoice("auto")  # a recipe holds decisions, not modes
     with pytest.raises(ValueError):
         Recipe({}, outliers={"lin": idx})
+
+
+def test_the_weight_scales_memo_gives_each_site_and_outlier_set_its_own_scales():
+    """fit's `weight_scales` memo (the run's fits share it) returns what fitting without it gives: two sites whose
+    weights have the same shape never share scales, nor one site with and without outlier channels (its bulk's
+    weight has them zeroed); dual sites take their site's weight scales."""
+    other = LinearSite("lin2", "MatMul", "X", "W2", (K, N), 1, 2 * K * N)
+    w = W.copy()
+    w[[1, 9]] *= 10  # input channels 1 and 9 hold every output channel's largest weight
+    weights_ = {"W": w, "W2": W * np.linspace(0.5, 3.0, N, dtype=np.float32)}
+    plan = QuantPlan(sites=(SITE, other), dual=(DualSite("lin2", "act", "quick_gelu"),))
+    x = quick_gelu(rows(512, seed=6))
+    stats = {"X": stats_of(x)}
+    plain = Recipe({"lin": SiteChoice("max"), "lin2": SiteChoice("max")},
+                   (DualDecision("lin2", "quick_gelu", True, 3.0, True, 1),))
+    # the bulk of lin has input channels 1 and 9 zeroed, so other scales
+    split = Recipe(plain.sites, plain.dual, outliers={"lin": np.array([1, 9])})
+    reads, memo = [], {}
+
+    def counted(name):
+        reads.append(name)
+        return weights_[name]
+
+    for recipe in (plain, split, plain, split):
+        got = fit(plan, recipe, stats, counted, percentile=99.99, weight_scales=memo)
+        want = fit(plan, recipe, stats, weights_.__getitem__, percentile=99.99)
+        for name in ("lin", "lin2"):
+            np.testing.assert_array_equal(got.params[name].weight_scale, want.params[name].weight_scale)
+        np.testing.assert_array_equal(got.dual["lin2"].weight_scale, want.params["lin2"].weight_scale)
+    assert not np.array_equal(memo[next(k for k in memo if k[1] == "lin" and k[3] is None)],
+                              memo[next(k for k in memo if k[1] == "lin" and k[3] is not None)])
+    assert sorted(reads) == ["W", "W", "W2"]  # each (site, outliers) read once: lin twice, lin2 once
