@@ -518,10 +518,10 @@ class _Additive:
 
 
 def test_the_grouped_ranking_finds_the_most_sensitive_sites_in_fewer_runs():
-    """64 sites, three of them far noisier: grouped, the head is exact (those three first, each with its own SQNR)
+    """128 sites, three of them far noisier: grouped, the head is exact (those three first, each with its own SQNR)
     in fewer runs than one per site; the tail carries its groups' SQNR; every site is ranked once."""
     rng = np.random.default_rng(0)
-    noise = {f"s{i}": float(x) for i, x in enumerate(rng.uniform(1e-6, 1e-5, 64))}
+    noise = {f"s{i}": float(x) for i, x in enumerate(rng.uniform(1e-6, 1e-5, 128))}
     noise |= {"s7": 1e-2, "s40": 3e-3, "s41": 1e-3}
     model = _Additive(noise)
     grouped = sensitivity.rank_sensitivity(model, progress=False, refine_flops=3)
@@ -529,8 +529,8 @@ def test_the_grouped_ranking_finds_the_most_sensitive_sites_in_fewer_runs():
     assert [r.site for r in grouped[:3]] == [r.site for r in exact[:3]] == ["s7", "s40", "s41"]
     assert [r.output_sqnr_db for r in grouped[:3]] == [r.output_sqnr_db for r in exact[:3]]
     # the tail: sites split off alone on the way (their own SQNR) and whole groups (the group's)
-    assert all(r.group == 1 for r in grouped[:3]) and sum(r.group > 1 for r in grouped[3:]) > 48
-    assert sorted(r.site for r in grouped) == sorted(noise) and len(model.runs) < 64 / 2
+    assert all(r.group == 1 for r in grouped[:3]) and sum(r.group > 1 for r in grouped[3:]) > 96
+    assert sorted(r.site for r in grouped) == sorted(noise) and len(model.runs) < 128 / 2
     sqnrs = [r.output_sqnr_db for r in grouped]
     assert sqnrs == sorted(sqnrs)  # a group's noise bounds each of its sites': the order holds across head and tail
     # few sites: one run per site, as without refine_flops
