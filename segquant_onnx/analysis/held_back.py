@@ -101,10 +101,39 @@ class Sessions:
             self._pool.pop().close()
 
     def open_graph(self, graph: gs.Graph) -> ort.InferenceSession:
-        """A session for `graph` (cleaned up and sorted in place first; its large in-memory weights spilled
-        to the store, so the exported model stays small and ONNX Runtime reads them from disk)."""
+        """A session for `graph` (cleaned up and sorted in place first, its weights' DequantizeLinear shared
+        (`share_dequantize`); its large in-memory weights spilled to the store, so the exported model stays small
+        and ONNX Runtime reads them from disk)."""
+        share_dequantize(graph)
         self.store.spill(graph.cleanup().toposort())
         return self.open(export_model(graph))
+
+
+def share_dequantize(graph: gs.Graph) -> int:
+    """Analysis graphs only: every DequantizeLinear of constants (a weight) that repeats another's inputs and
+    attributes is dropped and its readers read the other's output; the number dropped. The written model keeps one
+    per reader, as TensorRT wants (DualScale's two GEMMs each dequantize the same weight), but ONNX Runtime folds
+    each into its own float copy in the large models' sessions (`session.disable_quant_qdq`): measured on the 2 GiB
+    float16 DiT with 128 calibration feeds, the DualScale candidate's session peaked at 4.33 GiB RSS against
+    3.64 GiB for the plain one, the run's peak."""
+    first: dict[tuple, gs.Node] = {}
+    outputs = {id(t) for t in graph.outputs}
+    dropped = 0
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or not node.inputs or not all(isinstance(t, gs.Constant) for t in node.inputs):
+            continue
+        out = node.outputs[0]
+        key = (tuple(t.name for t in node.inputs), tuple(sorted((k, repr(v)) for k, v in node.attrs.items())))
+        kept = first.setdefault(key, node)
+        if kept is node or id(out) in outputs:
+            continue
+        for reader in list(out.outputs):
+            for j, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[j] = kept.outputs[0]
+        node.outputs.clear()
+        dropped += 1
+    return dropped
 
 
 class HeldBack:
