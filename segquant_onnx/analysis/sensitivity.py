@@ -19,9 +19,11 @@ whole first: a fallback that holds up on the other half is not trimmed to that h
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from dataclasses import dataclass
+from itertools import count
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -128,11 +130,8 @@ def _grouped(model: GatedModel, sites: list[LinearSite], refine_flops: float, pr
     in halves, each run, until the noisiest is a single site: that site is the next most sensitive (no other site
     can be noisier than the group that holds it), and is ranked with its own SQNR. That repeats until the sites
     ranked alone hold `refine_flops`; the rest follow group by group, each site with its group's SQNR (`group`).
-    The fallback only reads the head of the ranking: measured on the real terrain UNet (256 sites), one run per
-    site took about 0.45 s x 256 per ranking (two per `best` run)."""
-    import heapq
-    from itertools import count
-
+    The fallback only reads the head of the ranking. Why: on the real terrain UNet (256 sites, two rankings per run,
+    one per smoothing setting) `best` timed out at 600 s; with this and the outlier sweep's budget it took 247 s."""
     order = count()  # ties broken by the order groups were run: deterministic
     heap: list = []
     bar = tqdm(desc="sensitivity (grouped)", unit="run", disable=None if progress else True, leave=False)
@@ -222,7 +221,7 @@ def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[d
     session = sessions.open_graph(gated_graph(graph, plan, q))
     split = config.target_sqnr is not None and len(held_back) >= MIN_SPLIT_FEEDS
     model = GatedModel(session, held_back[0::2] if split else held_back, list(plan.sites))
-    candidates = model.sites
+    candidates, refine = model.sites, None
     if not config.sensitivity:
         # the ranking serves only the fallback: none is needed where everything quantized already reaches the
         # target on these feeds, and a site whose FLOPs alone pass the budget is never picked (greedy_fallback).
@@ -231,9 +230,9 @@ def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[d
         total = sum(s.flops for s in plan.sites) or 1
         reached = model.sqnr({s.name for s in plan.sites}) >= config.target_sqnr
         candidates = [] if reached else [s for s in plan.sites if 100.0 * s.flops / total <= config.max_fallback_pct]
-    # without --sensitivity only the ranking's head matters: grouped, exact for sites holding twice the budget's
-    # FLOPs (the greedy search skips sites that no longer fit, so it may read past the budget's worth)
-    refine = None if config.sensitivity else 2.0 * config.max_fallback_pct / 100.0 * sum(s.flops for s in plan.sites)
+        # only the ranking's head matters: grouped, exact for sites holding twice the budget's FLOPs (the greedy
+        # search skips sites that no longer fit, so it may read past the budget's worth)
+        refine = 2.0 * config.max_fallback_pct / 100.0 * total
     ranking = rank_sensitivity(model, progress, candidates, refine)
     fallback = None
     if config.target_sqnr is not None:
