@@ -151,7 +151,7 @@ def test_help_lists_the_flags():
     assert r.returncode == 0, r.stderr
     flags = set(re.findall(r"--[a-z-]+", r.stdout))
     assert flags == {"--help", "--work-dir", "--quick", "--skip-modelopt", "--skip-ort-entropy", "--models", "--repeat",
-                     "--timeout", "--markdown", "--suite", "--rss-limit-gib", "--methods", "--trt"}
+                     "--timeout", "--markdown", "--suite", "--rss-limit-gib", "--methods", "--trt", "--precision"}
 
 
 def test_demo_dynamo_is_the_trained_checkpoint_through_the_dynamo_exporter(tmp_path, monkeypatch):
