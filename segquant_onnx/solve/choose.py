@@ -141,7 +141,8 @@ def _dual_gain(site: LinearSite, st, rows, w, single: SiteParams, config: QuantC
     """(gain in dB, whether measured on the row sample, whether the bulk has a negative part) of DualScale on the
     (smoothed) bulk: measured on the row sample, estimated from the polarity statistics without one."""
     fmt = config.precision.quant_format
-    dual = site_dual_params(site, st, w, single.smooth, fmt)
+    # the weight's scales are the single-scale site's (the same weight and smoothing): not computed again
+    dual = site_dual_params(site, st, None, single.smooth, fmt, weight_scale=single.weight_scale)
     w = scale_input_channels(w, site, single.smooth)
     if rows is not None and len(rows):
         rows = rows if single.smooth is None else rows / single.smooth
