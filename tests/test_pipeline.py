@@ -56,9 +56,9 @@ def sessions(monkeypatch):
     opened = []
     real = held_back.Sessions.open
 
-    def counting(self, model):
+    def counting(self, model, fold_dequantize=False):
         opened.append(model)
-        return real(self, model)
+        return real(self, model, fold_dequantize)
 
     monkeypatch.setattr(held_back.Sessions, "open", counting)
     return opened

@@ -178,3 +178,21 @@ def test_one_gate_open_is_that_site_alone_quantized(gated):
     got = outputs(analysis, **gates(0, 1))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
     assert np.abs(outputs(analysis, **gates(1, 0)) - expected).max() > 100 * np.abs(got - expected).max()
+
+
+def test_a_gated_session_with_its_weights_dequantized_once_computes_the_same(gated):
+    """Sensitivity's sessions fold each weight's DequantizeLinear (runtime.SessionSource.fold_dequantize): the same
+    outputs at every gate setting as the session that dequantizes on every run."""
+    from segquant_onnx.ir.runtime import make_session
+
+    *_, analysis, _ = gated
+    plain, folded = make_session(analysis, None), make_session(analysis, None, fold_dequantize=True)
+    assert folded.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        plain.get_session_options().get_session_config_entry("session.disable_quant_qdq")
+    for setting in [(0, 0), (1, 0), (0, 1), (1, 1)]:
+        for feed in FEEDS:
+            want = plain.run(None, {**feed, **gates(*setting)})
+            got = folded.run(None, {**feed, **gates(*setting)})
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(g, w)

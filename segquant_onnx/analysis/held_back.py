@@ -50,12 +50,12 @@ class PooledSession:
     workers open their own sessions of it at their first task (the store's folder linked while a batch runs, as
     for a session here); this process holds none."""
 
-    def __init__(self, pool, model: onnx.ModelProto, store: WeightStore):
+    def __init__(self, pool, model: onnx.ModelProto, store: WeightStore, fold_dequantize: bool = False):
         shadowed = has_bfloat16(model)
         if shadowed:
             model = float32_shadow(model, store.locate)
         with store.session_folder() as folder:
-            self.source = session_source(model, folder, store.tmp_dir, shadowed)
+            self.source = session_source(model, folder, store.tmp_dir, shadowed, fold_dequantize)
         self.pool, self.store, self.key = pool, store, uuid.uuid4().hex
         self._outputs = [_Output(o.name) for o in model.graph.output]
 
@@ -87,26 +87,27 @@ class Sessions:
     ray_address: str | None = None
     _pool: list = field(default_factory=list, compare=False, repr=False)
 
-    def open(self, model: onnx.ModelProto) -> ort.InferenceSession | PooledSession:
+    def open(self, model: onnx.ModelProto, fold_dequantize: bool = False) -> ort.InferenceSession | PooledSession:
+        """`fold_dequantize`: see runtime.SessionSource (gated analysis graphs)."""
         if self.workers > 1 or self.ray_address is not None:
             if not self._pool:
                 from segquant_onnx.calib.workers import open_pool
 
                 self._pool.append(open_pool(self.workers, self.providers, self.ray_address))
-            return PooledSession(self._pool[0], model, self.store)
-        return make_session(model, self.store, self.providers, self.store.tmp_dir)
+            return PooledSession(self._pool[0], model, self.store, fold_dequantize)
+        return make_session(model, self.store, self.providers, self.store.tmp_dir, fold_dequantize=fold_dequantize)
 
     def close(self) -> None:
         while self._pool:
             self._pool.pop().close()
 
-    def open_graph(self, graph: gs.Graph) -> ort.InferenceSession:
+    def open_graph(self, graph: gs.Graph, fold_dequantize: bool = False) -> ort.InferenceSession:
         """A session for `graph` (cleaned up and sorted in place first, its weights' DequantizeLinear shared
         (`share_dequantize`); its large in-memory weights spilled to the store, so the exported model stays small
         and ONNX Runtime reads them from disk)."""
         share_dequantize(graph)
         self.store.spill(graph.cleanup().toposort())
-        return self.open(export_model(graph))
+        return self.open(export_model(graph), fold_dequantize)
 
 
 def share_dequantize(graph: gs.Graph) -> int:

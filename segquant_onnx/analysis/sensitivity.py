@@ -218,7 +218,7 @@ def analyse(graph: gs.Graph, plan: QuantPlan, q: Quantization, held_back: list[d
     `held_back` feeds, in one analysis session (`sessions.open_graph`) of `graph` (left as it is)
     quantized as `q` says with a gate per site. With a target and MIN_SPLIT_FEEDS feeds or more, the ranking
     and the greedy search use half of them and the other half checks its sites (`validated`)."""
-    session = sessions.open_graph(gated_graph(graph, plan, q))
+    session = sessions.open_graph(gated_graph(graph, plan, q), fold_dequantize=True)
     split = config.target_sqnr is not None and len(held_back) >= MIN_SPLIT_FEEDS
     model = GatedModel(session, held_back[0::2] if split else held_back, list(plan.sites))
     candidates, refine = model.sites, None

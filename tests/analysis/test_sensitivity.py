@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import segquant_onnx.analysis.held_back as held_back
 import segquant_onnx.analysis.sensitivity as sensitivity
 from conftest import INPUT_SHAPES, build_linear_model, calib_inputs, run_model
 from segquant_onnx.calib.data import model_inputs, open_calibration
@@ -193,7 +194,12 @@ def test_cli_sensitivity_ranks_the_layer_with_the_outlier_input_first(sensitive,
     assert not list(tmp_path.glob("*.onnx"))  # sensitivity writes no model
 
 
-def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(sensitive):
+def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(sensitive, monkeypatch):
+    folded = []  # the gated session dequantizes each weight once (runtime.SessionSource.fold_dequantize)
+    real_open = held_back.Sessions.open
+    monkeypatch.setattr(held_back.Sessions, "open",
+                        lambda self, model, fold_dequantize=False: folded.append(fold_dequantize) or
+                        real_open(self, model, fold_dequantize))
     naive = quantize(sensitive / "model.onnx", sensitive / "calib.npz", QuantConfig(calibration={"method": "max"},
                                                                                     dualscale={"mode": "off"}),
                      progress=False)
@@ -204,6 +210,7 @@ def test_target_sqnr_keeps_the_sensitive_layer_in_float_and_reaches_the_target(s
                                   fallback={"target_sqnr": TARGET}, precision={"high_precision": "fp32"}),
                       progress=False)
     fb = result.report["fallback"]
+    assert folded == [True]
     assert fb["sites"] == ("fc1",)
     assert fb["reached"] is True
     assert fb["start_sqnr_db"] < TARGET <= fb["output_sqnr_db"]  # measured 1.34 -> 34.85
