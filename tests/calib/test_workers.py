@@ -222,3 +222,50 @@ def test_config_refuses_bad_worker_counts():
         with pytest.raises(UserError, match="--workers"):
             RuntimeConfig(workers=bad)
     assert RuntimeConfig(workers=3, ray_address="local").workers == 3
+
+
+class _CountedSession:
+    alive = 0
+
+    def __init__(self):
+        type(self).alive += 1
+
+    def __del__(self):
+        type(self).alive -= 1
+
+
+_OPENED: list = []  # sessions alive at each opening (the Pipe pickles the sources: a module-level record)
+
+
+class _CountingSource:
+    """A SessionSource stand-in: records how many sessions were alive when it opened one."""
+
+    def open(self, providers, options, threads=0):
+        _OPENED.append(_CountedSession.alive)
+        return _CountedSession()
+
+
+def _task_ok(session, value):
+    return value
+
+
+def test_a_worker_drops_its_previous_session_before_it_opens_the_next_models():
+    """One model at a time per worker: the session of the previous task's model is gone when the next opens."""
+    import threading
+    from multiprocessing import Pipe
+
+    from segquant_onnx.calib.workers import _local_worker
+
+    parent, child = Pipe()
+    worker = threading.Thread(target=_local_worker, args=(child, ("CPUExecutionProvider",), None, 1))
+    worker.start()
+    _OPENED.clear()
+    try:
+        for i, key in enumerate(["a", "a", "b", "c"]):
+            parent.send((i, 0, key, _CountingSource(), _task_ok, (i,)))
+            assert parent.recv() == ("ok", i)
+    finally:
+        parent.send(None)
+        worker.join(timeout=10)
+    assert _OPENED == [0, 0, 0]  # three models, each opened with no other session alive
+    assert _CountedSession.alive == 0
