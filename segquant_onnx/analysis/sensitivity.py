@@ -11,7 +11,8 @@ are quantized without rebuilding anything. At all gates 0 the graph computes the
 With a target and at least MIN_SPLIT_FEEDS (6) held-back feeds, the feeds are split in two halves (even and odd
 positions): the ranking and the greedy fallback run on the first, and the second, which it did not choose
 on, checks the result: the whole fallback stays if it beats everything quantized there; otherwise the prefix
-of its sites that scores best there (none, if no prefix beats everything quantized). Why: a few held-back
+of its sites that scores best there (none, if no prefix beats everything quantized), of the prefixes whose last
+site raised the first half's SQNR to a new high. Why: a few held-back
 feeds overfit. Measured on a real text detector (PP-OCRv4, 6 held-back tiles): the greedy fallback put 24
 sites in float for 15.8 -> 19.3 dB on those tiles while the eval tiles fell from 14.1 to 10.8 dB. Why the
 whole first: a fallback that holds up on the other half is not trimmed to that half's own best prefix.
@@ -184,15 +185,20 @@ def greedy_fallback(model: GatedModel, ranking: list[SiteSensitivity], target_db
 
 def validated(fallback: Fallback, chose: GatedModel, check: GatedModel, target_db: float | None) -> Fallback:
     """`fallback` (chosen on `chose`'s feeds) if its sites raise the output SQNR on `check`'s feeds, else the
-    prefix of its sites with the highest SQNR there, the shortest of equals; its SQNR over both sets of feeds."""
+    prefix of its sites with the highest SQNR there (of the prefixes that end on a new high on `chose`'s feeds, and
+    the whole), the shortest of equals; its SQNR over both sets of feeds."""
     every = {s.name for s in chose.sites}
     whole, none = len(fallback.sites), check.sqnr(every)
     full = check.sqnr(every - set(fallback.sites)) if whole else none
     if full > none:
         scores, k = {0: none, whole: full}, whole
     else:
-        scores = {j: none if j == 0 else full if j == whole else check.sqnr(every - set(fallback.sites[:j]))
-                  for j in range(whole + 1)}
+        # the candidate prefixes: those whose last site raised the SQNR on the feeds it was chosen on to a new high
+        # (the greedy search ran each prefix there: memoized); one whose last site bought nothing there is not
+        # scored. Measured on the real text detector (--preset best): 23 sites proposed, 5 such prefixes
+        chose_db = [chose.sqnr(every - set(fallback.sites[:j])) for j in range(whole + 1)]
+        ends = [j for j in range(1, whole) if chose_db[j] > max(chose_db[:j])]
+        scores = {0: none, whole: full, **{j: check.sqnr(every - set(fallback.sites[:j])) for j in ends}}
         k = max(scores, key=lambda j: (scores[j], -j))
     kept = fallback.sites[:k]
     log.info("fallback checked on %d held-back feeds it did not choose on: %d of %d sites kept (%.2f -> %.2f dB "

@@ -352,7 +352,8 @@ def test_a_fallback_that_fails_the_check_is_trimmed_to_its_best_prefix_there():
     """The whole set scores below everything quantized on the other half (11 vs 12 dB); a alone scores 16: a
     is kept."""
     flops = {"a": 10, "b": 10, "c": 10, "d": 70}
-    chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("a"): 20.0})
+    chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("a"): 20.0, frozenset("ab"): 25.0,
+                                  frozenset("abc"): 30.0})
     check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("a"): 16.0, frozenset("ab"): 14.0,
                                   frozenset("abc"): 11.0})
     fb = sensitivity.validated(sensitivity.Fallback(("a", "b", "c"), 30.0, 10.0, 0.7, False), chose, check, 40.0)
@@ -363,10 +364,23 @@ def test_a_fallback_that_fails_the_check_is_trimmed_to_its_best_prefix_there():
 
 def test_the_fallback_keeps_nothing_when_no_prefix_beats_all_quantized_on_the_other_half():
     flops = {"a": 10, "b": 90}
-    chose = _ScriptedHalf(flops, {frozenset(): 10.0})
+    chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("a"): 20.0, frozenset("ab"): 30.0})
     check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("a"): 12.0, frozenset("ab"): 11.0})
     fb = sensitivity.validated(sensitivity.Fallback(("a", "b"), 30.0, 10.0, 0.0, True), chose, check, 40.0)
     assert fb.sites == () and fb.int8_flop_fraction == 1.0 and not fb.reached  # a tie: the shorter prefix
+
+
+def test_a_prefix_whose_last_site_bought_nothing_where_it_was_chosen_is_not_a_candidate():
+    """b lowered the SQNR on the half it was chosen on (20 -> 19 dB): the prefix ending at b is not scored on the
+    other half, though it would score best there; of a and the whole, a."""
+    flops = {"a": 10, "b": 10, "c": 10, "d": 70}
+    chose = _ScriptedHalf(flops, {frozenset(): 10.0, frozenset("a"): 20.0, frozenset("ab"): 19.0,
+                                  frozenset("abc"): 25.0})
+    check = _ScriptedHalf(flops, {frozenset(): 12.0, frozenset("a"): 14.0, frozenset("ab"): 18.0,
+                                  frozenset("abc"): 11.0})
+    fb = sensitivity.validated(sensitivity.Fallback(("a", "b", "c"), 25.0, 10.0, 0.7, False), chose, check, 40.0)
+    assert fb.sites == ("a",) and fb.proposed == 3
+    assert frozenset("ab") not in check.calls
 
 
 # -- calibration holdout -------------------------------------------------------------------------------
