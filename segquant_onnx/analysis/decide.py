@@ -178,7 +178,7 @@ def decide(graph: gs.Graph, fp_model: onnx.ModelProto, plan: QuantPlan, cal: Cal
     if not space.output_checks or (len(space.caps) == 1 and len(space.variants) == 1):
         recipe, variant = cand.recipe(space.settings, cand.outliers(space.caps[0])), space.settings
     else:
-        held = HeldBack(fp_model, cal.held_back, sessions, progress)
+        held = HeldBack(fp_model, cal.held_back, sessions, progress, cal.held_back_outputs)
         scored = []
         best = _global_trials(graph, plan, cand, held, space, trials, scored)
         if config.outliers.mode is OutlierMode.AUTO:

@@ -142,10 +142,14 @@ class HeldBack:
     `progress`: each is one run of the whole model)."""
 
     def __init__(self, fp_model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], sessions: Sessions,
-                 progress: bool):
+                 progress: bool, reference: list[list[np.ndarray]] | None = None):
+        """`reference`: the float model's outputs on `feeds` where the caller has them (calibration computed them:
+        Calibration.held_back_outputs); else a session of `fp_model` runs them."""
         self.feeds, self.sessions, self.progress = feeds, sessions, progress
-        session = sessions.open(fp_model)
-        self.reference = run_all(session, None, feeds, lambda xs: bar(xs, "held-back reference", "feed", progress))
+        if reference is None:
+            session = sessions.open(fp_model)
+            reference = run_all(session, None, feeds, lambda xs: bar(xs, "held-back reference", "feed", progress))
+        self.reference = reference
 
     def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> float:
         """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""

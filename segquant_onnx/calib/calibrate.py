@@ -39,6 +39,9 @@ class Calibration:
     fit_stats: Stats
     feed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     batches: int = 0  # batches run, the held-back ones included: one calibration pass costs that many model runs
+    # the model's outputs on each held-back feed, as this pass computed them (the searches' float reference: no
+    # session and no run of its own); None where calibrate kept no held-back feeds
+    held_back_outputs: list[list[np.ndarray]] | None = None
 
 
 def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -102,8 +105,10 @@ class Shard:
     run split over workers and merged in feed order is bit for bit the run done in one pass."""
 
     def __init__(self, observed: tuple[str, ...], sampled: tuple[str, ...], sample_rows: int, holdout_every: int,
-                 channel_axes: dict[str, int]):
+                 channel_axes: dict[str, int], outputs: tuple[str, ...] = ()):
         self.observed, self.holdout_every = observed, holdout_every
+        self.output_names = outputs  # the model's outputs, kept for the feeds `add` is told to keep them of
+        self.outputs: dict[int, list[np.ndarray]] = {}
         self.stats: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
         self.held: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
         self.samples = {name: RowSample(sample_rows) for name in sampled}
@@ -112,9 +117,13 @@ class Shard:
     def is_held_back(self, index: int) -> bool:
         return self.holdout_every > 0 and index % self.holdout_every == self.holdout_every - 1
 
-    def add(self, index: int, feed: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
-        """Feed number `index` (in the whole data) and the observed tensors it gave (graph inputs: the feed)."""
+    def add(self, index: int, feed: dict[str, np.ndarray], values: dict[str, np.ndarray],
+            keep_outputs: bool = False) -> None:
+        """Feed number `index` (in the whole data) and the observed tensors it gave (graph inputs: the feed); with
+        `keep_outputs`, the model's outputs on it too (`values` holds them)."""
         held_back = self.is_held_back(index)
+        if keep_outputs and self.output_names:
+            self.outputs[index] = [values[name] for name in self.output_names]
         for name in self.observed:
             value = values[name] if name in values else feed[name]
             (self.held if held_back else self.stats)[name].update(value)
@@ -129,14 +138,16 @@ class Shard:
                 mine[name].merge(st)
         for name, sample in later.samples.items():
             self.samples[name].merge(sample)
+        self.outputs.update(later.outputs)
         self.feeds += later.feeds
         return self
 
 
 def run_feeds(session, fetch: list[str], shard: Shard, indexed_feeds) -> Shard:
-    """Run `(index, feed)` pairs through the calibration session into `shard` (here or in a worker)."""
-    for index, feed in indexed_feeds:
-        shard.add(index, feed, dict(zip(fetch, session.run(fetch, feed))))
+    """Run `(index, feed, keep_outputs)` triples through the calibration session into `shard` (here or in a
+    worker)."""
+    for index, feed, keep_outputs in indexed_feeds:
+        shard.add(index, feed, dict(zip(fetch, session.run(fetch, feed))), keep_outputs)
     return shard
 
 
@@ -145,16 +156,21 @@ class _HeldFeeds:
     (captured trajectories are often ordered by timestep; the first k would all be early steps)."""
 
     def __init__(self, keep: int):
-        self.keep, self.feeds, self.seen, self.rng = keep, [], 0, np.random.default_rng(0)
+        self.keep, self.feeds, self.indices, self.seen, self.rng = keep, [], [], 0, np.random.default_rng(0)
 
-    def offer(self, feed: dict[str, np.ndarray]) -> None:
+    def offer(self, feed: dict[str, np.ndarray], index: int) -> bool:
+        """Whether feed number `index` is kept (for now: a later one may take its place)."""
+        kept = True
         if len(self.feeds) < self.keep:
             self.feeds.append(feed)
+            self.indices.append(index)
         else:
             slot = int(self.rng.integers(0, self.seen + 1))
-            if slot < self.keep:
-                self.feeds[slot] = feed
+            kept = slot < self.keep
+            if kept:
+                self.feeds[slot], self.indices[slot] = feed, index
         self.seen += 1
+        return kept
 
 
 def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData, *,
@@ -183,16 +199,20 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
         with source_dir.session_folder() as folder:
             return _calibrate(model, session_source(model, folder, source_dir.tmp_dir, shadowed), observed, data,
                               providers, progress, sampled, sample_rows, holdout_every, keep_held_back,
-                              channel_axes, workers, ray_address)
+                              channel_axes, workers, ray_address, len(graph.outputs))
     return _calibrate(model, session_source(model, source_dir, tmp_dir), observed, data, providers, progress,
-                      sampled, sample_rows, holdout_every, keep_held_back, channel_axes, workers, ray_address)
+                      sampled, sample_rows, holdout_every, keep_held_back, channel_axes, workers, ray_address,
+                      len(graph.outputs))
 
 
 def _calibrate(model, source, observed, data, providers, progress, sampled, sample_rows, holdout_every,
-               keep_held_back, channel_axes, workers, ray_address) -> Calibration:
+               keep_held_back, channel_axes, workers, ray_address, n_outputs) -> Calibration:
     output_names = {o.name for o in model.graph.output}
     fetch = [n for n in observed if n in output_names]
-    shard = Shard(observed, sampled, sample_rows, holdout_every, channel_axes or {})
+    # the model's own outputs (with_outputs puts them first) on the held-back feeds kept: the searches' reference
+    outputs = tuple(o.name for o in model.graph.output[:n_outputs]) if keep_held_back else ()
+    fetch += [n for n in outputs if n not in fetch]
+    shard = Shard(observed, sampled, sample_rows, holdout_every, channel_axes or {}, outputs)
     held, feed_shapes = _HeldFeeds(keep_held_back), {}
 
     def indexed():
@@ -202,9 +222,8 @@ def _calibrate(model, source, observed, data, providers, progress, sampled, samp
             for i, feed in enumerate(bar):
                 if i == 0:
                     feed_shapes.update({name: tuple(int(d) for d in value.shape) for name, value in feed.items()})
-                if keep_held_back and shard.is_held_back(i):
-                    held.offer(feed)
-                yield i, feed
+                kept = bool(keep_held_back) and shard.is_held_back(i) and held.offer(feed, i)
+                yield i, feed, kept
 
     if workers > 1 or ray_address is not None:
         from segquant_onnx.calib.workers import run_sharded  # multiprocessing / Ray only when asked for
@@ -217,7 +236,8 @@ def _calibrate(model, source, observed, data, providers, progress, sampled, samp
         raise UserError(f"Calibration data {data.description} yielded zero feeds; give at least one.")
     log.info("calibrated %d tensors on %d batches", len(observed), shard.feeds)
     rows = {name: s.rows for name, s in shard.samples.items() if s.rows is not None}
+    reference = [shard.outputs[i] for i in held.indices] if outputs else None
     if holdout_every == 0:
-        return Calibration(shard.stats, rows, held.feeds, shard.stats, feed_shapes, shard.feeds)
+        return Calibration(shard.stats, rows, held.feeds, shard.stats, feed_shapes, shard.feeds, reference)
     everything = {name: copy.deepcopy(st).merge(shard.held[name]) for name, st in shard.stats.items()}
-    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes, shard.feeds)
+    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes, shard.feeds, reference)

@@ -244,7 +244,7 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
     pool = open_pool(workers, providers, ray_address)
     key = uuid.uuid4().hex  # this run's model
     empty = Shard(shard.observed, tuple(shard.samples), _sample_rows(shard), shard.holdout_every,
-                  {n: st.channel_axis for n, st in shard.stats.items()})
+                  {n: st.channel_axis for n, st in shard.stats.items()}, shard.output_names)
     tasks, done, running = {}, {}, {}  # task -> its feeds; finished shards; future -> (task, attempt)
     feeds, next_task, merged = iter(indexed_feeds), 0, 0
     try:

@@ -423,6 +423,31 @@ def test_holdout_every_4_of_8_feeds_fits_on_6_and_holds_back_feeds_3_and_7(keep)
     assert len(cal.samples["X"]) == 2 * 2
     held = [int(f["X"][0, 0]) - 1 for f in cal.held_back]
     assert held == [3, 7][:keep]
+    # the model's output on each feed kept, from this pass (Y = X here): the searches' float reference
+    assert [int(out[0][0, 0]) - 1 for out in cal.held_back_outputs] == held
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_held_back_reference_is_the_model_output_on_each_feed_kept_as_the_reservoir_replaces_them(workers):
+    """40 feeds, every 4th held back (10), 3 kept: later feeds take earlier ones' places, and each kept feed's
+    output stays beside it, over 2 workers as in one process."""
+    graph = gs.import_onnx(identity_model())
+    data = open_calibration(indexed_feeds(40), model_inputs(graph))
+    cal = calibrate(graph, ("X", "Y"), data, source_dir=None, providers=("CPUExecutionProvider",), progress=False,
+                    holdout_every=4, keep_held_back=3, workers=workers)
+    held = [int(f["X"][0, 0]) - 1 for f in cal.held_back]
+    assert len(held) == 3 and all(i % 4 == 3 for i in held) and held != [3, 7, 11]  # some were replaced
+    assert len(cal.held_back_outputs) == 3
+    for feed, outputs in zip(cal.held_back, cal.held_back_outputs):
+        assert len(outputs) == 1
+        np.testing.assert_array_equal(outputs[0], feed["X"])
+
+
+def test_a_run_without_held_back_feeds_keeps_no_outputs():
+    graph = gs.import_onnx(identity_model())
+    data = open_calibration(indexed_feeds(8), model_inputs(graph))
+    cal = calibrate(graph, ("X",), data, source_dir=None, providers=("CPUExecutionProvider",), progress=False)
+    assert cal.held_back == [] and cal.held_back_outputs is None
 
 
 def test_without_holdout_every_feed_is_fitted_and_sampled():
