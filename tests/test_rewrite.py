@@ -196,3 +196,28 @@ def test_a_gated_session_with_its_weights_dequantized_once_computes_the_same(gat
             got = folded.run(None, {**feed, **gates(*setting)})
             for w, g in zip(want, got):
                 np.testing.assert_array_equal(g, w)
+
+
+def test_folding_a_session_that_already_runs_without_qdq_fusions_sets_the_option_once(gated, capfd):
+    """FP8 sessions (and large 16-bit ones) set session.disable_quant_qdq themselves: a gated one sets it once
+    (ONNX Runtime warns when a key is set twice)."""
+    import logging
+
+    import onnxruntime as ort
+
+    from segquant_onnx.ir.runtime import SessionSource
+
+    *_, analysis, _ = gated
+    logger = logging.getLogger("segquant_onnx")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # -v: ONNX Runtime's warnings shown
+    try:
+        capfd.readouterr()
+        source = SessionSource(analysis.SerializeToString(), None, None, False, True, fold_dequantize=True)
+        session = source.open()
+        err = capfd.readouterr().err
+    finally:
+        logger.setLevel(level)
+        ort.set_default_logger_severity(3)
+    assert session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    assert "already exists" not in err

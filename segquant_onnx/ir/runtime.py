@@ -202,7 +202,7 @@ class SessionSource:
             # basic level leaves ORT's fused float16 LayerNorm out (the demo DiT's SQNR moves by 0.1 dB)
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        if self.fold_dequantize and not self.half_qdq:
+        if self.fold_dequantize and not (self.fp8 or (self.half_qdq and not self.shadow)):  # set below then
             # ORT keeps every DequantizeLinear out of constant folding (its QDQ transformers want them), so a gated
             # graph (analysis.gates: W + g * (DQ(Wq) - W)) dequantized and subtracted every weight on every run;
             # without those transformers both fold once. Measured, ORT 1.31, the real ViT's gated graph: 0.17 ->
