@@ -223,6 +223,9 @@ def _calibrate(model, source, observed, data, providers, progress, sampled, samp
                 if i == 0:
                     feed_shapes.update({name: tuple(int(d) for d in value.shape) for name, value in feed.items()})
                 kept = bool(keep_held_back) and shard.is_held_back(i) and held.offer(feed, i)
+                if kept and shard.outputs:  # outputs of a feed this one replaced (merged from workers too) go
+                    for stale in set(shard.outputs) - set(held.indices):
+                        del shard.outputs[stale]
                 yield i, feed, kept
 
     if workers > 1 or ray_address is not None:
