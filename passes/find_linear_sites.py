@@ -49,6 +49,18 @@ def _gemm_flops(x: gs.Tensor, k: int, n: int) -> int:
     return 2 * rows * k * n
 
 
+
+def _window(node: gs.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A group-1 2-D Conv's window for LinearSite.patches, or () (other ranks, groups, or an auto_pad: their
+    weights are rounded to nearest under --weight-rounding gptq)."""
+    if len(shape) != 4 or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("auto_pad", "NOTSET") not in (
+            "NOTSET", b"NOTSET", "VALID", b"VALID"):
+        return ()
+    strides = tuple(node.attrs.get("strides", (1, 1)))
+    pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
+    dilations = tuple(node.attrs.get("dilations", (1, 1)))
+    return tuple(int(v) for v in (*shape[2:], *strides, *pads, *dilations))
+
 class FindLinearSites:
     name = "find_linear_sites"
     stage = QUANTIZE
@@ -109,7 +121,8 @@ class FindLinearSites:
             return "depthwise Conv is not quantized (no INT8 speed-up)"
         out = node.outputs[0]
         flops = 2 * _volume(out.shape) * _volume(shape[1:]) if out.shape else 2 * _volume(shape)
-        return LinearSite(node.name, "Conv", x.name, w.name, shape, 0, flops, channels_last=False)
+        return LinearSite(node.name, "Conv", x.name, w.name, shape, 0, flops, channels_last=False,
+                          patches=_window(node, shape))
 
     def detect(self, graph: gs.Graph, plan: QuantPlan) -> QuantPlan:
         sites, declined = [], []

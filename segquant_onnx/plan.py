@@ -33,6 +33,24 @@ class LinearSite:
     # whether the activation's last axis is the input-channel axis K (not for Conv/ConvTranspose, or Gemm transA=1):
     # per-channel statistics, row samples, smoothing and outlier channels need it
     channels_last: bool = True
+    # a group-1 2-D Conv's window (kh, kw, stride h, w, pads top, left, bottom, right, dilation h, w): its input rows
+    # for GPTQ are the input patches this window reads (sample_key); () for every other site
+    patches: tuple[int, ...] = ()
+
+
+def sample_key(site: LinearSite) -> str:
+    """The name calibration samples the site's input rows under: its activation, or for a Conv with `patches` the
+    activation and the window (rows of C x kh x kw patches, calib.observers.RowSample.update_patches)."""
+    return f"{site.activation}{PATCHES}{','.join(map(str, site.patches))}" if site.patches else site.activation
+
+
+PATCHES = "|patches:"  # no ONNX tensor name from an exporter holds it
+
+
+def sample_source(key: str) -> tuple[str, tuple[int, ...]]:
+    """(tensor, window) of a sample_key; the window is () for plain rows."""
+    tensor, _, window = key.partition(PATCHES)
+    return tensor, tuple(int(v) for v in window.split(",")) if window else ()
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,8 @@ class QuantPlan:
     @classmethod
     def from_dict(cls, data: dict) -> "QuantPlan":
         sites = tuple(
-            LinearSite(**{**s, "weight_shape": tuple(s["weight_shape"])}) for s in data["sites"]
+            LinearSite(**{**s, "weight_shape": tuple(s["weight_shape"]), "patches": tuple(s.get("patches", ()))})
+            for s in data["sites"]
         )
         return cls(
             sites=sites,

@@ -34,7 +34,7 @@ from segquant_onnx.config import (CalibrationConfig, DualScaleMode, OutlierMode,
 from segquant_onnx.errors import UserError
 from segquant_onnx.params import Quantization
 from segquant_onnx.ir.linear import CONV_OPS
-from segquant_onnx.plan import QuantPlan
+from segquant_onnx.plan import QuantPlan, sample_key
 from segquant_onnx.solve.choose import choose, choose_outliers
 from segquant_onnx.solve.fit import fit
 from segquant_onnx.solve.recipe import Recipe, Variant
@@ -51,7 +51,7 @@ class SearchSpace:
     on; `output_checks`: whether the choices are checked on held-back feeds; `held_back_required`:
     whether the run cannot do without those feeds (sensitivity, fallback, per-site outliers); `hessian_rows`:
     activations sampled only for GPTQ's X^T X, the weight clip search and --low-rank auto (they need no
-    held-back feeds)."""
+    held-back feeds; a group-1 2-D Conv's are its input patches, plan.sample_key)."""
 
     variants: tuple[Variant, ...]
     caps: tuple[int, ...]
@@ -97,7 +97,7 @@ def search_space(plan: QuantPlan, config: QuantConfig) -> SearchSpace:
     checks = required or len(variants) > 1
     gptq = (config.precision.weight_rounding is not WeightRounding.RTN or config.precision.weight_clip
             or config.precision.low_rank == "auto")
-    hessian_rows = tuple(s.activation for s in plan.sites if s.channels_last) if gptq else ()
+    hessian_rows = tuple(sample_key(s) for s in plan.sites if s.channels_last or s.patches) if gptq else ()
     return SearchSpace(tuple(variants), outliers.caps, sampled, checks, required, hessian_rows)
 
 

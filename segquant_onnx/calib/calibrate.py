@@ -22,6 +22,7 @@ from segquant_onnx.ir.graph_io import export_model
 from segquant_onnx.calib.observers import RowSample, Stats, TensorStats
 from segquant_onnx.ir.runtime import float32_shadow, has_bfloat16, make_session, session_source
 from segquant_onnx.ir.weights import WeightStore
+from segquant_onnx.plan import sample_source
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,14 @@ class Shard:
         for name in self.observed:
             value = values[name] if name in values else feed[name]
             (self.held if held_back else self.stats)[name].update(value)
-            if name in self.samples and (held_back or self.holdout_every == 0):
-                self.samples[name].update(value, index)
+        if held_back or self.holdout_every == 0:
+            for key, sample in self.samples.items():
+                tensor, window = sample_source(key)
+                value = values[tensor] if tensor in values else feed[tensor]
+                if window:
+                    sample.update_patches(value, window, index)
+                else:
+                    sample.update(value, index)
         self.feeds += 1
 
     def merge(self, later: "Shard") -> "Shard":
@@ -180,8 +187,8 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
               channel_axes: dict[str, int] | None = None, workers: int = 1,
               ray_address: str | None = None) -> Calibration:
     """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
-    each tensor in `sampled` (a subset of `observed`). Per-channel maxima run over the last axis, or
-    over `channel_axes[name]` (1 for a tensor only Convs read).
+    each tensor in `sampled` (a subset of `observed`; or a Conv's input patches, plan.sample_key). Per-channel
+    maxima run over the last axis, or over `channel_axes[name]` (1 for a tensor only Convs read).
 
     With `holdout_every=k`, every k-th feed is held back: `fit_stats` come from the other feeds and
     the row sample only from the held-back ones, so searches scored on the sample see data their

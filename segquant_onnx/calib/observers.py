@@ -171,6 +171,30 @@ class RowSample:
         self._keep(rows, (prio, np.full(len(rows), feed_index, np.int64), np.arange(len(rows), dtype=np.int64)))
         self.seen += len(rows)
 
+    def update_patches(self, x: np.ndarray, window: tuple[int, ...], feed_index: int) -> None:
+        """Offer the input patches a 2-D Conv with `window` (plan.LinearSite.patches) reads from `x` [B, C, H, W], one
+        row of C x kh x kw values (the order of the weight's [N, C, kh, kw].reshape(N, -1)) per output position:
+        the same rows, keys and result as `update` of all of them, but only the `max_rows` of lowest priority in
+        this feed are cut out (no other can be kept)."""
+        x = np.asarray(x, np.float32)
+        kh, kw, sh, sw, pt, pl, pb, pr, dh, dw = window
+        b, c, h, w = x.shape
+        oh, ow = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        n = b * max(oh, 0) * max(ow, 0)
+        if n == 0:
+            return
+        prio = np.random.default_rng((self.seed, feed_index)).random(n)
+        pick = np.sort(np.argpartition(prio, self.max_rows)[: self.max_rows]) if n > self.max_rows else np.arange(n)
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        bi, rest = np.divmod(pick, oh * ow)
+        yi, xi = np.divmod(rest, ow)
+        rows_at = (yi * sh)[:, None] + np.arange(kh)[None, :] * dh  # [P, kh]
+        cols_at = (xi * sw)[:, None] + np.arange(kw)[None, :] * dw  # [P, kw]
+        patches = xp[bi[:, None, None, None], np.arange(c)[None, :, None, None], rows_at[:, None, :, None],
+                     cols_at[:, None, None, :]]  # [P, C, kh, kw]
+        self._keep(patches.reshape(len(pick), -1), (prio[pick], np.full(len(pick), feed_index, np.int64), pick))
+        self.seen += n
+
     def merge(self, other: "RowSample") -> "RowSample":
         """Add another shard's sample (in place; returns self): the same rows as sampling both at once."""
         if other.rows is not None:

@@ -52,8 +52,18 @@ def weight_is_nk(site: LinearSite) -> bool:
 
 
 def as_kn(w: np.ndarray, site: LinearSite) -> np.ndarray:
-    """The weight as a [K, N] matrix."""
+    """The weight as a [K, N] matrix; a Conv's [N, C, kh, kw] as [C x kh x kw, N], the order of its input patches'
+    rows (calib.observers.RowSample.update_patches)."""
+    if site.op == "Conv":
+        return w.reshape(w.shape[0], -1).T
     return w.T if weight_is_nk(site) else w
+
+
+def from_kn(m: np.ndarray, site: LinearSite) -> np.ndarray:
+    """A [K, N] matrix back in the site's weight layout (as_kn's inverse)."""
+    if site.op == "Conv":
+        return m.T.reshape(site.weight_shape)
+    return m.T if weight_is_nk(site) else m
 
 
 def input_channel_axis(site: LinearSite) -> int:

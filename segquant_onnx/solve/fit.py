@@ -25,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from segquant_onnx.calib.observers import Stats, TensorStats
-from segquant_onnx.ir.linear import (as_kn, input_channel_amax, input_channels, scale_input_channels, weight_is_nk,
-                                     zero_input_channels)
+from segquant_onnx.ir.linear import (as_kn, from_kn, input_channel_amax, input_channels, scale_input_channels,
+                                     weight_is_nk, zero_input_channels)
 from segquant_onnx.params import DualParams, Quantization, SiteParams
-from segquant_onnx.plan import LinearSite, QuantPlan
+from segquant_onnx.plan import LinearSite, QuantPlan, sample_key
 from segquant_onnx.formats import INT8, QuantFormat, Scheme, scheme_of, site_block
 from segquant_onnx.solve.gptq import clip_scales, gptq_round, hessian
 from segquant_onnx.solve.low_rank import low_rank_split
@@ -134,7 +134,7 @@ def gptq_weight(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray
     x = rows if p.smooth is None else rows / p.smooth
     per_element = wf.dequantize(np.ones(w_s.shape, np.float32), p.weight_scale, site.weight_axis)
     rounded = gptq_round(as_kn(w_s, site), as_kn(per_element, site), hessian(x), wf)
-    return (rounded.T if weight_is_nk(site) else rounded).astype(np.float32)
+    return from_kn(rounded, site).astype(np.float32)
 
 
 def clipped_scales(site: LinearSite, w: np.ndarray, p: SiteParams, rows: np.ndarray,
@@ -215,14 +215,18 @@ def split_low_rank(site: LinearSite, w: np.ndarray, smooth: np.ndarray | None,
 
 
 def site_rows(site: LinearSite, samples: dict[str, np.ndarray], outliers) -> np.ndarray | None:
-    """The site's sampled input rows [R, K], its outlier channels zeroed (None: not sampled)."""
-    rows = samples.get(site.activation) if site.channels_last else None
-    if rows is None or rows.shape[-1] != input_channels(site):
+    """The site's sampled input rows [R, K] (a Conv's: its input patches), its outlier channels zeroed (None: not
+    sampled)."""
+    if site.patches:  # a Conv's input patches: C x kh x kw values per row, channel-major
+        rows, per_channel = samples.get(sample_key(site)), site.patches[0] * site.patches[1]
+    else:
+        rows, per_channel = (samples.get(site.activation) if site.channels_last else None), 1
+    if rows is None or rows.shape[-1] != input_channels(site) * per_channel:
         return None
     idx = outliers.get(site.name)
     if idx is not None:
         rows = rows.copy()
-        rows[:, idx] = 0
+        rows[:, (np.asarray(idx)[:, None] * per_channel + np.arange(per_channel)).ravel()] = 0
     return rows
 
 
