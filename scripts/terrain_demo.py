@@ -34,7 +34,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ VARIATION_SEED = 1000  # generate_from's seed is VARIATION_SEED + the column's s
 class Method:
     label: str
     kind: str  # fp32 | modelopt | ort | ours
-    args: tuple[str, ...] = ()  # ours: the CLI flags after the model, data and output
+    args: tuple[str, ...] = ()  # ours: the CLI flags after the model, data and output; ModelOpt: --quantize_mode
     rest: str = "fp32"  # the dtype of the unquantized rest the tool writes
 
 
@@ -65,8 +65,12 @@ METHODS = {
     "best": Method("ours --preset best", "ours", ("--preset", "best"), rest="fp16"),
     "fast": Method("ours --preset fast", "ours", ("--preset", "fast"), rest="fp16"),
     "outliers16": Method("ours --outlier-channels 16", "ours", ("--outlier-channels", "16"), rest="fp16"),
+    # FP8 E4M3 (README, Real pretrained models: INT8 cannot hold this model's activations; FP8's step grows with
+    # the value)
+    "modelopt-fp8": Method("ModelOpt FP8 max", "modelopt", ("fp8",), rest="fp16"),
+    "fp8": Method("ours --precision fp8", "ours", ("--precision", "fp8"), rest="fp16"),
 }
-DEFAULT_METHODS = "fp32,modelopt,ort,default,best,outliers16"
+DEFAULT_METHODS = "fp32,modelopt,ort,default,best,outliers16,modelopt-fp8,fp8"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,9 +130,12 @@ def quantize_all(args, info: dict) -> dict[str, dict]:
         log.info("%s: quantizing (limit %.0f s)", method.label, timeout)
         if method.kind == "modelopt":
             python = modelopt_python(args)
-            mo = next(m for m in MODELOPT_METHODS if m.slug == "max-fp16")
+            mode = method.args[0] if method.args else "int8"
+            # max calibration and ModelOpt's default fp16 rest (FP8: its INT8 calibration rescaled, max only)
+            mo = replace(next(m for m in MODELOPT_METHODS if m.slug == "max-fp16"), mode=mode,
+                         slug="max-fp16" if mode == "int8" else f"{mode}-max-fp16")
             run = run_modelopt(case, mo, out_dir, timeout, python) if python else None
-            command = f"{python} -m modelopt.onnx.quantization --quantize_mode int8 --calibration_method max " \
+            command = f"{python} -m modelopt.onnx.quantization --quantize_mode {mode} --calibration_method max " \
                       "--calibration_eps cpu --high_precision_dtype fp16 (ModelOpt's default rest)"
         elif method.kind == "ort":
             run = run_ort(case, "MinMax", LINEAR_OPS, out_dir, timeout)
@@ -177,6 +184,18 @@ def sample(generator_cls, model_path: str, seeds: list[int], difficulty: int, so
     None: this is the FP32 run, its own terrain), ``generate_from`` at every CURVE_STRENGTHS."""
     from tqdm import tqdm
 
+    from benchkit.measure import has_float8, make_session
+
+    if has_float8(Path(model_path)):
+        class Float8Generator(generator_cls):
+            """The package's generator on the benchmark's FP8 session (benchkit.measure.FP8_SESSION: ONNX
+            Runtime's CPU Q/DQ fusions take 8-bit integers only); the package's own is ORT_ENABLE_ALL."""
+
+            @staticmethod
+            def _create_session(path, device):
+                return make_session(Path(path)), "cpu"
+
+        generator_cls = Float8Generator
     gen = generator_cls(model=model_path, device="cpu")
     raw: list[np.ndarray] = []
     denoise = gen._denoise  # observed, not changed: the model-space output each sampler call returns
