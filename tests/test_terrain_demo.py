@@ -187,4 +187,5 @@ def test_readme_table_is_the_committed_metrics(tr):
     assert rows == tr.table_rows(metrics)
     for name in ("terrain_grid.png", "terrain_step_error.png"):
         path = ROOT / "docs" / "terrain_demo" / name
-        assert path.is_file() and path.stat().st_size < 400_000, f"{name}: missing or over 400 kB"
+        # the grid's budget: 8 method rows x 6 tiles (the FP8 rows of 2026-12-05 made it 524 kB: 400 kB was 6 rows)
+        assert path.is_file() and path.stat().st_size < 600_000, f"{name}: missing or over 600 kB"
