@@ -516,6 +516,24 @@ def test_greedy_fallback_spends_up_to_the_budget_exactly(budget, floating):
     assert fb.sites == floating and fb.reached is bool(floating)
 
 
+@pytest.mark.parametrize("late_high", [False, True])
+def test_greedy_fallback_stops_after_patience_sites_without_a_new_high(late_high):
+    """Short of the target, FALLBACK_PATIENCE float sites in a row that reach no new high stop the search; a new high
+    before that resets the count."""
+    patience = sensitivity.FALLBACK_PATIENCE
+    names = [f"s{i}" for i in range(2 * patience + 6)]
+    table = {frozenset(): 10.0}
+    for i in range(len(names)):  # a high at the second site, then up and down below it (a new high at patience)
+        table[frozenset(names[:i + 1])] = (20.0 + i if i < 2 else 21.5 if late_high and i == patience
+                                           else 20.5 + (i % 2) * 0.4)
+    model = _Scripted(dict.fromkeys(names, 1), table)
+    ranking = [SiteSensitivity(n, 1, float(i)) for i, n in enumerate(names)]
+    fb = greedy_fallback(model, ranking, target_db=40.0, max_fallback_pct=100.0)
+    last_high = patience + 1 if late_high else 2
+    assert len(model.calls) == 1 + last_high + patience  # all quantized, up to the last high, then `patience` more
+    assert fb.sites == tuple(names[:last_high + patience]) and not fb.reached
+
+
 def test_sensitivity_ranks_the_lowest_output_sqnr_first():
     model = _Scripted({"a": 1, "b": 1, "c": 1}, {})
     quantized_alone = {"a": 30.0, "b": 12.5, "c": 20.0}
