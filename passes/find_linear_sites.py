@@ -49,7 +49,6 @@ def _gemm_flops(x: gs.Tensor, k: int, n: int) -> int:
     return 2 * rows * k * n
 
 
-
 def _window(node: gs.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A group-1 2-D Conv's window for LinearSite.patches, or () (other ranks, groups, or an auto_pad: their
     weights are rounded to nearest under --weight-rounding gptq)."""
@@ -60,6 +59,7 @@ def _window(node: gs.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
     pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
     dilations = tuple(node.attrs.get("dilations", (1, 1)))
     return tuple(int(v) for v in (*shape[2:], *strides, *pads, *dilations))
+
 
 class FindLinearSites:
     name = "find_linear_sites"
