@@ -113,6 +113,7 @@ class Shard:
         self.stats: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
         self.held: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
         self.samples = {name: RowSample(sample_rows) for name in sampled}
+        self._sources = {key: sample_source(key) for key in sampled}  # key -> (tensor, Conv window or ())
         self.feeds = 0
 
     def is_held_back(self, index: int) -> bool:
@@ -130,7 +131,7 @@ class Shard:
             (self.held if held_back else self.stats)[name].update(value)
         if held_back or self.holdout_every == 0:
             for key, sample in self.samples.items():
-                tensor, window = sample_source(key)
+                tensor, window = self._sources[key]
                 value = values[tensor] if tensor in values else feed[tensor]
                 if window:
                     sample.update_patches(value, window, index)

@@ -185,7 +185,7 @@ class RowSample:
             return
         prio = np.random.default_rng((self.seed, feed_index)).random(n)
         pick = np.sort(np.argpartition(prio, self.max_rows)[: self.max_rows]) if n > self.max_rows else np.arange(n)
-        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt or pl or pb or pr else x
         bi, rest = np.divmod(pick, oh * ow)
         yi, xi = np.divmod(rest, ow)
         rows_at = (yi * sh)[:, None] + np.arange(kh)[None, :] * dh  # [P, kh]
