@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from segquant_onnx.ir.graph_io import constant_values
-from segquant_onnx.ir.linear import weight_is_nk
+from segquant_onnx.ir.linear import from_kn
 from segquant_onnx.ir.naming import Namer
 from segquant_onnx.ir.qdq import float_dtype, site_node
 from segquant_onnx.params import Quantization
@@ -53,7 +53,7 @@ class AddLowRankBranch:
             l1, l2 = p.low_rank
             dtype = float_dtype(w.dtype) or np.dtype(np.float32)
             product = l1.astype(np.float64) @ l2.astype(np.float64)
-            product = product.T if weight_is_nk(site) else product
+            product = from_kn(product, site)
             residual = gs.Constant(namer(site.name, "residual_weight"),
                                    np.ascontiguousarray(constant_values(w).astype(np.float64) - product, dtype))
             node.inputs[site.weight_input_index] = residual

@@ -209,7 +209,7 @@ def split_low_rank(site: LinearSite, w: np.ndarray, smooth: np.ndarray | None,
     """((L1, L2), W') with s * W = L1 @ L2 + s * W': the low-rank factors of the smoothed weight, and the residual
     in the unsmoothed domain (what site_params and gptq_weight take, both smoothing it again)."""
     l1, l2, r_kn = low_rank_split(as_kn(scale_input_channels(w, site, smooth), site), rank)
-    residual = r_kn.T if weight_is_nk(site) else r_kn
+    residual = from_kn(r_kn, site)
     unsmoothed = residual if smooth is None else scale_input_channels(residual, site, 1.0 / smooth.astype(np.float64))
     return (l1.astype(np.float32), l2.astype(np.float32)), unsmoothed.astype(np.float32)
 
