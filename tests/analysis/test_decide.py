@@ -302,8 +302,8 @@ def test_with_a_target_the_smoothing_setting_whose_fallback_reaches_more_wins(mo
     from segquant_onnx.analysis.sensitivity import Fallback
     from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
 
-    recipes = [(Recipe({"a": SiteChoice("max"), "b": SiteChoice("max")}), Variant("off", "auto")),
-               (Recipe({"a": SiteChoice("max", alpha=0.5), "b": SiteChoice("max")}), Variant("auto", "auto"))]
+    recipes = [(Recipe({"a": SiteChoice("max"), "b": SiteChoice("max")}), Variant("off", "auto"), 25.0),
+               (Recipe({"a": SiteChoice("max", alpha=0.5), "b": SiteChoice("max")}), Variant("auto", "auto"), 24.0)]
     fallbacks = iter([Fallback(("a",), scores[0], 20.0, 0.9, False), Fallback(("b",), scores[1], 21.0, 0.95, False)])
     seen = []
 
@@ -317,7 +317,7 @@ def test_with_a_target_the_smoothing_setting_whose_fallback_reaches_more_wins(mo
     recipe, ranking, fallback = decide._with_fallback(
         None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]), config, None, recipes,
         trials, False)
-    assert seen == [r for r, _ in recipes]  # each recipe's own fitted quantization was analysed
+    assert seen == [r for r, _, _ in recipes]  # each recipe's own fitted quantization was analysed
     assert fallback.output_sqnr_db == scores[chosen] and ranking == [f"ranking of {chosen + 1}"]
     assert recipe.sites == recipes[chosen][0].sites and recipe.floating == frozenset(fallback.sites)
     assert recipe.floating == {"ab"[chosen]}
@@ -333,21 +333,49 @@ def test_without_a_target_only_the_global_choice_is_analysed(monkeypatch):
     recipe = Recipe({"a": SiteChoice("max")})
     got, ranking, fallback = decide._with_fallback(
         None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]),
-        QuantConfig(fallback={"sensitivity": True}), None, [(recipe, Variant("off", "auto"))], [], False)
+        QuantConfig(fallback={"sensitivity": True}), None, [(recipe, Variant("off", "auto"), None)], [], False)
     assert len(calls) == 1 and got is recipe and fallback is None
+
+
+@pytest.mark.parametrize("behind, first_gain, tried", [(2.9, 0.0, True), (3.1, 0.0, False), (3.1, 1.6, True),
+                                                       (5.0, 2.4, False)])
+def test_the_other_smoothing_fallback_is_skipped_when_too_far_behind(monkeypatch, behind, first_gain, tried):
+    """The other smoothing setting's fallback runs only if its trial trails the global choice by less than
+    OTHER_SMOOTHING_REACH_DB or twice the first fallback's gain (what its own fallback would have to gain more)."""
+    from segquant_onnx.analysis.sensitivity import Fallback
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
+
+    assert decide.OTHER_SMOOTHING_REACH_DB == 3.0
+    recipes = [(Recipe({"a": SiteChoice("max", alpha=0.5)}), Variant("auto", "auto"), 30.0),
+               (Recipe({"a": SiteChoice("max")}), Variant("off", "auto"), 30.0 - behind)]
+    calls = []
+
+    def fake_analyse(graph, plan, q, held_back, config, sessions, progress):
+        calls.append(q)
+        return ["a"], Fallback((), 28.0 + first_gain, 28.0, 1.0, False)
+
+    monkeypatch.setattr(decide, "analyse", fake_analyse)
+    trials = []
+    decide._with_fallback(None, None, SimpleNamespace(fitted=lambda r: r), SimpleNamespace(held_back=[]),
+                          QuantConfig(fallback={"target_sqnr": 40.0}), None, recipes, trials, False)
+    assert calls == [r for r, _, _ in recipes[:1 + tried]]
+    assert len(trials) == 1 + tried
 
 
 def test_the_other_smoothing_setting_is_its_best_scored_trial():
     from segquant_onnx.solve.recipe import Recipe, SiteChoice, Variant
 
-    def scored(score, smooth, ds="auto"):
-        return decide._Scored(score, Recipe({"a": SiteChoice("max")}), None, Variant(smooth, ds))
+    def scored(score, smooth, ds="auto", alpha=None):
+        return decide._Scored(score, Recipe({"a": SiteChoice("max", alpha=alpha)}), None, Variant(smooth, ds))
 
-    trials = [scored(31.0, "off"), scored(29.0, "auto"), scored(30.0, "auto", "off"), scored(30.5, "off", "off")]
+    trials = [scored(31.0, "off"), scored(29.0, "auto", alpha=0.5), scored(30.0, "auto", "off", alpha=0.5),
+              scored(30.5, "off", "off")]
     (other,) = decide._other_smoothing(trials[0], trials)
-    assert other == (trials[2].recipe, trials[2].variant)  # the best "auto" trial, not the first
-    assert decide._other_smoothing(trials[2], trials) == [(trials[0].recipe, trials[0].variant)]
+    assert other is trials[2]  # the best "auto" trial, not the first
+    assert decide._other_smoothing(trials[2], trials) == [trials[0]]
     assert decide._other_smoothing(trials[0], [trials[0], trials[3]]) == []  # one setting scored only
+    # SmoothQuant auto smoothed no site: both settings quantize alike, no second fallback
+    assert decide._other_smoothing(trials[0], [trials[0], scored(30.0, "auto")]) == []
 
 
 @pytest.mark.parametrize("smooth, alpha, kept", [("auto", None, ("off", None)), ("fixed", 0.5, ("fixed", 0.5)),

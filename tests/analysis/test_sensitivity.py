@@ -534,6 +534,27 @@ def test_greedy_fallback_stops_after_patience_sites_without_a_new_high(late_high
     assert fb.sites == tuple(names[:last_high + patience]) and not fb.reached
 
 
+@pytest.mark.parametrize("raises_at", [None, 2])
+def test_greedy_fallback_stops_after_check_patience_new_highs_that_raise_nothing_on_the_other_half(raises_at):
+    """With the other half of a split, each new high on the chosen half is scored there; CHECK_PATIENCE new highs in a
+    row that raise nothing there stop the search (the greedy search is fitting its own feeds); one that raises the
+    other half resets the count."""
+    patience = sensitivity.CHECK_PATIENCE
+    names = [f"s{i}" for i in range(3 * patience + 2)]
+    chose_table = {frozenset(names[:i]): 10.0 + i for i in range(len(names) + 1)}  # every site a new high
+    check_table = {frozenset(names[:i]): 12.0 + (3.0 if raises_at is not None and i >= raises_at else 0.0)
+                   for i in range(len(names) + 1)}
+    chose = _Scripted(dict.fromkeys(names, 1), chose_table)
+    check = _Scripted(dict.fromkeys(names, 1), check_table)
+    ranking = [SiteSensitivity(n, 1, float(i)) for i, n in enumerate(names)]
+    fb = greedy_fallback(chose, ranking, target_db=100.0, max_fallback_pct=100.0, check=check)
+    stop = patience if raises_at is None else raises_at + patience
+    assert fb.sites == tuple(names[:stop]) and not fb.reached
+    assert check.calls == [frozenset(names[:i]) for i in range(stop + 1)]  # all quantized, then each new high
+    assert len(greedy_fallback(_Scripted(dict.fromkeys(names, 1), chose_table), ranking, 100.0, 100.0).sites) == len(
+        names)  # without a check half: every site
+
+
 def test_sensitivity_ranks_the_lowest_output_sqnr_first():
     model = _Scripted({"a": 1, "b": 1, "c": 1}, {})
     quantized_alone = {"a": 30.0, "b": 12.5, "c": 20.0}
