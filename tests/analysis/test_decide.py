@@ -50,6 +50,9 @@ class _Candidates:
     def recipe(self, variant, outliers):
         return variant, tuple(sorted((k, tuple(v)) for k, v in outliers.items()))
 
+    def score(self, held, graph, recipe, q):  # no memo here: every trial is scored (decide._Candidates.score)
+        return held.score(graph, None, q)
+
     def fitted(self, recipe):
         variant, outliers = recipe
         applies = (self.dual_applies if isinstance(self.dual_applies, bool)
@@ -360,6 +363,29 @@ def test_the_other_smoothing_fallback_is_skipped_when_too_far_behind(monkeypatch
                           QuantConfig(fallback={"target_sqnr": 40.0}), None, recipes, trials, False)
     assert calls == [r for r, _, _ in recipes[:1 + tried]]
     assert len(trials) == 1 + tried
+
+
+def test_recipes_that_quantize_alike_are_scored_once():
+    """SmoothQuant auto that smooths no site gives the variant without smoothing the same recipe: one held-back run
+    for both. The measurements that decided a recipe do not tell recipes apart; a method, an alpha, a DualScale
+    decision, an outlier channel or a float site does."""
+    from segquant_onnx.params import DualDecision
+    from segquant_onnx.solve.recipe import Recipe, SiteChoice
+
+    cand = decide._Candidates(PLAN, None, None, QuantConfig(), False)
+    runs = []
+    held = SimpleNamespace(score=lambda graph, plan, q: runs.append(q) or float(len(runs)))
+
+    def recipe(alpha=None, gain=1.0, apply=True, outliers=(), floating=(), method="max", layer_db=30.0):
+        return Recipe({"lin": SiteChoice(method, alpha, layer_db)}, (DualDecision("lin", "dual", apply, gain, True, 256),),
+                      {"lin": np.array(outliers, np.int64)} if outliers else {}, frozenset(floating))
+
+    base = cand.score(held, None, recipe(), "q0")
+    assert cand.score(held, None, recipe(gain=2.0, layer_db=31.0), "q1") == base and runs == ["q0"]
+    others = [recipe(alpha=0.5), recipe(apply=False), recipe(outliers=(3,)), recipe(floating=("lin",)),
+              recipe(method="percentile")]
+    assert [cand.score(held, None, r, f"q{i}") for i, r in enumerate(others, 2)] == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert cand.score(held, None, recipe(outliers=(3,)), "again") == 4.0 and len(runs) == 6
 
 
 def test_the_other_smoothing_setting_is_its_best_scored_trial():
