@@ -168,16 +168,18 @@ def test_the_table_divides_by_ours_default(real):
     rows = [ResultRow("m", "FP32 reference", "fp32", precision="fp32", sqnr_db=None, seconds=1.0, size_bytes=1),
             ResultRow("m", "ours default", "ours", sqnr_db=10.0, seconds=4.0, peak_rss_mib=100.0, size_bytes=1,
                       int8_flop_fraction=1.0, trt="built"),
-            ResultRow("m", "ORT MinMax", "ort", sqnr_db=2.5, seconds=2.0, peak_rss_mib=300.0, size_bytes=1,
-                      trt="built")]
+            ResultRow("m", "ORT MinMax", "ort", sqnr_db=2.5, sqnr_as_written_db=2.25, seconds=2.0, peak_rss_mib=300.0,
+                      size_bytes=1, trt="built")]
     shares = {("m", "FP32 reference"): (None, 0, 3), ("m", "ours default"): (1.0, 3, 3),
               ("m", "ORT MinMax"): (0.5, 2, 3)}
     table = real.real_table(rows, shares).splitlines()
     ort = [c.strip() for c in table[-1].strip("|").split("|")]
-    assert ort[:4] == ["m", "ORT MinMax", "2.50", "50.00 (2/3)"]
-    assert ort[7:9] == ["0.50", "3.00"]  # time and RSS / ours default
+    assert ort[:5] == ["m", "ORT MinMax", "2.50", "2.25", "50.00 (2/3)"]
+    assert ort[8:10] == ["0.50", "3.00"]  # time and RSS / ours default
     fp = [c.strip() for c in table[2].strip("|").split("|")]
-    assert fp[2] == "ref" and fp[3] == "- (0/3)" and fp[5] == "-"
+    assert fp[2] == fp[3] == "ref" and fp[4] == "- (0/3)" and fp[6] == "-"
+    ours = [c.strip() for c in table[3].strip("|").split("|")]
+    assert ours[2:4] == ["10.00", "-"]  # not measured as written: a dash, not a number
 
 
 def test_bench_accepts_the_real_suite(monkeypatch):
@@ -328,9 +330,69 @@ def test_the_real_suite_in_fp8(monkeypatch, real):
     table = real.real_table(rows, {}, fp8.baseline, "FP8").splitlines()
     assert "FP8 linear FLOPs %" in table[0] and "time / ours default FP8" in table[0]
     peer = [c.strip() for c in table[-1].strip("|").split("|")]
-    assert peer[7:9] == ["2.00", "0.50"]
+    assert peer[8:10] == ["2.00", "0.50"]
     # the INT8 section and the FP8 one replace only themselves
     doc = real.replace_section(real.replace_section("# B\n", real.SECTION_TITLE + "\n\nint8\n"),
                                fp8.title + "\n\nfp8\n", fp8.title)
     doc = real.replace_section(doc, fp8.title + "\n\nfp8 v2\n", fp8.title)
     assert "int8" in doc and "fp8 v2" in doc and "\nfp8\n" not in doc
+
+
+def _matmul_model(path: Path, w: np.ndarray, act_scale: float | None) -> None:
+    """Y = X @ W; with `act_scale`, X and W through INT8 Q/DQ pairs (W per tensor, scale max|W| / 127)."""
+    nodes, inits, x, weight = [], [numpy_helper.from_array(w, "W")], "X", "W"
+    if act_scale is not None:
+        inits += [numpy_helper.from_array(np.array(act_scale, np.float32), "sx"),
+                  numpy_helper.from_array(np.array(np.abs(w).max() / 127, np.float32), "sw"),
+                  numpy_helper.from_array(np.array(0, np.int8), "z")]
+        nodes += [helper.make_node("QuantizeLinear", ["X", "sx", "z"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "sx", "z"], ["xd"]),
+                  helper.make_node("QuantizeLinear", ["W", "sw", "z"], ["wq"]),
+                  helper.make_node("DequantizeLinear", ["wq", "sw", "z"], ["wd"])]
+        x, weight = "xd", "wd"
+    nodes.append(helper.make_node("MatMul", [x, weight], ["Y"]))
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_the_sqnr_as_written_is_measured_for_each_quantized_row_that_ran(real, tmp_path):
+    """The real suite's second SQNR column: the same eval feeds with ONNX Runtime's Q/DQ fusions off, where each
+    Q/DQ pair computes in float as written, so it equals the SQNR recomputed here in numpy from the Q/DQ formulas;
+    the reference row, a failed row and a row without an SQNR keep None."""
+    from benchkit.cases import ModelCase
+    from benchkit.results import ResultRow
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    x = rng.standard_normal((5, 8)).astype(np.float32)  # 5 eval samples of [1, 8]
+    np.savez(tmp_path / "eval.npz", X=x)
+    _matmul_model(tmp_path / "fp.onnx", w, None)
+    _matmul_model(tmp_path / "q.onnx", w, 3.0 / 127)
+    case = ModelCase("m", tmp_path / "fp.onnx", tmp_path / "eval.npz", tmp_path / "eval.npz", "")
+    rows = [ResultRow("m", "FP32 reference", "fp32", precision="fp32", output=tmp_path / "fp.onnx"),
+            ResultRow("m", "ours default", "ours", sqnr_db=20.0, output=tmp_path / "q.onnx"),
+            ResultRow("m", "ORT MinMax", "ort", sqnr_db=20.0, output=tmp_path / "q.onnx", error="crashed"),
+            ResultRow("m", "ModelOpt max", "modelopt", sqnr_db=None, output=tmp_path / "q.onnx"),
+            ResultRow("other", "ours default", "ours", sqnr_db=20.0, output=tmp_path / "q.onnx")]
+    real.measure_as_written(case, rows)
+
+    def qdq(v, scale):
+        return np.clip(np.round(v / scale), -128, 127) * scale
+
+    ref, got = x @ w, qdq(x, np.float32(3.0 / 127)) @ qdq(w, np.abs(w).max() / 127)
+    expected = 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum())
+    assert rows[1].sqnr_as_written_db == pytest.approx(expected, abs=1e-3)
+    assert [r.sqnr_as_written_db for r in rows[2:] + rows[:1]] == [None] * 4
+    from benchkit.measure import make_session
+
+    def fused(path, **kw):
+        opts = make_session(path, **kw).get_session_options()
+        try:
+            return opts.get_session_config_entry("session.disable_quant_qdq") != "1"
+        except RuntimeError:  # never set
+            return True
+
+    assert fused(tmp_path / "q.onnx") and not fused(tmp_path / "q.onnx", as_written=True)

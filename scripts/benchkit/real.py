@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from benchkit.cases import REPO_ROOT, ModelCase, iter_samples
-from benchkit.measure import LINEAR_OPS, dequantize_source, producers_and_constants
+from benchkit.measure import (AS_WRITTEN, LINEAR_OPS, dequantize_source, output_sqnr_db, producers_and_constants,
+                              reference_outputs)
 from benchkit.provenance import git_description, load_average, machine_info, versions
 from benchkit.results import BenchState, ResultRow, SkipNote
 from benchkit.runners import (MODELOPT_METHODS, ORT_VARIANTS, OursMethod, PlannedMethod, _with, modelopt_command,
@@ -241,8 +242,26 @@ def real_method_plan(args, modelopt_python: Path | None,
     return plan
 
 
+def measure_as_written(case: ModelCase, rows: list[ResultRow]) -> None:
+    """Each quantized row of `case` that ONNX Runtime ran: its output SQNR as written (measure.AS_WRITTEN)."""
+    reference = None
+    for r in rows:
+        if r.model != case.name or r.family == "fp32" or r.error is not None or r.sqnr_db is None:
+            continue
+        reference = reference_outputs(case) if reference is None else reference
+        try:
+            r.sqnr_as_written_db = output_sqnr_db(case, Path(r.output), reference, as_written=True)
+        except Exception as exc:  # a graph ONNX Runtime cannot run so stays a "-" cell, logged
+            log.warning("%s / %s: no SQNR as written: %s: %s", r.model, r.method, type(exc).__name__,
+                        str(exc).splitlines()[0][:120])
+            continue
+        log.info("%s / %s: SQNR as written %.2f dB (ONNX Runtime's kernels: %.2f)", r.model, r.method,
+                 r.sqnr_as_written_db, r.sqnr_db)
+
+
 def real_table(rows: list[ResultRow], shares: dict, baseline: str = BASELINE, fmt_name: str = "INT8") -> str:
-    head = (f"| model | method | output SQNR dB | {fmt_name} linear FLOPs % (quantized / linear nodes) | ours' report: "
+    head = (f"| model | method | output SQNR dB | SQNR as written dB | {fmt_name} linear FLOPs % (quantized / linear"
+            f" nodes) | ours' report: "
             f"{fmt_name} FLOPs % | time s | peak RSS MiB | time / {baseline} | RSS / {baseline} | check-trt "
             "violations | TensorRT-RTX |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -269,8 +288,9 @@ def real_table(rows: list[ResultRow], shares: dict, baseline: str = BASELINE, fm
             extras.append(f"DualScale {r.dualscale_applied} sites +{r.dualscale_extra_flop_pct:.1f}% FLOPs")
         report += f" ({'; '.join(extras)})" if extras else ""
         timed = r.family != "fp32" and r.seconds is not None
+        written = "ref" if r.family == "fp32" else fmt(r.sqnr_as_written_db, ".2f")
         lines.append(
-            f"| {r.model} | {r.method} | {sqnr} | {share_cell} | {report} "
+            f"| {r.model} | {r.method} | {sqnr} | {written} | {share_cell} | {report} "
             f"| {fmt(r.seconds if timed else None, '.1f')} | {fmt(r.peak_rss_mib if timed else None, '.0f')} "
             f"| {fmt(ratio(r.seconds, base.seconds) if timed and base else None, '.2f')} "
             f"| {fmt(ratio(r.peak_rss_mib, base.peak_rss_mib) if timed and base else None, '.2f')} "
@@ -308,7 +328,7 @@ def render_section(state: BenchState, cases: list[ModelCase], infos: dict, share
                                           for k, v in variant.cli.items()) + ort + "; "
               + "; ".join(f"{m.label}: `{modelopt_command(m)}`" for m in variant.modelopt) + ".", "",
               "- **output SQNR dB**: 10 log10(sum ref^2 / sum (ref - q)^2) over every eval feed, ONNX Runtime CPU,"
-              " the benchmark's own code for every method (measure.py).",
+              " the benchmark's own code for every method (measure.py). **SQNR as written**: " + AS_WRITTEN + ".",
               f"- **{fmt_name} linear FLOPs %**: counted by the benchmark in each output graph alike: the FLOPs of"
               " MatMul/Gemm/Conv/ConvTranspose nodes with a constant weight whose weight *and* activation come"
               " out of a DequantizeLinear, over those of all such nodes (shapes from one ONNX Runtime run on the"
@@ -388,6 +408,7 @@ def run_real_suite(args, argv: list[str], bench_model, ensure_modelopt_venv) -> 
             except Exception as exc:  # a graph the count cannot run is a note in its cell, not a crash
                 shares[(r.model, r.method)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             log.info("%s / %s: INT8 linear FLOP share %s", r.model, r.method, shares[(r.model, r.method)])
+        measure_as_written(case, state.rows)
         fp = next(r for r in state.rows if r.model == case.name and r.family == "fp32")
         share = shares.get((case.name, fp.method))
         if isinstance(share, tuple):

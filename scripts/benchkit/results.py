@@ -16,6 +16,7 @@ class ResultRow:
     precision: str = "int8"  # the quantized linears' format: "int8", "fp8" ("fp32" for the reference)
     high_precision: str = "fp32"  # the dtype of the unquantized rest
     sqnr_db: float | None = None
+    sqnr_as_written_db: float | None = None  # real suite: ONNX Runtime's Q/DQ fusions off (measure.AS_WRITTEN)
     seconds: float | None = None
     runs: int | None = None  # quantizer runs behind `seconds` (fastest of them)
     peak_rss_mib: float | None = None
