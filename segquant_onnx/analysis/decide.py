@@ -138,7 +138,7 @@ class _Candidates:
     cache: dict = field(default_factory=dict)
     weight_scales: dict = field(default_factory=dict)  # solve.fit's memo, shared with the run's final fit
     # held-back scores by what a recipe quantizes (_quantizes): SmoothQuant auto that smooths no site gives the
-    # variant without smoothing the same recipe (measured on the real text detector: 4 of its 7 trials)
+    # variant without smoothing the same recipe (measured on the real text detector: 3 of its 7 trial runs)
     scores: dict = field(default_factory=dict)
 
     def outliers(self, cap: int, max_flop_pct: float | None = None) -> dict[str, np.ndarray]:
