@@ -257,21 +257,19 @@ def _with_fallback(graph, plan, cand: _Candidates, cal: Calibration, config: Qua
     trails the first's by more than OTHER_SMOOTHING_REACH_DB and twice the first's fallback gain. Each ranks the
     sites on its own quantization: the real MiniLM's second fallback reached 23.91 dB instead of 24.65 on the
     held-back feeds (24.21 against 25.01 dB on eval) when it read the first's ranking."""
-    best, first = None, None
+    best, first_score, first_gain = None, None, None  # the first fallback's trial score and its gain
     for recipe, variant, score in recipes:
-        if first is not None:
-            gain = first[1].output_sqnr_db - first[1].start_sqnr_db
-            if first[0] - score > max(OTHER_SMOOTHING_REACH_DB, 2.0 * gain):
-                log.info("fallback: SmoothQuant %s (%.2f dB held back) not tried: %.2f dB behind, the first "
-                         "fallback gained %.2f dB", variant.smoothquant_flag, score, first[0] - score, gain)
-                continue
+        if first_gain is not None and first_score - score > max(OTHER_SMOOTHING_REACH_DB, 2.0 * first_gain):
+            log.info("fallback: SmoothQuant %s (%.2f dB held back) not tried: %.2f dB behind, the first "
+                     "fallback gained %.2f dB", variant.smoothquant_flag, score, first_score - score, first_gain)
+            continue
         ranking, fallback = analyse(graph, plan, cand.fitted(recipe), cal.held_back, config.fallback, sessions,
                                     progress)
         if fallback is not None:
             log.info("fallback from SmoothQuant %s: %.2f -> %.2f dB on the held-back feeds, %d sites in float",
                      variant.smoothquant_flag, fallback.start_sqnr_db, fallback.output_sqnr_db, len(fallback.sites))
-            if first is None:
-                first = (score, fallback)
+            if first_gain is None:
+                first_score, first_gain = score, fallback.output_sqnr_db - fallback.start_sqnr_db
         if len(recipes) > 1:
             trials.append({"outlier_cap": "after fallback", "outlier_channels": _channels(recipe.outliers),
                            "smoothquant": variant.smoothquant_flag, "dualscale": variant.dualscale.value,
