@@ -107,8 +107,8 @@ def reference_outputs(case: ModelCase) -> list[list[np.ndarray]]:
 AS_WRITTEN = ("the same SQNR with `session.disable_quant_qdq=1` (every graph, ours and the peers' alike):"
               " ONNX Runtime's CPU no longer fuses Q/DQ pairs into its integer kernels (QLinearConv, QGemm,"
               " MatMulIntegerToFloat and the like), so each QuantizeLinear/DequantizeLinear computes in float as"
-              " the graph states: the arithmetic a"
-              " TensorRT engine follows, up to the order of its float sums. FP8 graphs run so in both columns")
+              " the graph states: the arithmetic a TensorRT engine follows, up to the order of its float sums."
+              " FP8 graphs run so in both columns")
 
 
 def output_sqnr_db(case: ModelCase, model: Path, reference: list[list[np.ndarray]],
