@@ -17,6 +17,7 @@ import onnx.numpy_helper
 import onnxruntime as ort
 
 from segquant_onnx.errors import UserError
+from segquant_onnx.ir.fp8_emulation import emulate_fp8_activations
 from segquant_onnx.ir.graph_io import EXTERNAL_DATA_THRESHOLD, external_base, save_model, write_external
 from segquant_onnx.ir.weights import SPILL_PREFIX, WeightStore
 
@@ -249,6 +250,10 @@ def session_source(model: onnx.ModelProto, source_dir: str | None, tmp_dir: str 
     if shadow and not shadowed:
         model = float32_shadow(model, source_dir)
     fp8 = has_fp8_qdq(model) and not shadow
+    if fp8:
+        model, emulated = emulate_fp8_activations(model)  # the same values, faster (ir.fp8_emulation)
+        if emulated:
+            log.debug("FP8 activation Q/DQ computed in float32 in this session: %d", emulated)
     half = half_weight_bytes(model) > HALF_WEIGHTS_BASIC_BYTES
     half_qdq = half_dequantized_bytes(model) > HALF_WEIGHTS_BASIC_BYTES
     if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
