@@ -72,6 +72,12 @@ def emulate_fp8_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
             kept.append(node)
     del g.node[:]
     g.node.extend(kept)
+    # the pairs' zero points nothing reads now (ONNX Runtime would warn about each one it removes)
+    zeros = {n.input[2] for n in chosen} | {dq.input[2] for n in chosen for dq in consumers[n.output[0]]}
+    read = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+    unread = [t for t in g.initializer if t.name in zeros and t.name not in read]
+    for t in unread:
+        g.initializer.remove(t)
     return out, len(chosen)
 
 
