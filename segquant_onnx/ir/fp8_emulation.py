@@ -53,21 +53,18 @@ def emulate_fp8_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     out.CopyFrom(model)
     g = out.graph
     prefix = _unused_prefix(g)
-    g.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"{prefix}/{k}") for k, v in _CONSTANTS.items())
-    replaced = {id(n) for n in chosen}  # in `model`; the copy's nodes are matched by position
-    dropped, new_nodes = set(), []
-    for i, (old, node) in enumerate(zip(model.graph.node, g.node)):
-        if id(old) not in replaced:
-            continue
-        dqs = consumers[old.output[0]]
-        new_nodes.append((i, _emulation(f"{prefix}/{i}", prefix, node.input[0], node.input[1],
-                                        [(dq.input[1], dq.output[0]) for dq in dqs])))
-        dropped.add(i)
-        dropped.update(j for j, n in enumerate(model.graph.node) if any(n is dq for dq in dqs))
-    by_position = dict(new_nodes)
+    g.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"{prefix}/{k}")
+                         for k, v in _CONSTANTS.items())
+    position = {id(n): i for i, n in enumerate(model.graph.node)}  # the copy's nodes are matched by position
+    dropped, emulations = set(), {}
+    for q in chosen:
+        i, dqs = position[id(q)], consumers[q.output[0]]
+        emulations[i] = _emulation(f"{prefix}/{i}", prefix, q.input[0], q.input[1],
+                                   [(dq.input[1], dq.output[0]) for dq in dqs])
+        dropped.update([i, *(position[id(dq)] for dq in dqs)])
     kept = []
-    for i, node in enumerate(g.node):
-        kept.extend(by_position.get(i, []))
+    for i, node in enumerate(g.node):  # each emulation where its Q was: its input is computed by then
+        kept.extend(emulations.get(i, []))
         if i not in dropped:
             kept.append(node)
     del g.node[:]
@@ -88,8 +85,9 @@ def _emulable(node: onnx.NodeProto, inits: dict, dqs: list[onnx.NodeProto], outp
         return False
     if not (_scalar(inits.get(node.input[1]), TensorProto.FLOAT) and _zero_e4m3(inits.get(node.input[2]))):
         return False
-    return all(dq.op_type == "DequantizeLinear" and len(dq.input) > 2 and _scalar(inits.get(dq.input[1]), TensorProto.FLOAT)
-               and _zero_e4m3(inits.get(dq.input[2])) for dq in dqs)
+    return all(dq.op_type == "DequantizeLinear" and len(dq.input) > 2
+               and _scalar(inits.get(dq.input[1]), TensorProto.FLOAT) and _zero_e4m3(inits.get(dq.input[2]))
+               for dq in dqs)
 
 
 def _scalar(t: onnx.TensorProto | None, dtype: int) -> bool:
@@ -127,5 +125,6 @@ def _emulation(at: str, consts: str, x: str, scale: str, dequantized: list[tuple
         helper.make_node("Div", [t("rounded_steps"), c("steps")], [t("small")], name=t("from_steps")),
         helper.make_node("Where", [t("subnormal"), t("small"), t("normal")], [t("q")], name=t("select")),
     ]
-    nodes += [helper.make_node("Mul", [t("q"), s], [y], name=t(f"dequantize{k}")) for k, (s, y) in enumerate(dequantized)]
+    nodes += [helper.make_node("Mul", [t("q"), s], [y], name=t(f"dequantize{k}"))
+              for k, (s, y) in enumerate(dequantized)]
     return nodes

@@ -110,8 +110,8 @@ def test_fp8_sessions_run_emulated_and_give_the_quantized_graphs_own_numbers(tmp
     model = build_linear_model("matmul")
     data = calib_inputs("matmul", 8)
     np.savez(tmp_path / "calib.npz", X=data)
-    result = quantize(model, tmp_path / "calib.npz", QuantConfig.preset("fast", precision={"format": "fp8", "high_precision": "fp32"}),
-                      progress=False, evaluate=False)
+    config = QuantConfig.preset("fast", precision={"format": "fp8", "high_precision": "fp32"})
+    result = quantize(model, tmp_path / "calib.npz", config, progress=False, evaluate=False)
     quantized = result.model
     assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) >= 2
     with caplog.at_level(logging.DEBUG, logger="segquant_onnx.ir.runtime"):
