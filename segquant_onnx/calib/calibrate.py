@@ -90,6 +90,7 @@ def with_abs_max_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> tupl
             absolute, peak = f"{name}/abs", f"{name}/abs_max"
             while absolute in taken or peak in taken:
                 absolute, peak = absolute + "_", peak + "_"
+            taken.update((absolute, peak))
             nodes += [onnx.helper.make_node("Abs", [name], [absolute], name=absolute),
                       onnx.helper.make_node("ReduceMax", [absolute], [peak], name=peak, keepdims=0)]
             g.output.append(onnx.helper.make_tensor_value_info(peak, types[name].tensor_type.elem_type, []))
