@@ -19,6 +19,7 @@ from tqdm import tqdm
 from segquant_onnx.calib.data import CalibrationData
 from segquant_onnx.errors import UserError
 from segquant_onnx.ir.graph_io import export_model
+from segquant_onnx.ir.naming import Namer
 from segquant_onnx.calib.observers import RowSample, Stats, TensorStats
 from segquant_onnx.ir.runtime import float32_shadow, has_bfloat16, make_session, session_source
 from segquant_onnx.ir.weights import WeightStore
@@ -80,17 +81,14 @@ def with_abs_max_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> tupl
     g = out.graph
     types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.output)}
     wanted = {name for name in names if name in types and types[name].tensor_type.elem_type in FLOAT_TYPES}
-    taken = {t for n in model.graph.node for t in [*n.input, *n.output]} | {t.name for t in model.graph.initializer}
+    namer = Namer.for_proto(model.graph)
     peaks, nodes = {}, []
     for node in g.node:
         nodes.append(node)
         for name in node.output:
             if name not in wanted:
                 continue
-            absolute, peak = f"{name}/abs", f"{name}/abs_max"
-            while absolute in taken or peak in taken:
-                absolute, peak = absolute + "_", peak + "_"
-            taken.update((absolute, peak))
+            absolute, peak = namer(name, "abs"), namer(name, "abs_max")
             nodes += [onnx.helper.make_node("Abs", [name], [absolute], name=absolute),
                       onnx.helper.make_node("ReduceMax", [absolute], [peak], name=peak, keepdims=0)]
             g.output.append(onnx.helper.make_tensor_value_info(peak, types[name].tensor_type.elem_type, []))

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from segquant_onnx.ir.naming import Namer
+
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0 ** -6
 E4M3_SUBNORMAL_STEPS = 512.0  # 2^9 steps per unit below the smallest normal
@@ -52,14 +54,14 @@ def emulate_fp8_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    prefix = _unused_prefix(g)
-    g.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"{prefix}/{k}")
-                         for k, v in _CONSTANTS.items())
+    namer = Namer.for_proto(g)
+    consts = {k: namer("fp8_emulation", k) for k in _CONSTANTS}
+    g.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), consts[k]) for k, v in _CONSTANTS.items())
     position = {id(n): i for i, n in enumerate(model.graph.node)}  # the copy's nodes are matched by position
     dropped, emulations = set(), {}
     for q in chosen:
         i, dqs = position[id(q)], consumers[q.output[0]]
-        emulations[i] = _emulation(f"{prefix}/{i}", prefix, q.input[0], q.input[1],
+        emulations[i] = _emulation(namer, q.name or q.output[0], consts, q.input[0], q.input[1],
                                    [(dq.input[1], dq.output[0]) for dq in dqs])
         dropped.update([i, *(position[id(dq)] for dq in dqs)])
     kept = []
@@ -100,31 +102,26 @@ def _zero_e4m3(t: onnx.TensorProto | None) -> bool:
     return not np.any(numpy_helper.to_array(t).astype(np.float32))
 
 
-def _unused_prefix(g: onnx.GraphProto) -> str:
-    names = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {n.name for n in g.node}
-    prefix = "fp8_emulation"
-    while any(name.startswith(prefix) for name in names):
-        prefix += "_"
-    return prefix
-
-
-def _emulation(at: str, consts: str, x: str, scale: str, dequantized: list[tuple[str, str]]) -> list[onnx.NodeProto]:
-    """The nodes that compute each (DQ scale, DQ output) of `dequantized` from `x` quantized by `scale`."""
-    c = lambda k: f"{consts}/{k}"  # noqa: E731
-    t = lambda k: f"{at}/{k}"  # noqa: E731
+def _emulation(namer: Namer, layer: str, consts: dict[str, str], x: str, scale: str,
+               dequantized: list[tuple[str, str]]) -> list[onnx.NodeProto]:
+    """The nodes that compute each (DQ scale, DQ output) of `dequantized` from `x` quantized by `scale` (each node
+    named as its output, `<layer>/fp8_emulation/<part>`)."""
+    t = {k: namer(f"{layer}/fp8_emulation", k) for k in ("scaled", "v", "c", "c_minus_v", "normal", "abs",
+                                                          "subnormal", "in_steps", "rounded_steps", "small", "q")}
+    c = consts
+    node = lambda op, inputs, out: helper.make_node(op, inputs, [out], name=out)  # noqa: E731
     nodes = [
-        helper.make_node("Div", [x, scale], [t("scaled")], name=t("div")),
-        helper.make_node("Clip", [t("scaled"), c("min"), c("max")], [t("v")], name=t("saturate")),
-        helper.make_node("Mul", [t("v"), c("split")], [t("c")], name=t("split_mul")),
-        helper.make_node("Sub", [t("c"), t("v")], [t("c_minus_v")], name=t("split_sub")),
-        helper.make_node("Sub", [t("c"), t("c_minus_v")], [t("normal")], name=t("normal")),
-        helper.make_node("Abs", [t("v")], [t("abs")], name=t("abs")),
-        helper.make_node("Less", [t("abs"), c("min_normal")], [t("subnormal")], name=t("is_subnormal")),
-        helper.make_node("Mul", [t("v"), c("steps")], [t("in_steps")], name=t("to_steps")),
-        helper.make_node("Round", [t("in_steps")], [t("rounded_steps")], name=t("round")),
-        helper.make_node("Div", [t("rounded_steps"), c("steps")], [t("small")], name=t("from_steps")),
-        helper.make_node("Where", [t("subnormal"), t("small"), t("normal")], [t("q")], name=t("select")),
+        node("Div", [x, scale], t["scaled"]),
+        node("Clip", [t["scaled"], c["min"], c["max"]], t["v"]),
+        node("Mul", [t["v"], c["split"]], t["c"]),
+        node("Sub", [t["c"], t["v"]], t["c_minus_v"]),
+        node("Sub", [t["c"], t["c_minus_v"]], t["normal"]),
+        node("Abs", [t["v"]], t["abs"]),
+        node("Less", [t["abs"], c["min_normal"]], t["subnormal"]),
+        node("Mul", [t["v"], c["steps"]], t["in_steps"]),
+        node("Round", [t["in_steps"]], t["rounded_steps"]),
+        node("Div", [t["rounded_steps"], c["steps"]], t["small"]),
+        node("Where", [t["subnormal"], t["small"], t["normal"]], t["q"]),
     ]
-    nodes += [helper.make_node("Mul", [t("q"), s], [y], name=t(f"dequantize{k}"))
-              for k, (s, y) in enumerate(dequantized)]
-    return nodes
+    return nodes + [helper.make_node("Mul", [t["q"], s], [y], name=namer(f"{layer}/fp8_emulation", "dequantize"))
+                    for s, y in dequantized]
