@@ -153,7 +153,8 @@ def _quantize(model, calib, config: QuantConfig, output, force: bool, eval_data,
                 sessions.close()  # the searches' workers, if any
             stages.done("decide")
             q = fit(plan, decision.recipe, cal.stats, weight, percentile=config.calibration.percentile,
-                    fmt=fmt, progress=progress, samples=cal.samples, rounding=config.precision.weight_rounding.value,
+                    fmt=fmt, progress=progress, samples=cal.weight_samples,
+                    rounding=config.precision.weight_rounding.value,
                     low_rank=config.precision.low_rank, clip=config.precision.weight_clip, weight_scales=weight_scales)
             apply_quantization(graph, plan, q, store.stored)
             store.spill(graph)  # the quantized weights (those the scored candidates stored already are reused)

@@ -44,6 +44,8 @@ class Calibration:
     # the model's outputs on each held-back feed, as this pass computed them (the searches' float reference: no
     # session and no run of its own); None where calibrate kept no held-back feeds
     held_back_outputs: list[list[np.ndarray]] | None = None
+    # row samples over every feed for the weights' own fits (calibrate's `weight_rows`)
+    weight_samples: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def with_tensor_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -138,15 +140,26 @@ class Shard:
     run split over workers and merged in feed order is bit for bit the run done in one pass."""
 
     def __init__(self, observed: tuple[str, ...], sampled: tuple[str, ...], sample_rows: int, holdout_every: int,
-                 channel_axes: dict[str, int], outputs: tuple[str, ...] = ()):
+                 channel_axes: dict[str, int], outputs: tuple[str, ...] = (),
+                 weight_rows: dict[str, int] | None = None):
         self.observed, self.holdout_every = observed, holdout_every
         self.output_names = outputs  # the model's outputs, kept for the feeds `add` is told to keep them of
         self.outputs: dict[int, list[np.ndarray]] = {}
         self.stats: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
         self.held: Stats = {n: TensorStats.empty(channel_axis=channel_axes.get(n, -1)) for n in observed}
         self.samples = {name: RowSample(sample_rows) for name in sampled}
-        self._sources = {key: sample_source(key) for key in sampled}  # key -> (tensor, Conv window or ())
+        # rows for the weights' own fits (GPTQ's X^T X, the clip search, --low-rank auto), from every feed
+        self.weight_samples = {key: RowSample(rows) for key, rows in (weight_rows or {}).items()}
+        # key -> (tensor, Conv window or ())
+        self._sources = {key: sample_source(key) for key in (*sampled, *self.weight_samples)}
         self.feeds = 0
+        self._spec = (sample_rows, dict(channel_axes), dict(weight_rows or {}))
+
+    def empty(self) -> "Shard":
+        """A shard that gathers what this one does, with nothing in it yet (a worker's)."""
+        sample_rows, channel_axes, weight_rows = self._spec
+        return Shard(self.observed, tuple(self.samples), sample_rows, self.holdout_every, channel_axes,
+                     self.output_names, weight_rows)
 
     def is_held_back(self, index: int) -> bool:
         return self.holdout_every > 0 and index % self.holdout_every == self.holdout_every - 1
@@ -162,22 +175,28 @@ class Shard:
             value = values[name] if name in values else feed[name]
             (self.held if held_back else self.stats)[name].update(value)
         if held_back or self.holdout_every == 0:
-            for key, sample in self.samples.items():
-                tensor, window = self._sources[key]
-                value = values[tensor] if tensor in values else feed[tensor]
-                if window:
-                    sample.update_patches(value, window, index)
-                else:
-                    sample.update(value, index)
+            self._sample(self.samples, index, feed, values)
+        self._sample(self.weight_samples, index, feed, values)
         self.feeds += 1
+
+    def _sample(self, samples: dict[str, RowSample], index: int, feed: dict[str, np.ndarray],
+                values: dict[str, np.ndarray]) -> None:
+        for key, sample in samples.items():
+            tensor, window = self._sources[key]
+            value = values[tensor] if tensor in values else feed[tensor]
+            if window:
+                sample.update_patches(value, window, index)
+            else:
+                sample.update(value, index)
 
     def merge(self, later: "Shard") -> "Shard":
         """Add the shard of the feeds right after this one's (in place; returns self)."""
         for mine, theirs in ((self.stats, later.stats), (self.held, later.held)):
             for name, st in theirs.items():
                 mine[name].merge(st)
-        for name, sample in later.samples.items():
-            self.samples[name].merge(sample)
+        for mine, theirs in ((self.samples, later.samples), (self.weight_samples, later.weight_samples)):
+            for name, sample in theirs.items():
+                mine[name].merge(sample)
         self.outputs.update(later.outputs)
         self.feeds += later.feeds
         return self
@@ -218,7 +237,7 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
               sampled: tuple[str, ...] = (), sample_rows: int = 1024,
               holdout_every: int = 0, keep_held_back: int = 0,
               channel_axes: dict[str, int] | None = None, workers: int = 1,
-              ray_address: str | None = None) -> Calibration:
+              ray_address: str | None = None, weight_rows: dict[str, int] | None = None) -> Calibration:
     """Statistics of each tensor in `observed`, and a bounded sample of rows (last-axis vectors) of
     each tensor in `sampled` (a subset of `observed`; or a Conv's input patches, plan.sample_key). Per-channel
     maxima run over the last axis, or over `channel_axes[name]` (1 for a tensor only Convs read).
@@ -228,6 +247,8 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
     candidate scales were not fitted to (clipping of unseen values shows up); `stats` still cover
     every feed, for the final scales. Up to
     `keep_held_back` held-back feeds are kept for model-output searches (sensitivity, fallback).
+    `weight_rows` (sample key -> rows): row samples over every feed, held back or not (`weight_samples`), for what
+    fits a weight to its layer's inputs (GPTQ, the clip search, --low-rank auto): it scores nothing on them.
 
     `workers > 1` (or a `ray_address`) runs the feeds in that many worker processes (calib.workers), with
     the same result."""
@@ -239,20 +260,20 @@ def calibrate(graph: gs.Graph, observed: tuple[str, ...], data: CalibrationData,
         with source_dir.session_folder() as folder:
             return _calibrate(model, session_source(model, folder, source_dir.tmp_dir, shadowed), observed, data,
                               providers, progress, sampled, sample_rows, holdout_every, keep_held_back,
-                              channel_axes, workers, ray_address, len(graph.outputs))
+                              channel_axes, workers, ray_address, len(graph.outputs), weight_rows)
     return _calibrate(model, session_source(model, source_dir, tmp_dir), observed, data, providers, progress,
                       sampled, sample_rows, holdout_every, keep_held_back, channel_axes, workers, ray_address,
-                      len(graph.outputs))
+                      len(graph.outputs), weight_rows)
 
 
 def _calibrate(model, source, observed, data, providers, progress, sampled, sample_rows, holdout_every,
-               keep_held_back, channel_axes, workers, ray_address, n_outputs) -> Calibration:
+               keep_held_back, channel_axes, workers, ray_address, n_outputs, weight_rows=None) -> Calibration:
     output_names = {o.name for o in model.graph.output}
     fetch = [n for n in observed if n in output_names]
     # the model's own outputs (with_outputs puts them first) on the held-back feeds kept: the searches' reference
     outputs = tuple(o.name for o in model.graph.output[:n_outputs]) if keep_held_back else ()
     fetch += [n for n in outputs if n not in fetch]
-    shard = Shard(observed, sampled, sample_rows, holdout_every, channel_axes or {}, outputs)
+    shard = Shard(observed, sampled, sample_rows, holdout_every, channel_axes or {}, outputs, weight_rows)
     held, feed_shapes = _HeldFeeds(keep_held_back), {}
 
     def indexed():
@@ -279,8 +300,8 @@ def _calibrate(model, source, observed, data, providers, progress, sampled, samp
         raise UserError(f"Calibration data {data.description} yielded zero feeds; give at least one.")
     log.info("calibrated %d tensors on %d batches", len(observed), shard.feeds)
     rows = {name: s.rows for name, s in shard.samples.items() if s.rows is not None}
+    weight_samples = {name: s.rows for name, s in shard.weight_samples.items() if s.rows is not None}
     reference = [shard.outputs[i] for i in held.indices] if outputs else None
-    if holdout_every == 0:
-        return Calibration(shard.stats, rows, held.feeds, shard.stats, feed_shapes, shard.feeds, reference)
-    everything = {name: copy.deepcopy(st).merge(shard.held[name]) for name, st in shard.stats.items()}
-    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes, shard.feeds, reference)
+    everything = shard.stats if holdout_every == 0 else {
+        name: copy.deepcopy(st).merge(shard.held[name]) for name, st in shard.stats.items()}
+    return Calibration(everything, rows, held.feeds, shard.stats, feed_shapes, shard.feeds, reference, weight_samples)

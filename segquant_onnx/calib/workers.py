@@ -243,8 +243,7 @@ def run_sharded(source: SessionSource, providers, fetch: list[str], shard: Shard
     log.info("calibrating on %d %s workers, %d feeds per task", workers, "Ray" if ray_address else "local", per_task)
     pool = open_pool(workers, providers, ray_address)
     key = uuid.uuid4().hex  # this run's model
-    empty = Shard(shard.observed, tuple(shard.samples), _sample_rows(shard), shard.holdout_every,
-                  {n: st.channel_axis for n, st in shard.stats.items()}, shard.output_names)
+    empty = shard.empty()
     tasks, done, running = {}, {}, {}  # task -> its feeds; finished shards; future -> (task, attempt)
     feeds, next_task, merged = iter(indexed_feeds), 0, 0
     try:
@@ -313,10 +312,6 @@ def run_tasks(pool, key: str, source: SessionSource, fn, arg_list: list[tuple], 
                 log.warning("%s task %d failed (%s); running it again", what, task, _describe(exc))
                 running[pool.submit(task, attempt + 1, key, source, fn, arg_list[task])] = (task, attempt + 1)
     return [results[i] for i in range(len(arg_list))]
-
-
-def _sample_rows(shard: Shard) -> int:
-    return next(iter(shard.samples.values())).max_rows if shard.samples else 1
 
 
 def _describe(exc: BaseException) -> str:

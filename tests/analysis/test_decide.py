@@ -9,7 +9,7 @@ side of the gain it measures there, and its effect on the written graph checked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -431,6 +431,20 @@ def test_row_samples_are_gathered_for_what_is_chosen_per_site(method, outliers, 
     assert space.sampled == sampled
     kwargs = space.calibration(QuantPlan(sites=(SITE,)), config.calibration)
     assert kwargs["sampled"] == sampled and kwargs["sample_rows"] == 77  # the configured rows, not the default
+
+
+@pytest.mark.parametrize("k, rows", [(16, 77), (1000, 4000), (3000, 1398)])
+def test_gptq_rows_are_sampled_from_every_feed_apart_from_the_choices(k, rows):
+    """GPTQ's X^T X reads a sample of its own, over every feed (calibrate's weight_rows): 4 rows per input value
+    where that takes at most 16 MiB, never fewer than sample_rows; the per-site choices keep theirs."""
+    site = replace(SITE, weight_shape=(k, 8))
+    config = QuantConfig(smoothquant={"mode": "off"}, calibration={"sample_rows": 77},
+                         outliers={"mode": "fixed", "count": 2}, precision={"weight_rounding": "gptq"})
+    space = decide.search_space(QuantPlan(sites=(site,)), config)
+    kwargs = space.calibration(QuantPlan(sites=(site,)), config.calibration)
+    assert kwargs["sampled"] == ("X",) and kwargs["sample_rows"] == 77
+    assert kwargs["weight_rows"] == {"X": rows}
+    assert rows * k * 4 <= 16 << 20 or rows == 77
 
 
 def test_the_candidates_are_fitted_in_the_run_s_format():

@@ -62,13 +62,13 @@ def test_shards_merged_in_order_equal_one_pass(seed, n, cuts):
     """x: channel count and range vary; y (row-sampled, a fixed last axis like a linear's input)."""
     batches = _batches(seed, n)
     feeds = [{"x": b, "y": np.repeat(b[:, :1], 4, axis=1) * np.arange(4, dtype=np.float32)} for b in batches]
-    one = Shard(("x", "y"), ("y",), 7, 3, {})
+    one = Shard(("x", "y"), ("y",), 7, 3, {}, weight_rows={"y": 5})
     for i, feed in enumerate(feeds):
         one.add(i, feed, {})
     bounds = sorted({c for c in cuts if c < n} | {0, n})
     merged = None
     for lo, hi in zip(bounds, bounds[1:]):
-        part = Shard(("x", "y"), ("y",), 7, 3, {})
+        part = one.empty()
         for i in range(lo, hi):
             part.add(i, feeds[i], {})
         merged = part if merged is None else merged.merge(part)
@@ -77,6 +77,10 @@ def test_shards_merged_in_order_equal_one_pass(seed, n, cuts):
         assert_same_tensor_stats(merged.stats[name], one.stats[name])
         assert_same_tensor_stats(merged.held[name], one.held[name])
     assert_same_sample(merged.samples["y"], one.samples["y"])
+    assert_same_sample(merged.weight_samples["y"], one.weight_samples["y"])
+    # the weights' sample reads every feed, the choices' only the held-back ones (every third)
+    assert one.weight_samples["y"].seen == sum(len(b) for b in batches)
+    assert one.samples["y"].seen == sum(len(b) for i, b in enumerate(batches) if i % 3 == 2)
 
 
 def test_histogram_range_does_not_depend_on_the_order_near_a_power_of_two():
