@@ -8,6 +8,8 @@ moves that row's rounding error onto the rows not yet quantized, in proportion t
     U = upper Cholesky factor of H^-1  (H^-1 = U^T U, H damped by `damp` x its mean diagonal)
     for k in 0..K-1:   q_k = fq(w_k);   e = (w_k - q_k) / U[k, k];   w_{k+1:} -= U[k, k+1:]^T e
 
+(in blocks of BLOCK rows: the rows after a block are updated once per block, gptq_round).
+
 The scales stay fixed: those `fit` chose (per output channel, or per block along K), so what is stored is
 the scheme's grid and GPTQ only decides which grid point each weight takes ("static groups" in the paper).
 H comes from the site's row sample (calib: a reservoir of at most `sample_rows` rows), which bounds the
@@ -42,11 +44,22 @@ def gptq_round(w_kn: np.ndarray, scale_kn: np.ndarray, h: np.ndarray, fmt: Quant
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
     q = np.empty_like(w)
-    for i in range(k):
-        q[i] = fmt.fake_quant(w[i], scale_kn[i])
-        err = (w[i] - q[i]) / u[i, i]
-        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    # the paper's lazy batch updates: the rows of a block of BLOCK are rounded one by one, each error moved onto
+    # the block's later rows only; the rows after the block take all of the block's errors in one product. The same
+    # updates, summed in another order: measured on the real terrain UNet (--weight-rounding gptq, 256 sites, K up
+    # to 11520) updating every later row after each row took 20.6 of the run's 28.2 s in gptq_round
+    for start in range(0, k, BLOCK):
+        end = min(start + BLOCK, k)
+        errors = np.empty((end - start, w.shape[1]))
+        for i in range(start, end):
+            q[i] = fmt.fake_quant(w[i], scale_kn[i])
+            errors[i - start] = (w[i] - q[i]) / u[i, i]
+            w[i + 1:end] -= np.outer(u[i, i + 1:end], errors[i - start])
+        w[end:] -= u[start:end, end:].T @ errors
     return q
+
+
+BLOCK = 128  # the paper's
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # of each block's abs-max (AWQ's clip search)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from segquant_onnx.formats import FP8_E4M3, INT4, INT8
+from segquant_onnx.solve import gptq
 from segquant_onnx.solve.gptq import gptq_round, hessian
 from segquant_onnx.solve.quant_math import weight_scales
 
@@ -78,3 +79,25 @@ def test_clip_search_never_raises_a_blocks_error_and_lowers_the_layers_on_unseen
         assert np.all(err(clipped) <= err(scale) + 1e-9)
     out_err = lambda s: float(((eval_rows @ (w - INT4.fake_quant(w, s, 1))) ** 2).sum())  # noqa: E731
     assert out_err(clipped) < out_err(scale)
+
+
+def _gptq_row_by_row(w, scale, h, fmt):
+    """The loop as the module docstring writes it (every later row updated after each row): the reference."""
+    w, h, k = np.array(w, np.float64), np.array(h, np.float64), w.shape[0]
+    h[np.diag_indices(k)] += gptq.DAMP * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    q = np.empty_like(w)
+    for i in range(k):
+        q[i] = fmt.fake_quant(w[i], scale[i])
+        w[i + 1:] -= np.outer(u[i, i + 1:], (w[i] - q[i]) / u[i, i])
+    return q
+
+
+@pytest.mark.parametrize("k", [5, 128, 300])
+def test_block_updates_round_as_the_row_by_row_loop(k):
+    rng = np.random.default_rng(k)
+    rows = rng.standard_normal((2 * k, k)) @ rng.standard_normal((k, k))  # correlated channels: errors move
+    w = rng.standard_normal((k, 6))
+    scale = np.broadcast_to(np.abs(w).max(0) / 7, w.shape)
+    np.testing.assert_array_equal(gptq_round(w, scale, hessian(rows), INT4),
+                                  _gptq_row_by_row(w, scale, hessian(rows), INT4))

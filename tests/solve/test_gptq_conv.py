@@ -95,6 +95,23 @@ def test_patch_sample_is_the_row_sample_of_every_patch_and_merges_like_it(kernel
     np.testing.assert_array_equal(first.merge(later).rows, patches.rows)
 
 
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_a_full_patch_sample_cuts_only_what_can_beat_its_last_row(max_rows):
+    """Once full, a feed's positions with a priority above the last row kept are not cut out; a feed may then
+    offer none (found as a reshape of an empty cut): the sample is still every patch's row sample."""
+    window = GEOMETRIES[0][0] + GEOMETRIES[0][1] + GEOMETRIES[0][2] + GEOMETRIES[0][3]
+    rng = np.random.default_rng(3)
+    feeds = [rng.standard_normal((1, 2, 3, 3)).astype(np.float32) for _ in range(12)]
+    patches, rows = RowSample(max_rows), RowSample(max_rows)
+    for i, x in enumerate(feeds):
+        patches.update_patches(x, window, i)
+        rows.update(_all_patches(x, window), i)
+    assert patches.seen == rows.seen == 12 * 9
+    np.testing.assert_array_equal(patches.rows, rows.rows)
+    for mine, theirs in zip(patches.keys, rows.keys):
+        np.testing.assert_array_equal(mine, theirs)
+
+
 def test_a_grouped_or_auto_padded_conv_has_no_window():
     model = _conv((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), c=4, n=4)
     model.graph.node[0].attribute.append(helper.make_attribute("group", 2))
