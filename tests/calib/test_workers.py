@@ -273,3 +273,27 @@ def test_a_worker_drops_its_previous_session_before_it_opens_the_next_models():
         worker.join(timeout=10)
     assert _OPENED == [0, 0, 0]  # three models, each opened with no other session alive
     assert _CountedSession.alive == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), max_rows=st.integers(1, 9), sizes=st.lists(st.integers(0, 7), max_size=12),
+       peek=st.integers(0, 12))
+def test_row_sample_is_the_lowest_priority_rows_of_everything_offered(seed, max_rows, sizes, peek):
+    """Rows stay in the slots they were written to, the sample's buffer grows as it fills, `rows` puts it in
+    order (here also mid-way, after feed `peek`): always the max_rows rows of lowest key of all offered."""
+    rng = np.random.default_rng(seed)
+    sample, offered = RowSample(max_rows), []
+    for i, n in enumerate(sizes):
+        x = rng.standard_normal((n, 3)).astype(np.float32)
+        sample.update(x, i)
+        offered += [(p, i, j, row) for j, (p, row) in enumerate(zip(np.random.default_rng((0, i)).random(n), x))]
+        if i == peek:
+            sample.rows
+    want = sorted(offered, key=lambda t: t[:3])[:max_rows]
+    if not want:
+        assert sample.rows is None
+        return
+    np.testing.assert_array_equal(sample.rows, np.stack([t[3] for t in want]))
+    np.testing.assert_array_equal(sample.keys[1], [t[1] for t in want])
+    np.testing.assert_array_equal(sample.keys[2], [t[2] for t in want])
+    assert sample.seen == sum(sizes)
