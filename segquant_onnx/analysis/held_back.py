@@ -153,16 +153,32 @@ class HeldBack:
 
     def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> float:
         """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""
+        return merged(self.feed_errors(graph, plan, q)).sqnr
+
+    def feed_errors(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> list[OutputError]:
+        """The output error on each held-back feed of `graph` (left as it is) quantized as `q` says."""
         candidate = graph.copy()
-        apply_quantization(candidate, plan, q, self.sessions.store.stored)  # sqnr spills it
-        return self.sqnr(candidate)
+        apply_quantization(candidate, plan, q, self.sessions.store.stored)  # errors spills it
+        return self.errors(candidate)
 
     def sqnr(self, graph: gs.Graph) -> float:
+        return merged(self.errors(graph)).sqnr
+
+    def errors(self, graph: gs.Graph) -> list[OutputError]:
         session = self.sessions.open_graph(graph)
-        err = OutputError()
         outputs = run_all(session, None, self.feeds,
                           lambda xs: bar(xs, "scoring held-back feeds", "feed", self.progress))
+        errors = []
         for ref, got in zip(self.reference, outputs):
+            errors.append(OutputError())
             for r, g in zip(ref, got):
-                err.update(r, g)
-        return err.sqnr
+                errors[-1].update(r, g)
+        return errors
+
+
+def merged(errors: list[OutputError]) -> OutputError:
+    """The error over all of `errors`' feeds."""
+    total = OutputError()
+    for err in errors:
+        total = total.merged(err)
+    return total

@@ -17,6 +17,7 @@ import pytest
 
 import segquant_onnx.analysis.decide as decide
 from conftest import build_linear_model, calib_inputs, run_model
+from segquant_onnx.analysis.evaluate import OutputError
 from segquant_onnx.analysis.outlier_search import SearchResult
 from segquant_onnx.config import QuantConfig
 from segquant_onnx.pipeline import quantize
@@ -243,6 +244,34 @@ def test_the_per_site_search_is_kept_by_its_score_and_channel_count(monkeypatch,
     assert len(best.q.outliers["lin"]) == (channels if kept else 2)
 
 
+@pytest.mark.parametrize("channels, whole, even, odd, kept", [
+    (3, 30.5, 31.0, 29.5, True),  # more channels: higher everywhere
+    (3, 30.5, 32.0, 28.875, False),  # higher on all feeds and the even ones, lower on the odd ones (the text detector)
+    (3, 30.0, 31.0, 29.0, True),  # the same as the global cap everywhere
+    (1, 30.0 - MIN_GAIN, 31.0 - MIN_GAIN, 29.0 - MIN_GAIN, True),  # fewer channels, within the allowance everywhere
+    (1, 30.0, 31.0, 29.0 - MIN_GAIN - 0.125, False),  # fewer channels, one half past the allowance
+])
+def test_the_per_site_search_is_kept_only_if_it_holds_on_each_half_of_the_held_back_feeds(
+        monkeypatch, channels, whole, even, odd, kept):
+    """With MIN_SPLIT_FEEDS held-back feeds or more, the per-site outlier channels must also score at least the
+    global cap's (less the allowance for fewer channels) on the even and on the odd feeds (the fallback's split)."""
+    config = QuantConfig(outliers={"mode": "auto", "candidates": (0, 2), "min_gain_db": MIN_GAIN},
+                         dualscale={"mode": "off"})
+    start, chosen = {"lin": np.array([1, 5])}, {"lin": np.arange(channels)}
+    monkeypatch.setattr(decide, "per_site_outliers", lambda *args: SearchResult(chosen, whole, 30.0, []))
+    cand = _Candidates(config, {0: {}, 2: start})
+    halves = {2: (31.0, 29.0), channels: (even, odd)}  # by outlier channels: the global cap's 2, the search's
+    cand.halves = lambda held, graph, recipe, q: halves[sum(len(v) for v in q.outliers.values())]
+    held = _Held({(channels, "off", "plain"): whole})
+    held.feeds = [{}] * decide.MIN_SPLIT_FEEDS
+    held.reference, held.sessions = [], SimpleNamespace(open_graph=None)
+    variant = decide.search_space(PLAN, config).settings
+    recipe = cand.recipe(variant, start)
+    global_best = decide._Scored(30.0, recipe, cand.fitted(recipe), variant)
+    best, _ = decide._outliers_per_site(None, PLAN, cand, held, (0, 2), global_best, [])
+    assert (best is not global_best) is kept
+
+
 # -- the output check for real: a GELU -> MatMul model, the threshold either side of the measured gain -------
 @pytest.fixture(scope="module")
 def gelu_calib(tmp_path_factory):
@@ -374,7 +403,9 @@ def test_recipes_that_quantize_alike_are_scored_once():
 
     cand = decide._Candidates(PLAN, None, None, QuantConfig(), False)
     runs = []
-    held = SimpleNamespace(score=lambda graph, plan, q: runs.append(q) or float(len(runs)))
+    # a run's output error, one feed: its SQNR is the number of runs so far
+    held = SimpleNamespace(feed_errors=lambda graph, plan, q: runs.append(q) or [OutputError(10 ** (len(runs) / 10),
+                                                                                              1.0)])
 
     def recipe(alpha=None, gain=1.0, apply=True, outliers=(), floating=(), method="max", layer_db=30.0):
         return Recipe({"lin": SiteChoice(method, alpha, layer_db)}, (DualDecision("lin", "dual", apply, gain, True, 256),),
@@ -384,8 +415,9 @@ def test_recipes_that_quantize_alike_are_scored_once():
     assert cand.score(held, None, recipe(gain=2.0, layer_db=31.0), "q1") == base and runs == ["q0"]
     others = [recipe(alpha=0.5), recipe(apply=False), recipe(outliers=(3,)), recipe(floating=("lin",)),
               recipe(method="percentile")]
-    assert [cand.score(held, None, r, f"q{i}") for i, r in enumerate(others, 2)] == [2.0, 3.0, 4.0, 5.0, 6.0]
-    assert cand.score(held, None, recipe(outliers=(3,)), "again") == 4.0 and len(runs) == 6
+    assert [cand.score(held, None, r, f"q{i}") for i, r in enumerate(others, 2)] == pytest.approx([2, 3, 4, 5, 6])
+    assert cand.score(held, None, recipe(outliers=(3,)), "again") == pytest.approx(4.0) and len(runs) == 6
+    assert cand.halves(held, None, recipe(outliers=(3,)), "again")[0] == pytest.approx(4.0) and len(runs) == 6
 
 
 def test_the_other_smoothing_setting_is_its_best_scored_trial():
