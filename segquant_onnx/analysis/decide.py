@@ -153,8 +153,9 @@ class _Candidates:
     # again and again (measured: 11 recipes for --preset best on the demo DiT, 2368 layer scores)
     cache: dict = field(default_factory=dict)
     weight_scales: dict = field(default_factory=dict)  # solve.fit's memo, shared with the run's final fit
-    # held-back output errors (one per feed) by what a recipe quantizes (_quantizes): SmoothQuant auto that smooths no site gives the
-    # variant without smoothing the same recipe (measured on the real text detector: 3 of its 7 trial runs)
+    # held-back output errors (one per feed) by what a recipe quantizes (_quantizes): SmoothQuant auto that smooths
+    # no site gives the variant without smoothing the same recipe (measured on the real text detector: 3 of its 7
+    # trial runs)
     scores: dict = field(default_factory=dict)
 
     def outliers(self, cap: int, max_flop_pct: float | None = None) -> dict[str, np.ndarray]:

@@ -12,8 +12,9 @@ moves that row's rounding error onto the rows not yet quantized, in proportion t
 
 The scales stay fixed: those `fit` chose (per output channel, or per block along K), so what is stored is
 the scheme's grid and GPTQ only decides which grid point each weight takes ("static groups" in the paper).
-H comes from the site's row sample (calib: a reservoir of at most `sample_rows` rows), which bounds the
-statistics GPTQ needs to K x K per site, computed one site at a time.
+H comes from the site's row sample over every calibration feed (Calibration.weight_samples, bounded per site:
+analysis.decide.weight_sample_rows), which bounds the statistics GPTQ needs to K x K per site, computed one site at
+a time.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def gptq_round(w_kn: np.ndarray, scale_kn: np.ndarray, h: np.ndarray, fmt: Quant
     # the paper's lazy batch updates: the rows of a block of BLOCK are rounded one by one, each error moved onto
     # the block's later rows only; the rows after the block take all of the block's errors in one product. The same
     # updates, summed in another order: measured on the real terrain UNet (--weight-rounding gptq, 256 sites, K up
-    # to 11520) updating every later row after each row took 20.6 of the run's 28.2 s in gptq_round
+    # to 11520) gptq_round took 28.2 s of the run, 20.6 s of it updating every later row after each row
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
         errors = np.empty((end - start, w.shape[1]))
