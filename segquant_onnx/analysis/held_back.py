@@ -138,7 +138,7 @@ def share_dequantize(graph: gs.Graph) -> int:
 
 
 class HeldBack:
-    """Output SQNR of candidate quantized graphs on held-back calibration feeds (a bar per feed with
+    """Output error of candidate quantized graphs on each held-back calibration feed (a bar per feed with
     `progress`: each is one run of the whole model)."""
 
     def __init__(self, fp_model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], sessions: Sessions,
@@ -151,18 +151,11 @@ class HeldBack:
             reference = run_all(session, None, feeds, lambda xs: bar(xs, "held-back reference", "feed", progress))
         self.reference = reference
 
-    def score(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> float:
-        """The held-back SQNR of `graph` (left as it is) quantized as `q` says."""
-        return merged(self.feed_errors(graph, plan, q)).sqnr
-
     def feed_errors(self, graph: gs.Graph, plan: QuantPlan, q: Quantization) -> list[OutputError]:
         """The output error on each held-back feed of `graph` (left as it is) quantized as `q` says."""
         candidate = graph.copy()
         apply_quantization(candidate, plan, q, self.sessions.store.stored)  # errors spills it
         return self.errors(candidate)
-
-    def sqnr(self, graph: gs.Graph) -> float:
-        return merged(self.errors(graph)).sqnr
 
     def errors(self, graph: gs.Graph) -> list[OutputError]:
         session = self.sessions.open_graph(graph)
